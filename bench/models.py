@@ -1,0 +1,159 @@
+"""Models: any timm ViT by name, local checkpoints, and the embedded Fashion-MNIST ViT.
+
+The embedded model is a plain timm ``VisionTransformer`` (so every plug-in sees exactly the blocks it would
+see on DeiT) whose patch embedding is a small convolutional stem: 28x28x1 -> 14x14 tokens of width 96,
+i.e. 196 patch tokens + CLS = 197 tokens, DeiT's token count at 224/16. It is registered with timm
+(``timm.create_model("vit_fmnist_convstem")``) as soon as this module is imported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import PatchEmbed
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from bench.errors import BenchError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL = "vit_fmnist_convstem"
+EMBEDDED_CHECKPOINT = ASSETS / "vit_fmnist_convstem.pt"
+EMBEDDED_MANIFEST = ASSETS / "vit_fmnist_convstem.json"
+RETRAIN_HINT = "retrain it with `python run_bench.py train-base` (or restore it with `git checkout bench/assets`)"
+
+
+class ConvStemEmbed(PatchEmbed):
+    """Patch embedding with a small convolutional stem (hybrid-ViT style) instead of one strided conv.
+
+    ``x: (B, C, H, W) -> (B, H/2 * W/2, D)`` for ``patch_size=2``: two 3x3 convs (the second strided)
+    then a 1x1 projection, so each token sees a 7x7 pixel neighbourhood. Costs ~4 % of the model's MACs.
+    """
+
+    def __init__(self, img_size: int = 28, patch_size: int = 2, in_chans: int = 1, embed_dim: int = 96,
+                 stem_width: int = 64, **kwargs: Any) -> None:
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        if patch_size != 2:
+            raise ValueError("ConvStemEmbed downsamples by exactly 2: use patch_size=2")
+        half = stem_width // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, half, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, stem_width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem_width), nn.GELU(),
+            nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(stem_width), nn.GELU(),
+            nn.Conv2d(stem_width, embed_dim, 1),
+        )
+
+
+@register_model
+def vit_fmnist_convstem(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The embedded default: ViT for 28x28 grey images, conv stem, 197 tokens, width 96, depth 6, 3 heads."""
+    if pretrained:
+        raise BenchError(f"{EMBEDDED_MODEL} has no hub weights: its checkpoint ships in bench/assets")
+    args = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
+                mlp_ratio=4.0, embed_layer=ConvStemEmbed, class_token=True, global_pool="token")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory passes these
+        kwargs.pop(key, None)
+    args.update(kwargs)
+    model = VisionTransformer(**args)
+    model.pretrained_cfg = {"input_size": (1, 28, 28), "mean": (0.2860,), "std": (0.3530,),
+                            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+                            "num_classes": 10}
+    return model
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """A plain state dict, or one under ``state_dict``/``model``/``state_dict_ema`` (timm-style checkpoints)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BenchError("checkpoint holds no state dict: save `model.state_dict()` (or a dict with 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load weights strictly; any mismatch is a one-line error naming the first offending keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} not found: pass --checkpoint PATH to an existing file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise BenchError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}): re-save or re-download it") from exc
+    state = extract_state_dict(obj)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if shape:
+            parts.append(f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in shape[:2]]}")
+        raise BenchError(f"checkpoint {path} does not fit this architecture ({'; '.join(parts)}): pass the matching --model")
+    model.load_state_dict(state)
+
+
+def check_vit(model: nn.Module, name: str) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise BenchError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer: pick a ViT/DeiT model")
+    return model
+
+
+def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
+           **kwargs: Any) -> VisionTransformer:
+    """Build a timm ViT in eval mode. The embedded model loads (and hash-checks) its shipped checkpoint by default."""
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise BenchError(f"unknown model {name!r}: see `python run_bench.py list` or timm.list_models('*vit*')")
+    try:
+        model = timm.create_model(name, pretrained=pretrained and name != EMBEDDED_MODEL, **kwargs)
+    except BenchError:
+        raise
+    except Exception as exc:
+        if pretrained:
+            raise BenchError(f"could not fetch pretrained weights for {name!r} (offline? {type(exc).__name__}): "
+                             "pass --checkpoint PATH to a local file instead") from exc
+        raise BenchError(f"could not build {name!r}: {str(exc).splitlines()[0]}") from exc
+    model = check_vit(model, name)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    elif name == EMBEDDED_MODEL and not kwargs.get("random_init", False):
+        verify_embedded_checkpoint()
+        load_checkpoint(model, EMBEDDED_CHECKPOINT)
+    return model.eval()
+
+
+def embedded_manifest() -> dict[str, Any]:
+    if not EMBEDDED_MANIFEST.is_file():
+        raise BenchError(f"manifest {EMBEDDED_MANIFEST} missing: {RETRAIN_HINT}")
+    return json.loads(EMBEDDED_MANIFEST.read_text())
+
+
+def verify_embedded_checkpoint() -> str:
+    """Check the shipped checkpoint against its manifest's sha256; return the hash."""
+    if not EMBEDDED_CHECKPOINT.is_file():
+        raise BenchError(f"embedded checkpoint {EMBEDDED_CHECKPOINT} missing: {RETRAIN_HINT}")
+    expected = embedded_manifest()["sha256"]
+    actual = sha256_file(EMBEDDED_CHECKPOINT)
+    if actual != expected:
+        raise BenchError(f"embedded checkpoint {EMBEDDED_CHECKPOINT} is corrupt (sha256 {actual[:12]} != {expected[:12]}): {RETRAIN_HINT}")
+    return actual
