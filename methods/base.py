@@ -1,0 +1,182 @@
+"""The ``TokenReducer`` plug-in interface, knob declarations and the registry.
+
+A plug-in is one class in one file::
+
+    @register_reducer("tome")
+    class ToMe(TokenReducer):
+        knobs = (Knob("r", int, default=8, low=0, sweep=(8, 13, 16)),)
+        needs = frozenset({"keys"})
+        def reduce(self, layer, x, ctx): ...
+
+``methods.create("tome", r=13)`` validates the knobs; ``reducer.apply(model)`` patches a timm
+``VisionTransformer`` in place through the shared layer in :mod:`methods.blocks` (no plug-in re-implements
+attention or the block). Two kinds of plug-ins fit without special cases:
+
+* **mid-block reducers** override :meth:`TokenReducer.reduce`, called between attention (+ residual) and the
+  MLP with ``x: (B, N, C)``; they return fewer tokens or change ``ctx.alive`` (masked simulation);
+* **block-wrapping reducers** override :meth:`TokenReducer.block_forward` and may call
+  :func:`methods.blocks.run_block` on whatever token set they want the block to see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+import torch
+
+from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    from methods.blocks import ModelDims, ReductionContext
+
+REGISTRY: dict[str, type["TokenReducer"]] = {}
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One tunable setting: its type, default, valid closed range ``[low, high]`` and default sweep."""
+
+    name: str
+    type: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    sweep: tuple = ()
+    help: str = ""
+    choices: tuple = ()
+
+    def check(self, method: str, value: Any) -> Any:
+        """Return ``value`` converted to the knob's type, or raise a one-line :class:`BenchError`."""
+        if self.type is bool and isinstance(value, str):
+            value = value.lower() in ("1", "true", "yes", "on")
+        if isinstance(value, (list, tuple)) and self.type is not tuple:
+            return [self.check(method, v) for v in value]
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError):
+            raise BenchError(f"knob {method}.{self.name}={value!r} is not a {self.type.__name__}: {self.help or 'see run_bench.py list'}") from None
+        if self.choices and value not in self.choices:
+            raise BenchError(f"knob {method}.{self.name}={value!r} is not one of {list(self.choices)}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise BenchError(f"knob {method}.{self.name}={value} is outside [{self.low}, {self.high}]: pick a value in range")
+        return value
+
+
+@dataclass
+class FitReport:
+    """What fitting a method cost (zero for off-the-shelf methods)."""
+
+    images_seen: int = 0
+    epochs: float = 0.0
+    wall_time_s: float = 0.0
+    device: str = "cpu"
+    steps: int = 0
+    skipped_steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenReducer:
+    """Base class of every plug-in. Subclasses set the class attributes and override one hook."""
+
+    name: ClassVar[str] = ""
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    #: attention statistics the plug-in reads: "keys" (B, N, head_dim mean over heads),
+    #: "importance" (B, N attention received, mean over heads and alive queries), "cls_attn" (B, N).
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: the knob values that turn the method off (the conformance suite checks they reproduce the logits)
+    off: ClassVar[dict[str, Any]] = {}
+    trains: ClassVar[bool] = False
+    input_dependent: ClassVar[bool] = False
+    proportional_attention: bool = False
+    trace_source: bool = False
+
+    def __init__(self, **values: Any) -> None:
+        declared = {knob.name: knob for knob in self.knobs}
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise BenchError(f"method {self.name!r} has no knob {unknown[0]!r}: its knobs are {sorted(declared) or 'none'}")
+        self.values = {k.name: k.check(self.name, values.get(k.name, k.default)) for k in self.knobs}
+        self.model: "VisionTransformer | None" = None
+
+    def __getattr__(self, item: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if item in values:
+            return values[item]
+        raise AttributeError(item)
+
+    # --- life cycle -------------------------------------------------------------------------------
+    def apply(self, model: "VisionTransformer") -> "VisionTransformer":
+        """Patch ``model`` in place (class swap, weights untouched) and return it."""
+        from methods.blocks import patch_model
+
+        self.check_model(model)
+        patch_model(model, self)
+        self.model = model
+        return model
+
+    def check_model(self, model: "VisionTransformer") -> None:
+        """Reject knob values impossible for this model (override; raise BenchError)."""
+
+    def fit(self, model: "VisionTransformer", train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+            budget_images: int, progress: bool = True) -> FitReport:
+        """Learn what the method needs (thresholds, matrices). Off-the-shelf methods cost nothing."""
+        return FitReport()
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Tensors learned by :meth:`fit`, saved with the results so nothing retrains on re-plot."""
+        return {}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise BenchError(f"method {self.name!r} learns nothing but a learned state was given")
+
+    # --- hooks called from the shared block ------------------------------------------------------
+    def begin(self, ctx: "ReductionContext", x: torch.Tensor) -> None:
+        """Called once per forward after position embedding, ``x: (B, N, C)``. Default: nothing."""
+
+    def finish(self, x: torch.Tensor, ctx: "ReductionContext") -> torch.Tensor:
+        """Called after the last block, before the final norm. Default: identity."""
+        return x
+
+    def block_forward(self, layer: int, block: "Block", x: torch.Tensor, ctx: "ReductionContext") -> torch.Tensor:
+        """One transformer block. Default: attention, :meth:`reduce`, MLP. ``x: (B, N, C)``."""
+        from methods.blocks import run_block
+
+        return run_block(block, x, ctx, layer, mid=lambda y: self.reduce(layer, y, ctx))
+
+    def reduce(self, layer: int, x: torch.Tensor, ctx: "ReductionContext") -> torch.Tensor:
+        """Mid-block hook: ``x: (B, N, C)`` after attention + residual -> ``(B, N', C)``. Default: identity."""
+        return x
+
+    def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+        """The method's own multiply-adds in block ``layer`` per image (similarity matmuls, M/R, ...)."""
+        return torch.zeros_like(n_attn, dtype=torch.float64)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "-"
+
+
+def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenReducer]]:
+    """Class decorator: make a plug-in available as ``methods.create(name, ...)``."""
+
+    def decorate(cls: type[TokenReducer]) -> type[TokenReducer]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"reducer {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def create(name: str, **values: Any) -> TokenReducer:
+    """Instantiate a registered plug-in with validated knob values."""
+    if name not in REGISTRY:
+        raise BenchError(f"unknown method {name!r}: choose one of {sorted(REGISTRY)} (see `python run_bench.py list`)")
+    return REGISTRY[name](**values)
+
+
+def list_reducers() -> dict[str, type[TokenReducer]]:
+    return dict(sorted(REGISTRY.items()))

@@ -1,0 +1,280 @@
+"""The one patched ViT that every plug-in shares: token state, attention statistics, token counts.
+
+:func:`patch_model` swaps the classes of a timm ``VisionTransformer``, its ``Block`` s and their ``Attention``
+(weights and state-dict keys untouched, like ToMe's reference patch) so that
+
+* each forward pass carries a :class:`ReductionContext`: ``size`` (B, N) tokens merged into each token,
+  ``alive`` (B, N) mask (masked simulation for training, padding for batched inference), optional
+  ``source`` (B, N, P) patch -> token map, and the protected prefix count (CLS, distillation, registers);
+* attention computes only what the plug-in ``needs``: mean keys, attention received ("importance") or
+  prefix-token attention ("cls_attn") need explicit probabilities; otherwise timm's fused
+  ``F.scaled_dot_product_attention`` runs with an additive bias (log size for proportional attention,
+  -inf for dead keys). LayerScale (``ls1``/``ls2``), qk-norm, scale-norm and gating are timm's own modules;
+* every block records the per-image token count its attention and its MLP saw (``tokens_attn``,
+  ``tokens_mlp``: lists of (B,) tensors), from which FLOPs and plots are computed;
+* average pooling weights tokens by size and ignores dead tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import nn
+
+from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from methods.base import TokenReducer
+
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+PROBABILITY_STATS = frozenset({"importance", "cls_attn"})
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shapes of a ViT that FLOPs formulas and reducers need."""
+
+    depth: int
+    dim: int
+    num_heads: int
+    head_dim: int
+    attn_dim: int
+    attn_linear_macs: int  # per token: qkv + proj (+ gate)
+    mlp_macs: int  # per token: all Linear layers of the MLP
+    num_prefix: int
+    num_patches: int
+    grid: tuple[int, int]
+    head_macs: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    @classmethod
+    def of(cls, model: VisionTransformer) -> "ModelDims":
+        block = model.blocks[0]
+
+        def linear_macs(module: nn.Module) -> int:
+            return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+        return cls(depth=len(model.blocks), dim=model.embed_dim, num_heads=block.attn.num_heads,
+                   head_dim=block.attn.head_dim, attn_dim=block.attn.num_heads * block.attn.head_dim,
+                   attn_linear_macs=linear_macs(block.attn), mlp_macs=linear_macs(block.mlp),
+                   num_prefix=model.num_prefix_tokens, num_patches=model.patch_embed.num_patches,
+                   grid=tuple(model.patch_embed.grid_size), head_macs=linear_macs(model.head))
+
+
+class ReductionContext:
+    """Token state of one forward pass, shared by the model, its blocks and their attention."""
+
+    def __init__(self, reducer: "TokenReducer", dims: ModelDims) -> None:
+        self.reducer = reducer
+        self.dims = dims
+        self.needs = frozenset(reducer.needs)
+        self.needs_probabilities = bool(self.needs & PROBABILITY_STATS)
+        self.begin_shape: tuple[int, int] = (0, 0)
+        self.reset()
+
+    @property
+    def num_prefix(self) -> int:
+        return self.dims.num_prefix
+
+    def reset(self) -> None:
+        self.size: torch.Tensor | None = None  # (B, N) float
+        self.alive: torch.Tensor | None = None  # (B, N) bool (hard) or float 0/1 carrying a gradient
+        self.source: torch.Tensor | None = None  # (B, N, P) float 0/1
+        self.stats: dict[str, torch.Tensor] = {}
+        self.tokens_attn: list[torch.Tensor] = []
+        self.tokens_mlp: list[torch.Tensor] = []
+
+    def begin(self, x: torch.Tensor) -> None:
+        """Start a forward pass on ``x: (B, N, C)`` (after position embedding)."""
+        self.reset()
+        batch, tokens, _ = x.shape
+        self.begin_shape = (batch, tokens)
+        if self.reducer.trace_source:
+            self.source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens).clone()
+        self.reducer.begin(self, x)
+
+    # --- token state ---------------------------------------------------------------------------------
+    def count(self, x: torch.Tensor) -> torch.Tensor:
+        """Alive tokens per image: (B,) int64."""
+        if self.alive is None:
+            return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+        return (self.alive > 0).sum(1)
+
+    def sizes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N) float sizes, ones where no merge happened yet."""
+        if self.size is None:
+            return torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
+        return self.size
+
+    def soft_mask(self) -> bool:
+        return self.alive is not None and self.alive.dtype != torch.bool and self.alive.requires_grad
+
+    def attention_bias(self) -> torch.Tensor | None:
+        """Additive key bias (B, 1, 1, N): log(size) for proportional attention, -inf for dead keys."""
+        bias = None
+        if self.size is not None and self.reducer.proportional_attention:
+            bias = self.size.log()
+        if self.alive is not None and not self.soft_mask():
+            dead = torch.zeros(self.alive.shape, device=self.alive.device).masked_fill(~(self.alive > 0), float("-inf"))
+            bias = dead if bias is None else bias + dead
+        return None if bias is None else bias[:, None, None, :]
+
+    def record_attention(self, attn: torch.Tensor) -> None:
+        """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""
+        attn = attn.float()
+        if "importance" in self.needs:
+            per_query = attn.mean(1)  # (B, Nq, Nk)
+            if self.alive is None:
+                self.stats["importance"] = per_query.mean(1)
+            else:
+                weight = (self.alive > 0).float().detach()
+                self.stats["importance"] = (per_query * weight[:, :, None]).sum(1) / weight.sum(1, keepdim=True)
+        if "cls_attn" in self.needs:
+            queries = attn[:, :, : self.num_prefix] if self.num_prefix else attn
+            self.stats["cls_attn"] = queries.mean(dim=(1, 2))
+
+    def counts(self) -> torch.Tensor:
+        """(B, depth, 2) token counts of the last forward: [:, l, 0] seen by attention, [:, l, 1] by the MLP."""
+        return torch.stack([torch.stack(self.tokens_attn, 1), torch.stack(self.tokens_mlp, 1)], -1)
+
+
+def masked_softmax(logits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys weighted by a (possibly soft) mask: exp(l_j) m_j / sum_k exp(l_k) m_k.
+
+    ``logits: (B, H, N, N)``, ``alive: (B, N)``; gradients flow into ``alive`` (LTMP's masked training).
+    """
+    weights = (logits - logits.amax(-1, keepdim=True)).exp() * alive[:, None, None, :].to(logits.dtype)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    """timm ``Attention.forward`` with the context's bias, mask and statistics. ``x: (B, N, C)``."""
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("token reduction does not support external attention masks")
+    ctx: ReductionContext = attn._reduction_ctx
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if "keys" in ctx.needs:
+        ctx.stats["keys"] = k.mean(1)
+    bias = ctx.attention_bias()
+    if ctx.needs_probabilities or ctx.soft_mask() or not attn.fused_attn:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        probs = masked_softmax(logits, ctx.alive) if ctx.soft_mask() else logits.softmax(-1)
+        ctx.record_attention(probs)
+        out = attn.attn_drop(probs) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: int,
+              mid: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """A timm pre-norm block with a mid-block hook; records the token counts. ``x: (B, N, C)``."""
+    ctx.tokens_attn.append(ctx.count(x))
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    if mid is not None:
+        x = mid(x)
+    ctx.tokens_mlp.append(ctx.count(x))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    ctx.stats = {}
+    return x
+
+
+class _ReducedAttention:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return attention_forward(self, x, attn_mask, is_causal)
+
+
+class _ReducedBlock:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token reduction does not support external attention masks")
+        ctx: ReductionContext = self._reduction_ctx
+        return ctx.reducer.block_forward(self._reduction_layer, self, x, ctx)
+
+
+class _ReducedVisionTransformer:
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        """``x: (B, C, H, W) -> (B, N', D)``; N' depends on the reducer (and on the image if it adapts)."""
+        ctx: ReductionContext = self._reduction_ctx
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        ctx.begin(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(ctx.reducer.finish(x, ctx))
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """Token pooling reads position 0; average pooling is size-weighted over alive non-prefix tokens."""
+        ctx: ReductionContext = self._reduction_ctx
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "avg" and (ctx.size is not None or ctx.alive is not None):
+            weight = ctx.sizes(x)
+            if ctx.alive is not None:
+                weight = weight * (ctx.alive > 0).to(weight.dtype)
+            weight = weight[:, self.num_prefix_tokens:, None].to(x.dtype)
+            return (x[:, self.num_prefix_tokens:] * weight).sum(1) / weight.sum(1)
+        return super().pool(x, pool_type)
+
+
+def _swap_class(module: nn.Module, mixin: type) -> None:
+    base = type(module)
+    module._unreduced_class = base
+    module.__class__ = type(f"Reduced{base.__name__}", (mixin, base), {})
+
+
+def _check_supported(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise BenchError(f"{type(model).__name__} is not a timm VisionTransformer: token reducers patch ViTs only")
+    if getattr(model, "_reduction_ctx", None) is not None:
+        raise BenchError("model already carries a token reducer: call methods.blocks.unpatch_model first")
+    if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
+        raise BenchError(f"global_pool={model.global_pool!r} is not supported with token reduction: use 'token' or 'avg'")
+    if getattr(model, "dynamic_img_size", False):
+        raise BenchError("dynamic_img_size models are not supported: create the model with a fixed img_size")
+    for index, block in enumerate(model.blocks):
+        missing = [part for part in BLOCK_PARTS if not hasattr(block, part)]
+        if missing or not isinstance(block.attn, Attention):
+            raise BenchError(f"block {index} ({type(block).__name__}) is not a timm pre-norm Block with Attention: unsupported model")
+
+
+def patch_model(model: VisionTransformer, reducer: "TokenReducer") -> ReductionContext:
+    """Make ``model`` run ``reducer``. Returns the shared context (also at ``model._reduction_ctx``)."""
+    _check_supported(model)
+    ctx = ReductionContext(reducer, ModelDims.of(model))
+    model._reduction_ctx = ctx
+    _swap_class(model, _ReducedVisionTransformer)
+    for index, block in enumerate(model.blocks):
+        block._reduction_ctx, block._reduction_layer = ctx, index
+        block.attn._reduction_ctx = ctx
+        _swap_class(block, _ReducedBlock)
+        _swap_class(block.attn, _ReducedAttention)
+    return ctx
+
+
+def unpatch_model(model: VisionTransformer) -> VisionTransformer:
+    """Undo :func:`patch_model`: the plain timm model again."""
+    modules = [model, *model.blocks, *(block.attn for block in model.blocks)]
+    for module in modules:
+        if hasattr(module, "_unreduced_class"):
+            module.__class__ = module._unreduced_class
+            del module._unreduced_class
+        module.__dict__.pop("_reduction_ctx", None)
+        module.__dict__.pop("_reduction_layer", None)
+    return model

@@ -1,0 +1,88 @@
+"""Token-set operations shared by the plug-ins: bipartite split, size-weighted merge, keep/compact.
+
+All functions leave the first ``ctx.num_prefix`` tokens (CLS, distillation, registers) where they are and
+update ``ctx.size`` / ``ctx.alive`` / ``ctx.source`` consistently with ``x``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.blocks import ReductionContext
+
+
+def bipartite_positions(tokens: int, num_prefix: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating split of the non-prefix positions: set A = odd, set B = even offsets after the prefix.
+
+    For a CLS-only model this is ToMe's reference split (``a, b = x[..., ::2, :], x[..., 1::2, :]`` with CLS
+    in A and excluded from matching); here prefix tokens are in neither set, which also protects registers.
+    """
+    rest = torch.arange(num_prefix, tokens, device=device)
+    return rest[1::2], rest[0::2]
+
+
+def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of keys: ``keys: (B, N, d)`` -> ``(B, |A|, |B|)``."""
+    keys = F.normalize(keys.float(), dim=-1)
+    return keys[:, a_pos] @ keys[:, b_pos].transpose(1, 2)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x: (B, N, ...)``, ``index: (B, K)`` -> ``(B, K, ...)``."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+
+
+def _scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return target.scatter_add(1, index.view(*index.shape, *([1] * (target.dim() - 2))).expand_as(values), values)
+
+
+def merge_bipartite(x: torch.Tensor, ctx: ReductionContext, a_pos: torch.Tensor, b_pos: torch.Tensor,
+                    merged_a: torch.Tensor, dst_b: torch.Tensor, kept_a: torch.Tensor) -> torch.Tensor:
+    """Merge A tokens into B tokens by size-weighted average and drop them (compact form).
+
+    ``x: (B, N, C)``; ``merged_a``/``dst_b``: (B, r) indices into A / B (token ``a_pos[merged_a[i]]`` joins
+    ``b_pos[dst_b[i]]``); ``kept_a``: (B, |A| - r) indices into A, sorted. Returns ``(B, N - r, C)`` ordered as
+    [prefix, kept A, B]; ``ctx.size`` and ``ctx.source`` follow.
+    """
+    size = ctx.sizes(x)
+    weighted = x * size[..., None].to(x.dtype)
+    prefix = slice(0, ctx.num_prefix)
+
+    def merge(values: torch.Tensor) -> torch.Tensor:
+        a, b = values[:, a_pos], values[:, b_pos]
+        b = _scatter_add_rows(b, dst_b, _gather_rows(a, merged_a))
+        return torch.cat([values[:, prefix], _gather_rows(a, kept_a), b], 1)
+
+    new_size = merge(size)
+    out = merge(weighted) / new_size[..., None].to(x.dtype)
+    ctx.size = new_size
+    if ctx.source is not None:
+        ctx.source = merge(ctx.source)
+    return out
+
+
+def keep_tokens(x: torch.Tensor, ctx: ReductionContext, keep: torch.Tensor) -> torch.Tensor:
+    """Keep the tokens at ``keep: (B, K)`` positions (sorted; prefix positions included) -> ``(B, K, C)``."""
+    ctx.size = None if ctx.size is None else ctx.size.gather(1, keep)
+    ctx.alive = None if ctx.alive is None else ctx.alive.gather(1, keep)
+    if ctx.source is not None:
+        ctx.source = _gather_rows(ctx.source, keep)
+    return _gather_rows(x, keep)
+
+
+def compact(x: torch.Tensor, ctx: ReductionContext, keep_mask: torch.Tensor) -> torch.Tensor:
+    """Drop tokens where ``keep_mask: (B, N)`` is False, image by image, padding to the batch's largest count.
+
+    Kept tokens keep their order; padded slots are marked dead in ``ctx.alive`` (bool) so attention masks
+    them as keys and pooling ignores them. ``x: (B, N, C) -> (B, K_max, C)``.
+    """
+    counts = keep_mask.sum(1)
+    width = int(counts.max())
+    order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    out = keep_tokens(x, ctx, order)
+    padded = torch.arange(width, device=x.device)[None] < counts[:, None]
+    if ctx.alive is None:
+        ctx.alive = padded if not bool(padded.all()) else None
+    else:
+        ctx.alive = (ctx.alive > 0) & padded
+    return out
