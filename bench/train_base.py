@@ -25,7 +25,7 @@ from tqdm import tqdm
 from bench import data as data_mod
 from bench import models
 
-DEFAULTS = dict(epochs=7, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=0.1, label_smoothing=0.1,
+DEFAULTS = dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=0.1, label_smoothing=0.1,
                 max_shift=2, seed=0, save_every=100)
 
 

@@ -120,8 +120,11 @@ class TokenReducer:
         """Reject knob values impossible for this model (override; raise BenchError)."""
 
     def fit(self, model: "VisionTransformer", train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-            budget_images: int, progress: bool = True) -> FitReport:
-        """Learn what the method needs (thresholds, matrices). Off-the-shelf methods cost nothing."""
+            budget: dict[str, Any], progress: bool = True) -> FitReport:
+        """Learn what the method needs (thresholds, matrices) on the patched ``model``.
+
+        ``train_batches()`` yields ``(x: (B, C, H, W), y: (B,))`` from the training split; ``budget`` holds
+        ``budget_images``, ``batch_size``, ``precision`` (and method-specific keys). Off-the-shelf: free."""
         return FitReport()
 
     def learned_state(self) -> dict[str, torch.Tensor]:

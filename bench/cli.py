@@ -1,0 +1,190 @@
+"""``run_bench.py``: the command line of the suite.
+
+    python run_bench.py                      # the full benchmark on the embedded default (run, default config)
+    python run_bench.py run --quick          # a smaller version of the same (<= 2 minutes)
+    python run_bench.py run --config imagenet_deit_small --data /imagenet/val --train-data /imagenet/train
+    python run_bench.py list                 # methods (knobs, ranges, sweeps), configs, models
+    python run_bench.py export               # results.{csv,md,tex} from the store
+    python run_bench.py train-base           # retrain the embedded Fashion-MNIST ViT
+
+Every user error ends in one line on stderr naming the fix, and exit code 2; the store is never damaged.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+DEFAULT_STORE = Path("reports") / "results.sqlite"
+DEFAULT_REPORTS = Path("reports")
+RUN_FLAGS = {  # flag -> config key
+    "model": "model", "checkpoint": "checkpoint", "data": "data", "train_data": "train_data", "data_dir": "data_dir",
+    "limit": "limit", "device": "device", "threads": "threads", "seed": "seed", "eval_precision": "eval_precision",
+}
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="config name in bench/configs or a YAML path (default fmnist_default)")
+    parser.add_argument("--model", help="timm model name (a ViT)")
+    parser.add_argument("--checkpoint", help="local checkpoint file (state dict or timm-style)")
+    parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub or its cache)")
+    parser.add_argument("--data", help="ImageFolder with evaluation images (sets dataset to imagefolder)")
+    parser.add_argument("--train-data", help="ImageFolder with training images (for methods that fit)")
+    parser.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--limit", type=int, help="evaluate a seeded subset of N images")
+    parser.add_argument("--methods", help="comma-separated subset of the config's method labels")
+    parser.add_argument("--device", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--eval-precision", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precisions", help="latency precisions, comma-separated (fp32,bf16,fp16)")
+    parser.add_argument("--batch-sizes", help="latency batch sizes, comma-separated (e.g. 1,32)")
+    parser.add_argument("--quick", action="store_true", help="the config's quick variant")
+    parser.add_argument("--force", action="store_true", help="re-measure cells already in the store")
+    parser.add_argument("--store", default=str(DEFAULT_STORE), help="SQLite results file")
+    parser.add_argument("--reports", default=str(DEFAULT_REPORTS), help="folder for tables and figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    from bench import config as config_mod
+
+    config = config_mod.load(args.config)
+    if args.quick:
+        config = config_mod.apply_quick(config)
+    for flag, key in RUN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            config[key] = value
+    if args.pretrained:
+        config["pretrained"] = True
+    if args.data:
+        config["dataset"] = "imagefolder"
+    if args.model and not args.config and args.model != config_mod.DEFAULTS["model"] and not args.data:
+        raise BenchError(f"model {args.model!r} needs its data: pass --data PATH (ImageFolder) or --config")
+    if args.precisions:
+        config["latency"]["precisions"] = args.precisions.split(",")
+    if args.batch_sizes:
+        config["latency"]["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]
+    if args.methods:
+        wanted = set(args.methods.split(","))
+        known = {entry.get("label") or entry["method"] for entry in config["methods"]}
+        if wanted - known:
+            raise BenchError(f"--methods names {sorted(wanted - known)} not in the config: choose from {sorted(known)}")
+        config["methods"] = [e for e in config["methods"] if (e.get("label") or e["method"]) in wanted]
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench import runner, tables
+    from bench.store import Store
+
+    config = build_config(args)
+    runner.planned_cells(config)  # validate every knob before opening anything
+    store = Store(args.store)
+    try:
+        counts = runner.run(config, store, force=args.force, progress=not args.quiet)
+        paths = tables.export(store.cells(), store.timings(), args.reports)
+        table = tables.comparison(store.cells(), store.timings())
+    finally:
+        store.close()
+    print(tables.to_markdown(table[table["model"] == config["model"]]))
+    print(f"{counts['done']} cells measured, {counts['skipped']} already in {args.store}; tables: "
+          + ", ".join(str(p) for p in paths))
+    _plot_if_available(args)
+    return 0
+
+
+def _plot_if_available(args: argparse.Namespace) -> None:
+    try:
+        from bench import plots
+    except ImportError:
+        return
+    for path in plots.plot_all(args.store, args.reports):
+        print(f"figure: {path}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import methods
+    from bench import config as config_mod
+    from bench import models
+
+    print("methods:")
+    for name, cls in methods.list_reducers().items():
+        print(f"  {name}{'  (trains)' if cls.trains else ''}")
+        for knob in cls.knobs:
+            bounds = f"[{knob.low}, {knob.high}]" if knob.low is not None or knob.high is not None else ""
+            sweep = f" sweep {list(knob.sweep)}" if knob.sweep else ""
+            print(f"    {knob.name}: {knob.type.__name__} = {knob.default} {bounds}{sweep}  {knob.help}")
+    print("configs: " + ", ".join(sorted(p.stem for p in config_mod.CONFIG_DIR.glob("*.yaml"))))
+    print("datasets: fashion-mnist (embedded default), imagefolder (--data PATH)")
+    print(f"models: {models.EMBEDDED_MODEL} (embedded) or any timm ViT, e.g. deit_small_patch16_224")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bench import tables
+    from bench.store import Store
+
+    if not Path(args.store).is_file():
+        raise BenchError(f"store {args.store} does not exist: run `python run_bench.py` first or pass --store")
+    store = Store(args.store)
+    try:
+        paths = tables.export(store.cells(), store.timings(), args.reports)
+    finally:
+        store.close()
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        from bench import plots
+    except ImportError:
+        raise BenchError("plotting is not part of this version yet: use `python run_bench.py export` for tables") from None
+    for path in plots.plot_all(args.store, args.reports):
+        print(path)
+    return 0
+
+
+def cmd_train_base(args: argparse.Namespace, rest: list[str]) -> int:
+    from bench import train_base
+
+    train_base.main(rest)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_bench.py", description="Token-reduction benchmark for vision transformers")
+    sub = parser.add_subparsers(dest="command")
+    _add_run_arguments(sub.add_parser("run", help="measure a config's cells (default)"))
+    sub.add_parser("list", help="methods, knobs, configs")
+    for name in ("export", "plot"):
+        p = sub.add_parser(name, help=f"{name} from the store")
+        p.add_argument("--store", default=str(DEFAULT_STORE))
+        p.add_argument("--reports", default=str(DEFAULT_REPORTS))
+    sub.add_parser("train-base", help="train the embedded Fashion-MNIST ViT (see --help there)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    try:
+        if argv[0] == "train-base":
+            return cmd_train_base(argparse.Namespace(), argv[1:])
+        args = make_parser().parse_args(argv)
+        import methods  # noqa: F401  (registers plug-ins)
+
+        return {"run": cmd_run, "list": cmd_list, "export": cmd_export, "plot": cmd_plot}[args.command](args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished cells are kept in the store, rerun to continue", file=sys.stderr)
+        return 130

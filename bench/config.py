@@ -1,0 +1,110 @@
+"""Benchmark configs: YAML files (``bench/configs/*.yaml``) with command-line flags on top.
+
+Every key is declared in :data:`DEFAULTS`; an unknown key is a one-line error naming it. ``methods`` is a
+list of entries ``{method, label?, knobs?, sweep?, fit?}``: ``sweep`` maps knob -> list of values (cartesian
+product); without ``sweep`` the plug-in's declared default sweep is used.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import BenchError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "model": "vit_fmnist_convstem",
+    "checkpoint": None,
+    "pretrained": False,
+    "dataset": "fashion-mnist",  # or "imagefolder"
+    "data": None,  # ImageFolder evaluation folder
+    "train_data": None,  # ImageFolder training folder (for methods that fit)
+    "data_dir": None,  # Fashion-MNIST IDX folder
+    "limit": None,
+    "seed": 0,
+    "device": "cpu",
+    "threads": None,
+    "workers": 2,
+    "eval_precision": "bf16",
+    "eval_batch_size": 250,
+    "latency": {"precisions": ["fp32", "bf16"], "batch_sizes": [1, 32], "warmup_iters": 20, "warmup_s": 2.0,
+                "min_iters": 10, "min_time_s": 2.0},
+    "fit": {"budget_images": 4096, "batch_size": 64, "precision": "bf16"},
+    "methods": [{"method": "none"}],
+    "quick": {},
+}
+ENTRY_KEYS = {"method", "label", "knobs", "sweep", "fit"}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise BenchError(f"unknown config key {where}{key!r}: allowed keys are {sorted(base)}")
+        if isinstance(base[key], dict) and isinstance(value, dict) and key != "quick":
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load(name_or_path: str | None) -> dict[str, Any]:
+    """Load a config by name (``fmnist_default``) or path, merged over :data:`DEFAULTS`."""
+    if name_or_path is None:
+        name_or_path = "fmnist_default"
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise BenchError(f"config {name_or_path!r} not found: use a YAML path or one of {known}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BenchError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise BenchError(f"config {path} must be a mapping of keys to values")
+    config = _merge(DEFAULTS, raw, "")
+    for entry in config["methods"]:
+        unknown = set(entry) - ENTRY_KEYS
+        if unknown:
+            raise BenchError(f"unknown config key methods[{entry.get('method')}].{sorted(unknown)[0]!r}: allowed {sorted(ENTRY_KEYS)}")
+    return config
+
+
+def apply_quick(config: dict[str, Any]) -> dict[str, Any]:
+    """Overlay the config's ``quick`` section (smaller subset, fewer knob values, shorter budgets)."""
+    quick = dict(config["quick"])
+    points = quick.pop("sweep_points", None)
+    out = _merge(config, quick, "quick.")
+    if points:
+        for entry in out["methods"]:
+            for knob, values in (entry.get("sweep") or {}).items():
+                if len(values) > points:
+                    step = (len(values) - 1) / (points - 1) if points > 1 else 0
+                    entry["sweep"][knob] = [values[round(i * step)] for i in range(points)]
+    return out
+
+
+def expand(entry: dict[str, Any], registry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Knob settings of one ``methods`` entry: the cartesian product of its sweep over its fixed knobs."""
+    from methods import create
+
+    method = entry["method"]
+    reducer_cls = type(create(method))  # validates the name
+    sweep = entry.get("sweep")
+    if sweep is None:
+        sweep = {k.name: list(k.sweep) for k in reducer_cls.knobs if k.sweep}
+    fixed = dict(entry.get("knobs") or {})
+    names = list(sweep)
+    settings = []
+    for values in itertools.product(*(sweep[n] for n in names)) if names else [()]:
+        knobs = {**fixed, **dict(zip(names, values))}
+        create(method, **knobs)  # reject impossible values before anything runs
+        settings.append(knobs)
+    return settings

@@ -1,0 +1,56 @@
+"""GMACs per image (one multiply-add = one; what papers call "GFLOPs").
+
+Analytic, from the per-layer token counts every patched forward records: a block whose attention sees
+``n_a`` tokens and whose MLP sees ``n_m`` costs
+
+    n_a * (qkv + proj Linear MACs per token) + 2 * n_a^2 * attn_dim + n_m * (MLP Linear MACs per token)
+
+plus the method's own work (:meth:`methods.TokenReducer.extra_macs`: ToMe's similarity, Prune-and-Merge's
+M and R matmuls, ...), the patch embedding (counted once with ``FlopCounterMode``: it is static) and the
+head. Norms, softmax, GELU and element-wise ops are not counted (as in the papers and in
+``FlopCounterMode``). Tests cross-check these numbers against ``FlopCounterMode`` and fvcore.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from methods.base import TokenReducer
+from methods.blocks import ModelDims
+
+
+def counted_macs(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """MACs of one call as ``FlopCounterMode`` counts them (it reports 2 FLOPs per multiply-add)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops() // 2
+
+
+def embed_macs(model: torch.nn.Module, dims: ModelDims) -> int:
+    """MACs of the patch embedding for one image (static, so counted once)."""
+    channels = model.patch_embed.proj[0].in_channels if isinstance(model.patch_embed.proj, torch.nn.Sequential) \
+        else model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    param = next(model.parameters())
+    return counted_macs(model.patch_embed, torch.zeros(1, channels, height, width, dtype=param.dtype, device=param.device))
+
+
+def block_macs(n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
+    """MACs of one block per image; ``n_attn``, ``n_mlp``: (B,) token counts -> (B,) float64."""
+    n_attn, n_mlp = n_attn.double(), n_mlp.double()
+    return n_attn * dims.attn_linear_macs + 2 * n_attn ** 2 * dims.attn_dim + n_mlp * dims.mlp_macs
+
+
+def image_macs(counts: torch.Tensor, dims: ModelDims, reducer: TokenReducer, embed: int) -> torch.Tensor:
+    """Per-image MACs from recorded counts ``(B, depth, 2)`` -> ``(B,)`` float64."""
+    total = torch.full((counts.shape[0],), float(embed + dims.head_macs), dtype=torch.float64)
+    for layer in range(counts.shape[1]):
+        n_attn, n_mlp = counts[:, layer, 0].cpu(), counts[:, layer, 1].cpu()
+        total += block_macs(n_attn, n_mlp, dims) + reducer.extra_macs(layer, n_attn, n_mlp, dims).double()
+    return total
+
+
+def dense_macs(dims: ModelDims, embed: int) -> float:
+    """MACs of the unreduced model for one image."""
+    n = torch.tensor([dims.tokens])
+    return float(embed + dims.head_macs + dims.depth * block_macs(n, n, dims)[0])

@@ -1,0 +1,242 @@
+"""Turns a config into measured cells: data + model + reducer -> fit -> top-1/GMACs -> latency -> store."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import timm
+import torch
+from tqdm import tqdm
+
+import methods
+from bench import config as config_mod
+from bench import data as data_mod
+from bench import models
+from bench.accuracy import evaluate
+from bench.errors import BenchError
+from bench.flops import dense_macs, embed_macs
+from bench.latency import time_interleaved
+from bench.precision import autocast
+from bench.store import Store, cell_key, pack_state
+
+Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Workload:
+    """Everything shared by the cells of one run."""
+
+    config: dict[str, Any]
+    model: torch.nn.Module  # the unpatched, loaded model (eval mode)
+    checkpoint_sha: str
+    dataset: str
+    eval_images: int
+    eval_batches: Batches
+    train_batches: Batches
+    input_shape: tuple[int, int, int]
+    device: str
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise BenchError(f"unknown device {name!r}: use cpu, cuda or auto")
+    return name
+
+
+def environment(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "cpu": cpu,
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "threads": torch.get_num_threads()}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _tensor_batches(split: data_mod.TensorSplit, indices: torch.Tensor, batch_size: int) -> Batches:
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(indices), batch_size):
+            index = indices[start:start + batch_size]
+            yield split.normalized(index), split.labels[index]
+    return batches
+
+
+def _loader_batches(dataset: torch.utils.data.Dataset, indices: torch.Tensor, batch_size: int, workers: int,
+                    device: str, shuffle_seed: int | None = None) -> Batches:
+    subset = torch.utils.data.Subset(dataset, indices.tolist())
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, shuffle=generator is not None,
+                                             generator=generator, pin_memory=device.startswith("cuda"))
+        yield from loader
+    return batches
+
+
+def _train_order(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def prepare(config: dict[str, Any]) -> Workload:
+    """Load model and data named by ``config`` (raising one-line errors for bad input)."""
+    device = resolve_device(config["device"])
+    if config["threads"]:
+        torch.set_num_threads(int(config["threads"]))
+    model = models.create(config["model"], pretrained=config["pretrained"], checkpoint=config["checkpoint"])
+    if config["checkpoint"]:
+        sha = models.sha256_file(config["checkpoint"])
+    elif config["model"] == models.EMBEDDED_MODEL:
+        sha = models.verify_embedded_checkpoint()
+    else:
+        sha = "pretrained" if config["pretrained"] else f"random-seed{config['seed']}"
+    model = model.to(device)
+    fit_batch = config["fit"]["batch_size"]
+    if config["dataset"] == "fashion-mnist":
+        test = data_mod.load_fmnist("test", config["data_dir"])
+        indices = data_mod.seeded_subset_indices(len(test), config["limit"], config["seed"])
+        eval_batches = _tensor_batches(test, indices, config["eval_batch_size"])
+        def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            train = data_mod.load_fmnist("train", config["data_dir"])
+            yield from _tensor_batches(train, _train_order(len(train), config["seed"]), fit_batch)()
+        dataset, n_images = "fashion-mnist-test", len(indices)
+        input_shape = (1, 28, 28)
+    elif config["dataset"] == "imagefolder":
+        if not config["data"]:
+            raise BenchError("dataset imagefolder needs --data PATH (an ImageFolder of evaluation images)")
+        folder = data_mod.image_folder(config["data"], model)
+        indices = data_mod.seeded_subset_indices(len(folder), config["limit"], config["seed"])
+        if len(folder) == 0:
+            raise BenchError(f"{config['data']} holds no images: pass --data to an ImageFolder with images")
+        eval_batches = _loader_batches(folder, indices, config["eval_batch_size"], config["workers"], device)
+        train_root = config["train_data"] or config["data"]
+        train_folder = data_mod.image_folder(train_root, model) if config["train_data"] else folder
+        train_batches = _loader_batches(train_folder, torch.arange(len(train_folder)), fit_batch, config["workers"], device,
+                                        shuffle_seed=config["seed"] + 1)
+        dataset, n_images = f"imagefolder:{Path(config['data']).resolve()}", len(indices)
+        input_shape = tuple(folder[0][0].shape)
+    else:
+        raise BenchError(f"unknown dataset {config['dataset']!r}: use fashion-mnist or imagefolder (with --data)")
+    if n_images == 0:
+        raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
+    return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, input_shape, device)
+
+
+def _label(entry: dict[str, Any]) -> str:
+    return entry.get("label") or entry["method"]
+
+
+def cell_identity(work: Workload, entry: dict[str, Any], reducer: methods.TokenReducer) -> dict[str, Any]:
+    """The fields that make a cell unique (its store key is their hash)."""
+    config = work.config
+    return {"model": config["model"], "checkpoint": work.checkpoint_sha, "dataset": work.dataset,
+            "images": work.eval_images, "seed": config["seed"], "method": entry["method"], "label": _label(entry),
+            "knobs": reducer.values, "device": work.device, "eval_precision": config["eval_precision"],
+            "fit": {**config["fit"], **(entry.get("fit") or {})} if reducer.trains else None}
+
+
+def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(entry, knobs) pairs of the run, validated before anything is measured."""
+    cells = []
+    for entry in config["methods"]:
+        for knobs in config_mod.expand(entry, methods.REGISTRY):
+            cells.append((entry, knobs))
+    return cells
+
+
+def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], store: Store, progress: bool) -> dict[str, Any]:
+    """Fit (if the method trains), evaluate, time, and write one cell in one transaction."""
+    config = work.config
+    fit_config = {**config["fit"], **(entry.get("fit") or {})}
+    reducer = methods.create(entry["method"], **knobs)
+    key = cell_key(cell_identity(work, entry, reducer))
+    model = reducer.apply(copy.deepcopy(work.model))
+    fit_report = reducer.fit(model, work.train_batches, fit_config, progress=progress)
+    model.eval()
+    dims = model._reduction_ctx.dims
+    embed = embed_macs(model, dims)
+    dense = dense_macs(dims, embed)
+    desc = f"{_label(entry)} {reducer.describe()}"
+    result = evaluate(model, work.eval_batches(), embed, config["eval_precision"], work.device, work.eval_images,
+                      progress, desc=desc)
+    macs = result.macs_all()
+    low, high = result.interval()
+    timings = []
+    latency = config["latency"]
+    for precision in latency["precisions"]:
+        for batch in latency["batch_sizes"]:
+            x = torch.randn(batch, *work.input_shape, device=work.device)
+            with autocast(work.device, precision):
+                measured = time_interleaved({"baseline": lambda: work.model(x), "method": lambda: model(x)},
+                                            device=work.device, warmup_iters=latency["warmup_iters"],
+                                            warmup_s=latency["warmup_s"], min_iters=latency["min_iters"],
+                                            min_time_s=latency["min_time_s"])
+            speedup = measured["baseline"].median_ms / measured["method"].median_ms
+            timings.append({"precision": precision, "batch": batch, "threads": torch.get_num_threads(),
+                            "median_ms": measured["method"].median_ms, "iqr_ms": measured["method"].iqr_ms,
+                            "images_per_s": measured["method"].images_per_s(batch),
+                            "baseline_median_ms": measured["baseline"].median_ms,
+                            "baseline_iqr_ms": measured["baseline"].iqr_ms, "speedup": speedup,
+                            "realisation": speedup / (dense / float(macs.mean())),
+                            "iterations": len(measured["method"].times_ms),
+                            "tf32": str(torch.backends.cuda.matmul.allow_tf32) if work.device.startswith("cuda") else None})
+    tokens = result.tokens_mean()
+    row = {"cell_key": key, "model": config["model"], "checkpoint_sha": work.checkpoint_sha, "dataset": work.dataset,
+           "eval_images": result.images, "method": entry["method"], "knobs": reducer.values, "label": _label(entry),
+           "device": work.device, "eval_precision": config["eval_precision"],
+           "top1": result.top1, "top1_low": low, "top1_high": high, "top5": result.top5, "top1_correct": result.top1_correct,
+           "gmacs": float(macs.mean()) / 1e9, "gmacs_min": float(macs.min()) / 1e9, "gmacs_max": float(macs.max()) / 1e9,
+           "gmacs_dense": dense / 1e9, "gmacs_ratio": dense / float(macs.mean()),
+           "tokens_attn": tokens[:, 0].tolist(), "tokens_mlp": tokens[:, 1].tolist(),
+           "tokens_attn_min": result.token_min[:, 0].tolist(), "tokens_attn_max": result.token_max[:, 0].tolist(),
+           "ft_images": fit_report.images_seen, "ft_epochs": fit_report.epochs, "ft_wall_s": fit_report.wall_time_s,
+           "ft_device": fit_report.device if reducer.trains else None,
+           "ft_extra": {"steps": fit_report.steps, "skipped_steps": fit_report.skipped_steps, **fit_report.extra},
+           "learned_state": pack_state(reducer.learned_state()), "env": environment(work.device), "git_commit": git_commit(),
+           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    store.write_cell(row, timings)
+    return row
+
+
+def run(config: dict[str, Any], store: Store, force: bool = False, progress: bool = True,
+        echo: Callable[[str], None] = print) -> dict[str, int]:
+    """Measure every planned cell that the store does not hold yet. Returns counts of done/skipped cells."""
+    plan = planned_cells(config)
+    work = prepare(config)
+    done = skipped = 0
+    for entry, knobs in tqdm(plan, desc="cells", disable=not progress, leave=False):
+        reducer = methods.create(entry["method"], **knobs)
+        if store.has(cell_key(cell_identity(work, entry, reducer))) and not force:
+            skipped += 1
+            continue
+        tic = time.perf_counter()
+        row = measure_cell(work, entry, knobs, store, progress)
+        done += 1
+        echo(f"{row['label']:>8} {reducer.describe():<32} top-1 {100 * row['top1']:6.2f}%  "
+             f"{row['gmacs']:.4f} GMACs (x{row['gmacs_ratio']:.2f})  [{time.perf_counter() - tic:.0f} s]")
+    return {"done": done, "skipped": skipped, "planned": len(plan)}

@@ -1,0 +1,75 @@
+"""Comparison tables from the store: one per model/dataset, as Markdown, LaTeX (booktabs) and CSV."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import BenchError
+
+
+def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: method, knobs, top-1 ± interval, GMACs, speedup per device/precision/batch, fine-tune cost."""
+    if cells.empty:
+        raise BenchError("the store holds no results yet: run `python run_bench.py` first")
+    table = pd.DataFrame({
+        "model": cells["model"], "dataset": cells["dataset"], "method": cells["label"],
+        "knobs": cells["knobs"].map(lambda k: ", ".join(f"{a}={b}" for a, b in json.loads(k).items()) or "-"),
+        "top1": 100 * cells["top1"], "top1_pm": 100 * (cells["top1_high"] - cells["top1_low"]) / 2,
+        "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_ratio": cells["gmacs_ratio"],
+        "ft_images": cells["ft_images"].fillna(0).astype(int), "ft_wall_s": cells["ft_wall_s"].fillna(0.0),
+        "cell_key": cells["cell_key"],
+    })
+    if not timings.empty:
+        merged = timings.merge(cells[["cell_key", "device"]], on="cell_key")
+        merged["column"] = ("speedup " + merged["device"] + " " + merged["precision"] + " b" + merged["batch"].astype(str))
+        wide = merged.pivot_table(index="cell_key", columns="column", values="speedup")
+        table = table.merge(wide, left_on="cell_key", right_index=True, how="left")
+    return table.sort_values(["model", "dataset", "gmacs"], ascending=[True, True, False]).reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=["cell_key", "top1_pm"]).copy()
+    shown["top1"] = [f"{t:.2f} ± {p:.2f}" for t, p in zip(table["top1"], table["top1_pm"])]
+    return shown.to_markdown(index=False, floatfmt=".3f")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """booktabs table; the best value of each numeric column (top-1, GMACs, speedups) in bold."""
+    shown = table.drop(columns=["cell_key", "model", "dataset"]).copy()
+    best = {"top1": shown["top1"].max(), "gmacs": shown["gmacs"].min()}
+    for column in shown.columns:
+        if column.startswith("speedup"):
+            best[column] = shown[column].max()
+
+    def fmt(column: str, value: object) -> str:
+        if isinstance(value, float):
+            text = f"{value:.2f}" if column != "gmacs" else f"{value:.3f}"
+            return f"\\textbf{{{text}}}" if column in best and value == best[column] else text
+        return str(value).replace("_", "\\_")
+
+    header = " & ".join(c.replace("_", "\\_") for c in shown.columns)
+    rows = [" & ".join(fmt(c, v) for c, v in zip(shown.columns, row)) + " \\\\" for row in shown.itertuples(index=False)]
+    spec = "l" * 2 + "r" * (len(shown.columns) - 2)
+    return "\n".join([f"\\begin{{tabular}}{{{spec}}}", "\\toprule", header + " \\\\", "\\midrule", *rows,
+                      "\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write ``results.csv``, ``results.md``, ``results.tex`` (one section per model/dataset)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"cannot write to {out} ({exc.strerror}): pass --reports to a writable folder") from exc
+    table = comparison(cells, timings)
+    paths = [out / "results.csv", out / "results.md", out / "results.tex"]
+    table.to_csv(paths[0], index=False)
+    sections_md, sections_tex = [], []
+    for (model, dataset), group in table.groupby(["model", "dataset"], sort=False):
+        sections_md.append(f"### {model} on {dataset}\n\n{to_markdown(group)}\n")
+        sections_tex.append(f"% {model} on {dataset}\n{to_latex(group)}")
+    paths[1].write_text("\n".join(sections_md))
+    paths[2].write_text("\n".join(sections_tex))
+    return paths
