@@ -87,6 +87,8 @@ class TokenReducer:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the knob values that turn the method off (the conformance suite checks they reproduce the logits)
     off: ClassVar[dict[str, Any]] = {}
+    #: (knob, values) along which GMACs must change monotonically (conformance suite); None = first swept knob
+    monotone_knob: ClassVar[tuple[str, tuple] | None] = None
     trains: ClassVar[bool] = False
     input_dependent: ClassVar[bool] = False
     proportional_attention: bool = False
@@ -127,6 +129,10 @@ class TokenReducer:
         ``budget_images``, ``batch_size``, ``precision`` (and method-specific keys). Off-the-shelf: free."""
         return FitReport()
 
+    def prepare_for_test(self, model: "VisionTransformer") -> None:
+        """Make the plug-in usable on ``model`` without its data (e.g. a calibration on random images).
+        Used by the conformance suite; off-the-shelf plug-ins need nothing."""
+
     def learned_state(self) -> dict[str, torch.Tensor]:
         """Tensors learned by :meth:`fit`, saved with the results so nothing retrains on re-plot."""
         return {}
@@ -156,6 +162,17 @@ class TokenReducer:
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
         """The method's own multiply-adds in block ``layer`` per image (similarity matmuls, M/R, ...)."""
         return torch.zeros_like(n_attn, dtype=torch.float64)
+
+    @classmethod
+    def is_mid_block(cls) -> bool:
+        """True unless the plug-in replaces the whole block (block-wrapping reducers give all tokens back)."""
+        return cls.block_forward is TokenReducer.block_forward
+
+    @classmethod
+    def monotone_sweep(cls) -> tuple[str, tuple] | None:
+        if cls.monotone_knob is not None:
+            return cls.monotone_knob
+        return next(((k.name, k.sweep) for k in cls.knobs if len(k.sweep) > 1), None)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "-"

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny timm ViTs (random weights) and a CLI runner."""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import bench.models  # noqa: F401  (registers the embedded model)
+import methods  # noqa: F401  (registers plug-ins)
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_vit(**kwargs) -> VisionTransformer:
+    """A 4-block ViT on 32x32 images, 8x8 = 64 patches (+ prefix tokens); random but seeded weights."""
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+    args.update(kwargs)
+    return VisionTransformer(**args).eval()
+
+
+@pytest.fixture
+def tiny() -> VisionTransformer:
+    return tiny_vit()
+
+
+TIMM_MODELS = {  # the four model families every plug-in must handle (random weights)
+    "deit_tiny_patch16_224": {},
+    "deit3_small_patch16_224": {},  # LayerScale
+    "vit_small_patch14_reg4_dinov2": {"img_size": 98},  # CLS + 4 registers + LayerScale
+    "vit_little_patch16_reg4_gap_256": {"img_size": 96},  # no CLS, 4 registers, average pooling
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_vit_cached(name: str) -> VisionTransformer:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **TIMM_MODELS[name]).eval()
+
+
+def timm_vit(name: str) -> VisionTransformer:
+    """A fresh copy of one of :data:`TIMM_MODELS` with seeded random weights."""
+    return copy.deepcopy(_timm_vit_cached(name))
+
+
+def image_batch(model: VisionTransformer, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    channels = model.patch_embed.proj.in_channels if hasattr(model.patch_embed.proj, "in_channels") else 1
+    height, width = model.patch_embed.img_size
+    return torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``run_bench.py`` in a subprocess; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, str(ROOT / "run_bench.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})

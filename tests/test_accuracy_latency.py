@@ -1,0 +1,52 @@
+"""Top-1 of a classifier whose predictions we control; the Wilson interval; the latency timer."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import methods
+from bench.accuracy import evaluate, wilson_interval
+from bench.latency import time_interleaved
+from tests.conftest import tiny_vit
+
+
+def test_wilson_interval_reference_values() -> None:
+    # p = 0.5, n = 100: centre 0.5, half-width 1.96*sqrt(.25/100 + 1.96^2/40000)/(1 + 1.96^2/100)
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.40383, abs=1e-4) and high == pytest.approx(0.59617, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_exact_top1_and_top5_of_a_controlled_classifier() -> None:
+    """The head is rewired so the prediction is the label we planted in the image's mean brightness."""
+    model = tiny_vit(depth=1)
+    methods.create("none").apply(model)
+    labels = torch.arange(20) % 10
+    images = labels.float().view(-1, 1, 1, 1).expand(20, 3, 32, 32).clone()
+    planted = labels.clone()
+    planted[:7] = (labels[:7] + 1) % 10  # 7 images "wrong": the model will predict label + 1
+    images = planted.float().view(-1, 1, 1, 1).expand(20, 3, 32, 32).clone()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x.mean((1, 2, 3)).round().long(), 10).float() * 10 - \
+            torch.arange(10).float() * 0.01  # ties broken: lower class index ranks higher
+
+    model.forward = forward
+    model._reduction_ctx.tokens_attn = [torch.full((10,), 65)]
+    model._reduction_ctx.tokens_mlp = [torch.full((10,), 65)]
+    result = evaluate(model, [(images[:10], labels[:10]), (images[10:], labels[10:])], embed=0, progress=False)
+    assert result.images == 20 and result.top1_correct == 13
+    # ranking = planted class, then 0, 1, 2, ... For wrong image i (label i, planted i + 1) the top 5 are
+    # {i+1, 0, 1, 2, 3} (or {i+1, 0..4} minus i+1): it holds label i for i = 0..3, not for i = 4, 5, 6.
+    assert result.top5_correct == 13 + 4
+
+
+def test_timer_measures_a_sleep() -> None:
+    result = time_interleaved({"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.02)},
+                              warmup_iters=2, warmup_s=0.0, min_iters=10, min_time_s=0.0)
+    assert len(result["a"].times_ms) == 10
+    assert result["a"].median_ms == pytest.approx(10.0, abs=3.0)
+    assert result["b"].median_ms == pytest.approx(20.0, abs=3.0)
+    assert result["b"].images_per_s(4) == pytest.approx(4 / (result["b"].median_ms / 1000))

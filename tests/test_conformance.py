@@ -1,0 +1,117 @@
+"""The conformance suite: runs on every registered plug-in, so a new plug-in gets it for free."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from bench.flops import embed_macs, image_macs
+from tests.conftest import TIMM_MODELS, image_batch, timm_vit, tiny_vit
+
+PLUGINS = sorted(methods.REGISTRY)
+
+
+def make(name: str, **knobs) -> methods.TokenReducer:
+    reducer = methods.create(name, **knobs)
+    reducer.trace_source = True
+    return reducer
+
+
+def reducing_knobs(name: str) -> dict:
+    """The strongest setting of the plug-in's monotone sweep."""
+    sweep = methods.REGISTRY[name].monotone_sweep()
+    if sweep is None:
+        return {}
+    knob, values = sweep
+    return {knob: values[-1]}
+
+
+def prepared(name: str, model=None, **knobs):
+    model = model if model is not None else tiny_vit()
+    reducer = make(name, **knobs)
+    reducer.prepare_for_test(model)
+    return reducer.apply(model), reducer
+
+
+@pytest.mark.parametrize("model_name", sorted(TIMM_MODELS))
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_off_setting_reproduces_unpatched_logits(plugin: str, model_name: str) -> None:
+    model = timm_vit(model_name)
+    x = image_batch(model)
+    with torch.no_grad():
+        reference = model(x)
+        patched, _ = prepared(plugin, model, **methods.REGISTRY[plugin].off)
+        assert torch.allclose(patched(x), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", sorted(TIMM_MODELS))
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_prefix_tokens_survive_reduction(plugin: str, model_name: str) -> None:
+    model, reducer = prepared(plugin, timm_vit(model_name), **reducing_knobs(plugin))
+    with torch.no_grad():
+        logits = model(image_batch(model))
+    ctx = model._reduction_ctx
+    prefix = ctx.num_prefix
+    assert logits.ndim == 2 and logits.shape[0] == 2 and torch.isfinite(logits).all()
+    assert prefix == model.num_prefix_tokens
+    # source map: the first `prefix` tokens still hold exactly their own patch position
+    source = ctx.source
+    assert torch.equal(source[:, :prefix, :prefix], torch.eye(prefix).expand(2, prefix, prefix))
+    assert source[:, :prefix, prefix:].sum() == 0
+    assert source[:, prefix:, :prefix].sum() == 0
+    if ctx.alive is not None:
+        assert bool((ctx.alive[:, :prefix] > 0).all())
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_counts_recorded_and_non_increasing(plugin: str) -> None:
+    model, reducer = prepared(plugin, **reducing_knobs(plugin))
+    with torch.no_grad():
+        model(image_batch(model, batch=3))
+    counts = model._reduction_ctx.counts()
+    assert counts.shape == (3, len(model.blocks), 2)
+    if reducer.is_mid_block():
+        flat = counts.flatten(1)  # attn_0, mlp_0, attn_1, mlp_1, ...
+        assert bool((flat[:, 1:] <= flat[:, :-1]).all())
+        assert int(flat[:, 0].min()) == model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_image_alone_equals_image_in_batch(plugin: str) -> None:
+    model, _ = prepared(plugin, **reducing_knobs(plugin))
+    x = image_batch(model, batch=4, seed=1)
+    with torch.no_grad():
+        batched = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(batched, alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_deterministic_and_runs_under_inference_mode_and_bf16(plugin: str) -> None:
+    model, _ = prepared(plugin, **reducing_knobs(plugin))
+    x = image_batch(model)
+    with torch.inference_mode():
+        first, second = model(x), model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).float()
+    assert torch.equal(first, second)
+    assert low.shape == first.shape and torch.isfinite(low).all()
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_knob_sweep_is_monotone_in_gmacs(plugin: str) -> None:
+    sweep = methods.REGISTRY[plugin].monotone_sweep()
+    if sweep is None:
+        pytest.skip(f"{plugin} has no knob to sweep")
+    knob, values = sweep
+    x = image_batch(tiny_vit(), batch=4)
+    means = []
+    for value in values:
+        model, reducer = prepared(plugin, **{knob: value})
+        with torch.no_grad():
+            model(x)
+        ctx = model._reduction_ctx
+        means.append(float(image_macs(ctx.counts(), ctx.dims, reducer, embed_macs(model, ctx.dims)).mean()))
+    steps = [b - a for a, b in zip(means, means[1:])]
+    assert all(s <= 0 for s in steps) or all(s >= 0 for s in steps), means
+    assert means[0] != means[-1], f"{knob} sweep {values} does not change GMACs: {means}"

@@ -1,0 +1,76 @@
+"""Analytic GMACs against FlopCounterMode (counts fused attention; 2 FLOPs per MAC) and fvcore."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import methods
+from bench.flops import counted_macs, dense_macs, embed_macs, image_macs
+from methods.blocks import ModelDims
+from tests.conftest import image_batch, tiny_vit
+from tests.test_conformance import prepared, reducing_knobs
+
+
+def analytic_per_image(model, x) -> torch.Tensor:
+    ctx = model._reduction_ctx
+    with torch.no_grad():
+        model(x)
+    return image_macs(ctx.counts(), ctx.dims, ctx.reducer, embed_macs(model, ctx.dims))
+
+
+@pytest.mark.parametrize("name, expected", [("deit_tiny_patch16_224", 1.2537), ("deit_small_patch16_224", 4.5989)])
+def test_dense_deit_gmacs_match_known_values(name: str, expected: float) -> None:
+    model = timm.create_model(name, pretrained=False).eval()
+    dims = ModelDims.of(model)
+    analytic = dense_macs(dims, embed_macs(model, dims)) / 1e9
+    counted = counted_macs(model, torch.zeros(1, 3, 224, 224)) / 1e9
+    assert analytic == pytest.approx(expected, abs=1e-4)
+    assert counted == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("plugin", sorted(methods.REGISTRY))
+def test_analytic_matches_flop_counter_per_image(plugin: str) -> None:
+    """Batch of one image at a time: input-dependent methods are exact per image too."""
+    model, _ = prepared(plugin, **reducing_knobs(plugin))
+    x = image_batch(model, batch=3)
+    for i in range(3):
+        analytic = float(analytic_per_image(model, x[i:i + 1])[0])
+        counted = counted_macs(model, x[i:i + 1])
+        assert analytic == pytest.approx(counted, rel=0.01), (plugin, i)
+
+
+def test_fvcore_agrees_with_fused_attention_switched_off() -> None:
+    """fvcore skips scaled_dot_product_attention: run it in a process with TIMM_FUSED_ATTN=0."""
+    code = (
+        "import timm, torch, warnings\n"
+        "from fvcore.nn import FlopCountAnalysis\n"
+        "from bench.flops import dense_macs, embed_macs\n"
+        "from methods.blocks import ModelDims\n"
+        "m = timm.create_model('deit_tiny_patch16_224').eval()\n"
+        "a = FlopCountAnalysis(m, torch.zeros(1, 3, 224, 224)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)\n"
+        "total = a.total(); unsupported = a.unsupported_ops()\n"
+        "d = ModelDims.of(m); print(total, dense_macs(d, embed_macs(m, d)), 'scaled_dot_product' in str(dict(unsupported)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TIMM_FUSED_ATTN": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    fvcore_total, analytic, sdpa_unsupported = out.stdout.split()
+    assert sdpa_unsupported == "False"
+    # fvcore also counts LayerNorm and GELU-free elementwise ops: within 1 %
+    assert float(fvcore_total) == pytest.approx(float(analytic), rel=0.01)
+
+
+def test_tome_similarity_is_counted() -> None:
+    model, reducer = prepared("tome", r=8)
+    ctx = model._reduction_ctx
+    with torch.no_grad():
+        model(image_batch(model, batch=1))
+    counts = ctx.counts()
+    extra = sum(float(reducer.extra_macs(l, counts[:, l, 0], counts[:, l, 1], ctx.dims)[0]) for l in range(4))
+    # layer sizes 65, 57, 49, 41 tokens: |A| x |B| = 32*32 + 28*28 + 24*24 + 20*20, head_dim 16
+    assert extra == (32 * 32 + 28 * 28 + 24 * 24 + 20 * 20) * 16

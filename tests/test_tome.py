@@ -1,0 +1,93 @@
+"""ToMe on hand-built tensors whose matching and merged values were worked out by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from bench.errors import BenchError
+from methods.blocks import ModelDims, ReductionContext
+from methods.tome import r_schedule
+from methods.tokens import bipartite_positions
+from tests.conftest import tiny_vit
+
+# CLS + 4 patches. Keys: patch1=(1,0), patch2=(1,0.1), patch3=(0,1), patch4=(0.2,1).
+# Split after the CLS: A = positions 2, 4; B = positions 1, 3.
+# cos(2,1) = 1/sqrt(1.01) = 0.995, cos(2,3) = 0.0995; cos(4,3) = 1/sqrt(1.04) = 0.981, cos(4,1) = 0.196.
+KEYS = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.2, 1.0]]])
+X = torch.tensor([[[7.0], [10.0], [20.0], [30.0], [40.0]]])
+
+
+def context(r: int) -> tuple[methods.TokenReducer, ReductionContext]:
+    reducer = methods.create("tome", r=r)
+    reducer.schedule = [r]
+    dims = ModelDims(depth=1, dim=1, num_heads=1, head_dim=2, attn_dim=2, attn_linear_macs=0, mlp_macs=0,
+                     num_prefix=1, num_patches=4, grid=(2, 2), head_macs=0)
+    ctx = ReductionContext(reducer, dims)
+    ctx.stats["keys"] = KEYS
+    return reducer, ctx
+
+
+def test_split_is_the_reference_split_for_a_cls_model() -> None:
+    a, b = bipartite_positions(5, 1)
+    assert a.tolist() == [2, 4] and b.tolist() == [1, 3]
+
+
+def test_r1_merges_the_most_similar_pair_with_equal_sizes() -> None:
+    reducer, ctx = context(1)
+    out = reducer.reduce(0, X, ctx)
+    # patch2 (score 0.995) joins patch1: (10 + 20) / 2 = 15; patch4 stays. Order: [CLS, kept A, B].
+    assert out[0, :, 0].tolist() == [7.0, 40.0, 15.0, 30.0]
+    assert ctx.size[0].tolist() == [1.0, 1.0, 2.0, 1.0]
+
+
+def test_r2_size_weighted_average() -> None:
+    reducer, ctx = context(2)
+    ctx.size = torch.tensor([[1.0, 2.0, 1.0, 1.0, 3.0]])
+    out = reducer.reduce(0, X, ctx)
+    # patch2 -> patch1: (2*10 + 1*20) / 3; patch4 -> patch3: (1*30 + 3*40) / 4
+    assert torch.allclose(out[0, :, 0], torch.tensor([7.0, 40.0 / 3.0, 37.5]))
+    assert ctx.size[0].tolist() == [1.0, 3.0, 4.0]
+
+
+def test_r_is_capped_at_half_the_tokens_of_a_layer() -> None:
+    reducer, ctx = context(3)  # only 2 A tokens exist
+    out = reducer.reduce(0, X, ctx)
+    assert out.shape[1] == 3
+
+
+def test_r_schedules() -> None:
+    assert r_schedule(8, 4) == [8, 8, 8, 8]
+    assert r_schedule(8, 12, inflect=-1) == [16, 14, 13, 11, 10, 8, 7, 5, 4, 2, 1, 0]
+    assert r_schedule([4, 2], 4) == [4, 2, 0, 0]
+
+
+def test_impossible_r_is_rejected_with_one_line() -> None:
+    with pytest.raises(BenchError, match=r"use r <= 32"):
+        methods.create("tome", r=40).apply(tiny_vit())  # 64 patches
+
+
+def test_proportional_attention_equals_duplicated_tokens() -> None:
+    """A token of size 2 must receive exactly the attention of two identical copies of it."""
+    model = tiny_vit(depth=1)
+    methods.create("tome", r=0).apply(model)
+    attn, ctx = model.blocks[0].attn, model._reduction_ctx
+    x = torch.randn(1, 5, 48)
+    duplicated = torch.cat([x, x[:, 4:5]], 1)
+    with torch.no_grad():
+        ctx.reset()
+        plain = attn(duplicated)
+        ctx.size = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0]])
+        merged = attn(x)
+    assert torch.allclose(merged, plain[:, :5], atol=1e-5)
+
+
+def test_source_map_partitions_the_patches() -> None:
+    model = tiny_vit()
+    reducer = methods.create("tome", r=12, trace_source=True)
+    reducer.apply(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    ctx = model._reduction_ctx
+    assert torch.equal(ctx.source.sum(1), torch.ones(2, 65))  # every patch in exactly one token
+    assert torch.equal(ctx.source.sum(2), ctx.size)  # a token's size = the patches it holds
