@@ -48,6 +48,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=str(DEFAULT_STORE), help="SQLite results file")
     parser.add_argument("--reports", default=str(DEFAULT_REPORTS), help="folder for tables and figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--plugins", help="extra modules to import (your own reducers or timm models), comma-separated")
 
 
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,15 +159,30 @@ def cmd_train_base(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def load_plugins(names: str | None) -> None:
+    """Import the shipped plug-ins and any user modules (``--plugins a,b`` or ``$TOKENBENCH_PLUGINS``) that
+    register reducers (``@register_reducer``) or timm models (``@register_model``)."""
+    import importlib
+
+    import methods  # noqa: F401  (registers the shipped plug-ins)
+
+    for name in filter(None, ",".join(filter(None, [names, os.environ.get("TOKENBENCH_PLUGINS")])).split(",")):
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as exc:
+            raise BenchError(f"cannot import plug-in module {name!r} ({exc}): check --plugins / TOKENBENCH_PLUGINS and PYTHONPATH") from exc
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_bench.py", description="Token-reduction benchmark for vision transformers")
     sub = parser.add_subparsers(dest="command")
     _add_run_arguments(sub.add_parser("run", help="measure a config's cells (default)"))
-    sub.add_parser("list", help="methods, knobs, configs")
+    sub.add_parser("list", help="methods, knobs, configs").add_argument("--plugins")
     for name in ("export", "plot"):
         p = sub.add_parser(name, help=f"{name} from the store")
         p.add_argument("--store", default=str(DEFAULT_STORE))
         p.add_argument("--reports", default=str(DEFAULT_REPORTS))
+        p.add_argument("--plugins")
     sub.add_parser("train-base", help="train the embedded Fashion-MNIST ViT (see --help there)", add_help=False)
     return parser
 
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "train-base":
             return cmd_train_base(argparse.Namespace(), argv[1:])
         args = make_parser().parse_args(argv)
-        import methods  # noqa: F401  (registers plug-ins)
+        load_plugins(getattr(args, "plugins", None))
 
         return {"run": cmd_run, "list": cmd_list, "export": cmd_export, "plot": cmd_plot}[args.command](args)
     except BenchError as exc:

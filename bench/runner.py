@@ -106,6 +106,10 @@ def _train_order(n: int, seed: int) -> torch.Tensor:
 def prepare(config: dict[str, Any]) -> Workload:
     """Load model and data named by ``config`` (raising one-line errors for bad input)."""
     device = resolve_device(config["device"])
+    if config["dataset"] not in ("fashion-mnist", "imagefolder"):
+        raise BenchError(f"unknown dataset {config['dataset']!r}: use fashion-mnist or imagefolder (with --data)")
+    if config["dataset"] == "fashion-mnist":
+        data_mod.resolve_fmnist_dir(config["data_dir"])  # fail on missing data before loading any model
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
     model = models.create(config["model"], pretrained=config["pretrained"], checkpoint=config["checkpoint"])
@@ -126,7 +130,7 @@ def prepare(config: dict[str, Any]) -> Workload:
             yield from _tensor_batches(train, _train_order(len(train), config["seed"]), fit_batch)()
         dataset, n_images = "fashion-mnist-test", len(indices)
         input_shape = (1, 28, 28)
-    elif config["dataset"] == "imagefolder":
+    else:
         if not config["data"]:
             raise BenchError("dataset imagefolder needs --data PATH (an ImageFolder of evaluation images)")
         folder = data_mod.image_folder(config["data"], model)
@@ -140,8 +144,6 @@ def prepare(config: dict[str, Any]) -> Workload:
                                         shuffle_seed=config["seed"] + 1)
         dataset, n_images = f"imagefolder:{Path(config['data']).resolve()}", len(indices)
         input_shape = tuple(folder[0][0].shape)
-    else:
-        raise BenchError(f"unknown dataset {config['dataset']!r}: use fashion-mnist or imagefolder (with --data)")
     if n_images == 0:
         raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, input_shape, device)

@@ -17,7 +17,7 @@ import bench.models  # noqa: F401  (registers the embedded model)
 import methods  # noqa: F401  (registers plug-ins)
 
 ROOT = Path(__file__).resolve().parent.parent
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("TOKENBENCH_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def tiny_vit(**kwargs) -> VisionTransformer:
@@ -62,3 +62,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     """Run ``run_bench.py`` in a subprocess; returns the completed process (text output)."""
     return subprocess.run([sys.executable, str(ROOT / "run_bench.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """An ImageFolder of 3 classes x 6 generated 40x40 JPEGs (class = dominant colour channel)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    generator = torch.Generator().manual_seed(0)
+    for label, name in enumerate(["red", "green", "blue"]):
+        (root / name).mkdir()
+        for i in range(6):
+            pixels = torch.randint(0, 80, (40, 40, 3), generator=generator, dtype=torch.uint8)
+            pixels[..., label] += 150
+            Image.fromarray(pixels.numpy()).save(root / name / f"{i}.jpg")
+    return root

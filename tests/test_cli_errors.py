@@ -1,0 +1,111 @@
+"""Every bad input ends in one line on stderr naming the fix, exit code 2, no traceback, store intact."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import models
+from bench.errors import BenchError
+from bench.store import Store
+from tests.conftest import run_cli
+from tests.tiny_model import test_tiny_vit as make_tiny
+
+PLUGIN_ENV = {"TOKENBENCH_PLUGINS": "tests.tiny_model", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_imagefolder) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    good = root / "good.pt"
+    torch.save(make_tiny().state_dict(), good)
+    other = root / "other.pt"
+    torch.save(make_tiny(depth=3).state_dict(), other)
+    corrupt = root / "corrupt.pt"
+    corrupt.write_bytes(good.read_bytes()[:1000])
+    foreign = root / "foreign.sqlite"
+    foreign.write_bytes(b"SQLite format 3\x00" + b"\x01" * 500)
+    (root / "junk").mkdir()
+    (root / "junk" / "readme.txt").write_text("no images here")
+    (root / "a_file").write_text("x")
+    config = root / "unknown_key.yaml"
+    config.write_text("model: test_tiny_vit\nbatchsize: 3\n")
+    bad_method = root / "bad_method.yaml"
+    bad_method.write_text("methods:\n  - method: nope\n")
+    bad_dataset = root / "bad_dataset.yaml"
+    bad_dataset.write_text("dataset: cifar\n")
+    return {"root": root, "good": good, "other": other, "corrupt": corrupt, "foreign": foreign,
+            "junk": root / "junk", "file": root / "a_file", "folder": tiny_imagefolder, "config": config,
+            "bad_method": bad_method, "bad_dataset": bad_dataset}
+
+
+def tiny_args(files: dict[str, Path], *extra: str) -> list[str]:
+    return ["run", "--model", "test_tiny_vit", "--data", str(files["folder"]), "--checkpoint", str(files["good"]),
+            "--store", str(files["root"] / "store.sqlite"), "--reports", str(files["root"] / "reports"), "--quiet", *extra]
+
+
+CASES = {
+    "unknown method": (lambda f: ["run", "--config", str(f["bad_method"])], "unknown method 'nope'"),
+    "unknown --methods": (lambda f: tiny_args(f, "--methods", "nope"), "not in the config"),
+    "unknown model": (lambda f: ["run", "--model", "no_such_vit", "--data", str(f["folder"])], "unknown model"),
+    "unknown dataset": (lambda f: ["run", "--config", str(f["bad_dataset"]), "--checkpoint", str(f["good"])], "unknown dataset"),
+    "non-ViT model": (lambda f: ["run", "--model", "resnet18", "--data", str(f["folder"])], "not a timm VisionTransformer"),
+    "impossible knob": (lambda f: ["run", "--config", str(f["root"] / "bad_knob.yaml")], "outside"),
+    "missing fmnist": (lambda f: ["run", "--data-dir", str(f["root"] / "nowhere")], "apt-get install dataset-fashion-mnist"),
+    "fmnist dir of the wrong format": (lambda f: ["run", "--data-dir", str(f["junk"])], "--data-dir"),
+    "imagefolder of the wrong format": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["junk"])], "ImageFolder"),
+    "missing imagefolder": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["root"] / "nope")], "does not exist"),
+    "missing checkpoint": (lambda f: tiny_args(f, "--checkpoint", str(f["root"] / "nope.pt")), "not found"),
+    "corrupt checkpoint": (lambda f: tiny_args(f, "--checkpoint", str(f["corrupt"])), "corrupt"),
+    "checkpoint of another architecture": (lambda f: tiny_args(f, "--checkpoint", str(f["other"])), "unexpected ['blocks.2"),
+    "cuda without a GPU": (lambda f: tiny_args(f, "--device", "cuda"), "no CUDA GPU"),
+    "store not writable": (lambda f: tiny_args(f, "--store", str(f["file"] / "s.sqlite")), "writable"),
+    "store not ours": (lambda f: tiny_args(f, "--store", str(f["foreign"])), "left untouched"),
+    "empty after --limit": (lambda f: tiny_args(f, "--limit", "0"), "--limit"),
+    "unknown config key": (lambda f: ["run", "--config", str(f["config"])], "unknown config key 'batchsize'"),
+    "pretrained offline": (lambda f: ["run", "--model", "deit_tiny_patch16_224", "--pretrained", "--data", str(f["folder"])], "--checkpoint"),
+    "reports not writable": (lambda f: tiny_args(f, "--reports", str(f["file"] / "r")), "writable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> None:
+    (files["root"] / "bad_knob.yaml").write_text("model: test_tiny_vit\nmethods:\n  - method: tome\n    sweep: {r: [-3]}\n")
+    make_args, expected = CASES[case]
+    foreign_before = files["foreign"].read_bytes()
+    result = run_cli(*make_args(files), env=PLUGIN_ENV)
+    assert result.returncode == 2, (case, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr[-2000:])
+    assert expected in lines[0], (case, lines[0])
+    assert "Traceback" not in result.stderr
+    assert files["foreign"].read_bytes() == foreign_before
+
+
+def test_store_with_results_survives_a_failing_run(files: dict[str, Path], tmp_path: Path) -> None:
+    store_path = tmp_path / "kept.sqlite"
+    ok = run_cli(*tiny_args(files, "--store", str(store_path), "--reports", str(tmp_path / "r"), "--methods", "none",
+                            "--precisions", "fp32", "--batch-sizes", "2", "--limit", "4"), env={**PLUGIN_ENV})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = store_path.read_bytes()
+    bad = run_cli(*tiny_args(files, "--store", str(store_path), "--checkpoint", str(files["corrupt"])), env=PLUGIN_ENV)
+    assert bad.returncode == 2
+    assert store_path.read_bytes() == before and len(Store(store_path).cells()) == 1
+
+
+def test_corrupt_or_missing_embedded_checkpoint_names_the_retrain_command(tmp_path: Path, monkeypatch) -> None:
+    if not models.EMBEDDED_CHECKPOINT.is_file():
+        pytest.fail("the embedded checkpoint is not committed: run `python run_bench.py train-base`")
+    broken = tmp_path / "broken.pt"
+    shutil.copyfile(models.EMBEDDED_CHECKPOINT, broken)
+    with open(broken, "r+b") as handle:
+        handle.seek(2000)
+        handle.write(b"\x00\x01\x02\x03")
+    monkeypatch.setattr(models, "EMBEDDED_CHECKPOINT", broken)
+    with pytest.raises(BenchError, match="run_bench.py train-base"):
+        models.verify_embedded_checkpoint()
+    monkeypatch.setattr(models, "EMBEDDED_CHECKPOINT", tmp_path / "missing.pt")
+    with pytest.raises(BenchError, match="run_bench.py train-base"):
+        models.create(models.EMBEDDED_MODEL)

@@ -1,0 +1,141 @@
+"""The SQLite store: round trip, refusal of foreign/corrupt files, resume after kill -9, export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bench import tables
+from bench.errors import BenchError
+from bench.store import Store, cell_key, pack_state
+from tests.conftest import ROOT
+
+
+def fake_row(key: str, method: str = "tome", top1: float = 0.9, gmacs: float = 1.0) -> dict:
+    return {"cell_key": key, "model": "m", "checkpoint_sha": "abc", "dataset": "d", "eval_images": 100,
+            "method": method, "knobs": {"r": 8}, "label": method, "device": "cpu", "eval_precision": "fp32",
+            "top1": top1, "top1_low": top1 - 0.05, "top1_high": top1 + 0.05, "top5": 1.0, "top1_correct": int(top1 * 100),
+            "gmacs": gmacs, "gmacs_min": gmacs, "gmacs_max": gmacs, "gmacs_dense": 2.0, "gmacs_ratio": 2.0 / gmacs,
+            "tokens_attn": [197, 189], "tokens_mlp": [189, 181], "ft_images": 0, "ft_epochs": 0.0, "ft_wall_s": 0.0,
+            "learned_state": pack_state({"theta": torch.tensor([0.5, 0.25])}), "created": "2026-01-01T00:00:00"}
+
+
+def fake_timing(batch: int = 32) -> dict:
+    return {"precision": "bf16", "batch": batch, "median_ms": 10.0, "iqr_ms": 1.0, "images_per_s": 3200.0,
+            "baseline_median_ms": 15.0, "baseline_iqr_ms": 1.0, "speedup": 1.5, "realisation": 0.75, "iterations": 20}
+
+
+def test_round_trip_and_learned_state(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell(fake_row("k1"), [fake_timing(1), fake_timing(32)])
+    assert store.has("k1") and not store.has("k2")
+    cells, timings = store.cells(), store.timings()
+    assert len(cells) == 1 and len(timings) == 2
+    assert json.loads(cells.loc[0, "tokens_attn"]) == [197, 189]
+    assert torch.equal(store.learned_state("k1")["theta"], torch.tensor([0.5, 0.25]))
+    store.write_cell(fake_row("k1", top1=0.8), [fake_timing()])  # replace, not duplicate
+    assert len(store.cells()) == 1 and len(store.timings()) == 1
+    store.close()
+
+
+def test_cell_key_is_order_independent() -> None:
+    assert cell_key({"a": 1, "b": [1, 2]}) == cell_key({"b": [1, 2], "a": 1})
+    assert cell_key({"a": 1}) != cell_key({"a": 2})
+
+
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 10, None])
+def test_foreign_or_corrupt_files_are_refused_and_untouched(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "x.sqlite"
+    if content is None:  # an SQLite file of another program
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE other (x)")
+        conn.commit()
+        conn.close()
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    with pytest.raises(BenchError, match="left untouched"):
+        Store(path)
+    assert path.read_bytes() == before
+
+
+def test_export_round_trips(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell(fake_row("k1", "none", 0.91, 2.0), [fake_timing()])
+    store.write_cell(fake_row("k2", "tome", 0.88, 1.0), [fake_timing()])
+    paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
+    csv = pd.read_csv(paths[0])
+    assert sorted(csv["cell_key"]) == ["k1", "k2"]
+    assert csv.set_index("cell_key").loc["k2", "top1"] == pytest.approx(88.0)
+    assert csv.set_index("cell_key").loc["k2", "speedup cpu bf16 b32"] == pytest.approx(1.5)
+    markdown, latex = paths[1].read_text(), paths[2].read_text()
+    assert markdown.count("| tome") == 1 and markdown.count("| none") == 1
+    assert "\\toprule" in latex and "\\textbf{91.00}" in latex and "\\textbf{1.000}" in latex
+    store.close()
+
+
+def test_empty_store_export_is_a_one_line_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    with pytest.raises(BenchError, match="no results"):
+        tables.export(store.cells(), store.timings(), tmp_path / "out")
+
+
+RESUME_SCRIPT = """
+import sys, time
+from bench import runner
+from bench.store import Store
+calls = []
+real = runner.measure_cell
+def slow(work, entry, knobs, store, progress):
+    row = real(work, entry, knobs, store, progress)
+    print('cell', flush=True)
+    time.sleep(float(sys.argv[2]))
+    return row
+runner.measure_cell = slow
+from bench.cli import main
+sys.exit(main(['run', '--config', sys.argv[1], '--store', sys.argv[3], '--reports', sys.argv[4], '--quiet']))
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_recomputes_nothing(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+model: test_tiny_vit
+dataset: imagefolder
+data: {tiny_imagefolder}
+eval_precision: fp32
+eval_batch_size: 8
+latency: {{precisions: [fp32], batch_sizes: [2], warmup_iters: 1, warmup_s: 0.0, min_iters: 2, min_time_s: 0.0}}
+methods:
+  - method: none
+  - method: tome
+    sweep: {{r: [2, 4, 6]}}
+""")
+    store, reports = tmp_path / "s.sqlite", tmp_path / "r"
+    script = tmp_path / "resume.py"
+    script.write_text("import tests.tiny_model\n" + RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(config), "30", str(store), str(reports)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    assert proc.stdout.readline().strip() == "cell"  # first cell committed, then sleeping
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(Store(store).cells()) == 1
+    done = subprocess.run([sys.executable, str(script), str(config), "0", str(store), str(reports)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("cell") - done.stdout.count("cells") == 3  # 4 planned, 1 kept: 3 recomputed
+    again = subprocess.run([sys.executable, str(script), str(config), "0", str(store), str(reports)],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert "0 cells measured, 4 already" in again.stdout
+    assert len(Store(store).cells()) == 4
