@@ -81,8 +81,39 @@ def compact(x: torch.Tensor, ctx: ReductionContext, keep_mask: torch.Tensor) -> 
     order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
     out = keep_tokens(x, ctx, order)
     padded = torch.arange(width, device=x.device)[None] < counts[:, None]
-    if ctx.alive is None:
-        ctx.alive = padded if not bool(padded.all()) else None
-    else:
-        ctx.alive = (ctx.alive > 0) & padded
+    alive = padded if ctx.alive is None else (ctx.alive > 0) & padded
+    ctx.alive = None if bool(alive.all()) else alive
     return out
+
+
+def bipartite_similarity_macs(n_attn: torch.Tensor, num_prefix: int, head_dim: int) -> torch.Tensor:
+    """MACs of the |A| x |B| key-similarity matmul for ``n_attn: (B,)`` tokens -> (B,) float64."""
+    rest = (n_attn - num_prefix).double().clamp_min(0)
+    a = torch.floor(rest / 2)
+    return a * (rest - a) * head_dim
+
+
+class _StraightThroughStep(torch.autograd.Function):
+    """Forward: exactly ``(value > threshold)`` as 0/1. Backward: the sigmoid's gradient (see below)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, threshold: torch.Tensor, tau: float) -> torch.Tensor:
+        soft = torch.sigmoid((value - threshold) / tau)
+        ctx.save_for_backward(soft)
+        ctx.tau, ctx.threshold_shape = tau, threshold.shape
+        return (value > threshold).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (soft,) = ctx.saved_tensors
+        local = grad * soft * (1 - soft) / ctx.tau
+        return local, (-local).sum().reshape(ctx.threshold_shape), None
+
+
+def straight_through_step(value: torch.Tensor, threshold: torch.Tensor, tau: float) -> torch.Tensor:
+    """Exactly ``(value > threshold)`` as 0/1 in the forward pass; the gradient of
+    ``sigmoid((value - threshold) / tau)`` in the backward pass. ``threshold`` is a scalar tensor.
+
+    (``hard + soft - soft.detach()`` is *not* exact: ``1 + s - s`` rounds to ``1 - 6e-8`` for many ``s``.)
+    """
+    return _StraightThroughStep.apply(value.float(), threshold, tau)

@@ -26,7 +26,7 @@ import torch
 from bench.errors import BenchError
 from methods.base import Knob, TokenReducer, register_reducer
 from methods.blocks import ModelDims, ReductionContext
-from methods.tokens import bipartite_positions, key_similarity, merge_bipartite
+from methods.tokens import bipartite_positions, bipartite_similarity_macs, key_similarity, merge_bipartite
 
 
 def r_schedule(r: int | list[int], depth: int, inflect: float = 0.0) -> list[int]:
@@ -87,6 +87,4 @@ class ToMe(TokenReducer):
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         """The similarity matmul |A| x |B| x head_dim (only in layers that merge)."""
-        rest = (n_attn - dims.num_prefix).double()
-        a = torch.floor(rest / 2)
-        return a * (rest - a) * dims.head_dim * float(self.schedule[layer] > 0)
+        return bipartite_similarity_macs(n_attn, dims.num_prefix, dims.head_dim) * float(self.schedule[layer] > 0)

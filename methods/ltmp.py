@@ -1,0 +1,244 @@
+"""LTMP, LTP and LTM: learned-threshold token merging and/or pruning.
+
+From Bonnaerens & Dambre, "Learned Thresholds Token Merging and Pruning for Vision Transformers" (TMLR 2023).
+In every block, after attention (+ residual) and before the MLP, with two learned scalars per block:
+
+* **merge** (LTM, LTMP): split the alive non-prefix tokens alternately into A and B (as ToMe); an A token whose
+  best cosine key similarity (keys averaged over heads) to a B token exceeds ``theta_merge`` merges into it
+  (size-weighted average; no top-r, so the count depends on the image); the B token keeps the maximum
+  importance of its members;
+* **prune** (LTP, LTMP): tokens whose importance (attention received, mean over heads and alive queries) is
+  not above ``theta_prune`` are dropped;
+* prefix tokens (CLS, registers) are never merged or pruned; attention uses proportional attention
+  (log size) and masks dead keys.
+
+**Training form** (``masked = True``): the sequence keeps its length and an alive mask goes through the
+blocks; each decision is ``step(value - theta)`` forward and the gradient of ``sigmoid((value - theta)/tau)``
+backward. The loss is CE (label smoothing 0.1) + lambda * (r_FLOPs - r_target)^2 (:func:`flops_ratio`); only the
+thresholds train (SGD, no momentum, lr 5e-3 merge / 5e-6 prune, clamped to [0, 1] after each step; init
+0.9 / 0.0). **Inference form** (``masked = False``): tokens are really dropped, image by image, and a batch is
+padded to its largest count (padded keys masked), so batches of any size run for real.
+
+Differences from the authors' code, all deliberate (tests pin them):
+
+* the A/B alternation runs over the *alive* tokens in their original order, in both forms (the reference
+  alternates over padded positions in training and compacted ones at inference), and merging keeps the
+  original order of the remaining tokens (ToMe re-orders to [A, B]) so both forms see the same sequence;
+* importance averages over alive queries only (the reference includes dead ones in training);
+* the inference form is batched (the reference runs batch 1 only);
+* ``tau`` defaults to 0.5, the value of the authors' training script that produced the paper's numbers
+  (their model code defaults to 0.1); it is a knob.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bench.precision import autocast
+from methods.base import FitReport, Knob, TokenReducer, register_reducer
+from methods.blocks import ModelDims, ReductionContext
+from methods.tokens import bipartite_similarity_macs, compact, straight_through_step
+
+LTMP_KNOBS = (
+    Knob("r_target", float, default=0.7, low=0.05, high=1.0, sweep=(0.9, 0.8, 0.7, 0.6, 0.5),
+         help="target FLOPs ratio kept (budget-aware loss)"),
+    Knob("tau", float, default=0.5, low=1e-4, high=10.0, help="temperature of the straight-through sigmoid"),
+    Knob("lambda_budget", float, default=10.0, low=0.0, help="weight of the FLOPs budget term"),
+    Knob("lr_merge", float, default=5e-3, low=0.0, help="SGD learning rate of the merge thresholds"),
+    Knob("lr_prune", float, default=5e-6, low=0.0, help="SGD learning rate of the prune thresholds"),
+    Knob("init_merge", float, default=0.9, low=0.0, high=1.0, help="initial merge threshold"),
+    Knob("init_prune", float, default=0.0, low=0.0, high=1.0, help="initial prune threshold"),
+    Knob("trace_source", bool, default=False, help="track which patches each token holds (for plots)"),
+)
+
+
+def flops_ratio(before: list[torch.Tensor], after: list[torch.Tensor], tokens: int, dim: int) -> torch.Tensor:
+    """The paper's r_FLOPs: mean over blocks of the block's cost ratio at mean alive fractions.
+
+    Block l with alive fractions ``m_{l-1}`` (entering attention) and ``m_l`` (entering the MLP):
+    ``(2 m_{l-1} n d^2 + (m_{l-1} n)^2 d + 4 m_l n d^2) / (6 n d^2 + n^2 d)``.
+    """
+    n, d = float(tokens), float(dim)
+    dense = 6 * n * d * d + n * n * d
+    ratios = [(2 * m0 * n * d * d + (m0 * n) ** 2 * d + 4 * m1 * n * d * d) / dense for m0, m1 in zip(before, after)]
+    return torch.stack([torch.as_tensor(r) for r in ratios]).mean()
+
+
+class LearnedThresholds(TokenReducer):
+    """Shared machinery of LTMP / LTP / LTM; subclasses set ``merge`` and ``prune``."""
+
+    knobs = LTMP_KNOBS
+    merge: bool = True
+    prune: bool = True
+    trains = True
+    input_dependent = True
+    proportional_attention = True
+    off = {"init_merge": 1.0, "init_prune": 0.0}
+    monotone_knob = ("init_prune", (0.0, 0.01, 0.02))
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        self.trace_source = self.values["trace_source"]
+        self.needs = frozenset({"keys"} if self.merge else set()) | frozenset({"importance"} if self.prune else set())
+        self.masked = False
+        self.theta_merge = torch.nn.Parameter(torch.zeros(0))
+        self.theta_prune = torch.nn.Parameter(torch.zeros(0))
+        self._fractions: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def check_model(self, model) -> None:
+        depth = len(model.blocks)
+        if self.theta_merge.numel() != depth:
+            self.theta_merge = torch.nn.Parameter(torch.full((depth,), self.values["init_merge"]))
+            self.theta_prune = torch.nn.Parameter(torch.full((depth,), self.values["init_prune"]))
+
+    def begin(self, ctx: ReductionContext, x: torch.Tensor) -> None:
+        self._fractions = []
+
+    # --- the decision rule, shared by both forms --------------------------------------------------
+    def _decide(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        device, prefix = x.device, ctx.num_prefix
+        alive_hard = torch.ones(batch, tokens, dtype=torch.bool, device=device) if ctx.alive is None else ctx.alive > 0
+        alive = alive_hard.float() if ctx.alive is None else ctx.alive.float()
+        is_rest = torch.arange(tokens, device=device) >= prefix
+        candidate = alive_hard & is_rest
+        rank = candidate.long().cumsum(1) - 1
+        in_a, in_b = candidate & (rank % 2 == 1), candidate & (rank % 2 == 0)
+        size = ctx.sizes(x)
+        importance = ctx.stats.get("importance")
+        tau = self.values["tau"]
+        if self.merge:
+            keys = F.normalize(ctx.stats["keys"].float(), dim=-1)
+            scores = (keys @ keys.transpose(1, 2)).masked_fill(~(in_a[:, :, None] & in_b[:, None, :]), float("-inf"))
+            best, dst = scores.max(-1)
+            best = torch.where(in_a, best, torch.full_like(best, -2.0))  # rows without a match never merge
+            merged = straight_through_step(best, self.theta_merge[layer], tau) * in_a.float()
+            weight = merged * size  # (B, N): size moved into the destination
+            numerator = x * size[..., None].to(x.dtype)
+            numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
+            size = size.scatter_add(1, dst, weight)
+            x = numerator / size[..., None].to(x.dtype)
+            merged_hard = merged.detach() > 0
+            if ctx.source is not None:
+                ctx.source = ctx.source.scatter_add(1, dst[..., None].expand_as(ctx.source),
+                                                    ctx.source * merged_hard[..., None].to(ctx.source.dtype))
+            if importance is not None:
+                importance = importance.scatter_reduce(1, dst, torch.where(merged_hard, importance, 0.0), "amax")
+            alive = alive * (1 - merged)
+        if self.prune:
+            kept = straight_through_step(importance, self.theta_prune[layer], tau)
+            alive = alive * torch.where(is_rest, kept, torch.ones_like(kept))
+        ctx.size = size
+        self._last_alive = alive
+        return x
+
+    def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
+        before = ctx.alive
+        x = self._decide(layer, x, ctx)
+        alive = self._last_alive
+        if self.masked:
+            tokens = x.shape[1]
+            before_fraction = (torch.ones(()) if before is None else before.float().sum(1).mean() / tokens)
+            self._fractions.append((before_fraction, alive.sum(1).mean() / tokens))
+            ctx.alive = alive
+            return x
+        keep = alive.detach() > 0
+        if ctx.num_prefix == 0:  # never leave an image without tokens
+            empty = ~keep.any(1)
+            keep[empty, 0] = True
+        ctx.alive = None if ctx.alive is None else ctx.alive > 0
+        return compact(x, ctx, keep)
+
+    def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
+        if not self.merge:
+            return torch.zeros_like(n_attn, dtype=torch.float64)
+        return bipartite_similarity_macs(n_attn, dims.num_prefix, dims.head_dim)
+
+    # --- training ---------------------------------------------------------------------------------
+    def budget_loss(self, tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        before, after = zip(*self._fractions)
+        ratio = flops_ratio(list(before), list(after), tokens, dim)
+        return self.values["lambda_budget"] * (ratio - self.values["r_target"]) ** 2, ratio
+
+    def fit(self, model, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+            budget: dict[str, Any], progress: bool = True) -> FitReport:
+        device = next(model.parameters()).device
+        self.theta_merge.data, self.theta_prune.data = self.theta_merge.data.to(device), self.theta_prune.data.to(device)
+        groups = ([{"params": [self.theta_merge], "lr": self.values["lr_merge"]}] if self.merge else []) + \
+                 ([{"params": [self.theta_prune], "lr": self.values["lr_prune"]}] if self.prune else [])
+        optimizer = torch.optim.SGD(groups, momentum=0.0)
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        ctx = model._reduction_ctx
+        dims = ctx.dims
+        report = FitReport(device=str(device))
+        model.eval()  # the backbone is frozen: keep dropout off and BatchNorm statistics fixed
+        self.masked = True
+        tic = time.perf_counter()
+        bar = tqdm(total=budget["budget_images"], desc=f"fit {self.name}", unit="img", disable=not progress, leave=False)
+        try:
+            while report.images_seen < budget["budget_images"]:
+                for x, y in train_batches():
+                    x, y = x.to(device), y.to(device)
+                    with autocast(str(device), budget.get("precision", "fp32")):
+                        logits = model(x).float()
+                    penalty, ratio = self.budget_loss(dims.tokens, dims.dim)
+                    loss = F.cross_entropy(logits, y, label_smoothing=0.1) + penalty
+                    report.images_seen += len(y)
+                    report.steps += 1
+                    bar.update(len(y))
+                    if not torch.isfinite(loss):
+                        report.skipped_steps += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        self.theta_merge.clamp_(0.0, 1.0)
+                        self.theta_prune.clamp_(0.0, 1.0)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
+                    report.extra["last_r_flops"] = float(ratio.detach())
+                    if report.images_seen >= budget["budget_images"]:
+                        break
+        finally:
+            self.masked = False
+            bar.close()
+            for p in frozen:
+                p.requires_grad_(True)
+        report.wall_time_s = time.perf_counter() - tic
+        report.extra["r_target"] = self.values["r_target"]
+        return report
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        return {"theta_merge": self.theta_merge.detach().cpu(), "theta_prune": self.theta_prune.detach().cpu()}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.theta_merge = torch.nn.Parameter(state["theta_merge"].clone())
+        self.theta_prune = torch.nn.Parameter(state["theta_prune"].clone())
+
+
+@register_reducer("ltmp")
+class LTMP(LearnedThresholds):
+    """Learned-threshold merging, then pruning."""
+
+
+@register_reducer("ltp")
+class LTP(LearnedThresholds):
+    """Learned-threshold pruning only (the suite's pure learned pruning)."""
+
+    merge = False
+
+
+@register_reducer("ltm")
+class LTM(LearnedThresholds):
+    """Learned-threshold merging only (the paper's ablation)."""
+
+    prune = False
+    off = {"init_merge": 1.0}
+    monotone_knob = ("init_merge", (1.0, 0.6, 0.2))

@@ -1,0 +1,143 @@
+"""LTMP / LTP / LTM: straight-through masks, the FLOPs ratio, masked == dropping, batch == single, training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from methods.ltmp import flops_ratio
+from methods.tokens import straight_through_step
+from tests.conftest import tiny_vit
+
+LEARNED = ("ltmp", "ltm", "ltp")
+
+
+def peaked_vit(**kwargs):
+    """Random weights give near-uniform attention; scaling qkv makes importance and similarity spread out."""
+    model = tiny_vit(**kwargs)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(6)
+    return model
+
+
+def with_thresholds(name: str, seed: int, **knobs):
+    model = peaked_vit()
+    reducer = methods.create(name, trace_source=True, **knobs)
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        reducer.theta_merge.copy_(torch.rand(4, generator=generator) * 0.4 + 0.4)
+        reducer.theta_prune.copy_(torch.rand(4, generator=generator) * 0.01 + 0.008)
+    return model, reducer, torch.randn(4, 3, 32, 32, generator=generator)
+
+
+def test_straight_through_forward_is_exactly_binary_and_gradient_is_the_sigmoids() -> None:
+    value = torch.linspace(-1, 1, 101, requires_grad=True)
+    threshold = torch.tensor(0.013, requires_grad=True)
+    out = straight_through_step(value, threshold, 0.5)
+    assert set(out.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(out, (value > threshold).float())
+    assert torch.equal(1 - out, (value <= threshold).float())  # exact: no 1 - 6e-8 leftovers
+    out.sum().backward()
+    soft = torch.sigmoid((value.detach() - 0.013) / 0.5)
+    assert torch.allclose(value.grad, soft * (1 - soft) / 0.5)
+    assert threshold.grad == pytest.approx(-float((soft * (1 - soft) / 0.5).sum()), rel=1e-5)
+    assert float(value.grad[50]) > 0.4  # near the threshold the gradient is large (0.5 at the threshold)
+
+
+def test_flops_ratio_hand_values() -> None:
+    ones = [torch.tensor(1.0)] * 3
+    assert float(flops_ratio(ones, ones, tokens=10, dim=2)) == pytest.approx(1.0)
+    # n=10, d=2, m0 = m1 = 0.5: (2*.5*10*4 + (5)^2*2 + 4*.5*10*4) / (6*10*4 + 100*2) = 170/440
+    half = [torch.tensor(0.5)]
+    assert float(flops_ratio(half, half, tokens=10, dim=2)) == pytest.approx(170 / 440)
+    # two layers: (1, 0.5) -> (2*10*4 + 100*2 + 4*.5*10*4)/440 = 360/440; (0.5, 0.5) -> 170/440; mean
+    value = flops_ratio([torch.tensor(1.0), torch.tensor(0.5)], [torch.tensor(0.5), torch.tensor(0.5)], 10, 2)
+    assert float(value) == pytest.approx((360 / 440 + 170 / 440) / 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", LEARNED)
+def test_masked_training_form_equals_dropping_inference_form(name: str, seed: int) -> None:
+    model, reducer, x = with_thresholds(name, seed)
+    ctx = model._reduction_ctx
+    with torch.no_grad():
+        reducer.masked = False
+        dropped, dropped_counts = model(x), ctx.counts()
+        dropped_sources = [ctx.source[i][ctx.alive[i]] if ctx.alive is not None else ctx.source[i] for i in range(4)]
+        reducer.masked = True
+        masked, masked_counts = model(x), ctx.counts()
+        masked_sources = [ctx.source[i][ctx.alive[i] > 0] for i in range(4)]
+    assert torch.allclose(dropped, masked, atol=1e-4)
+    assert torch.equal(dropped_counts, masked_counts)
+    assert int(dropped_counts[:, -1, 1].min()) < 65  # the thresholds really reduced something
+    for kept_drop, kept_mask in zip(dropped_sources, masked_sources):  # the same kept tokens, same members
+        assert torch.equal(kept_drop, kept_mask)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_batched_inference_equals_batch_one(name: str) -> None:
+    model, reducer, x = with_thresholds(name, 3)
+    with torch.no_grad():
+        batched = model(x)
+        counts = model._reduction_ctx.counts()
+        single = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert len(set(counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert torch.equal(batched.argmax(-1), single.argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["ltmp", "ltp"])
+def test_only_prefix_tokens_left_does_not_crash(name: str) -> None:
+    model = peaked_vit(reg_tokens=2)
+    reducer = methods.create(name, init_prune=1.0, init_merge=0.0)
+    reducer.apply(model)
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 32, 32))
+    counts = model._reduction_ctx.counts()
+    assert torch.isfinite(logits).all()
+    assert counts[:, 0, 1].tolist() == [3, 3, 3]  # CLS + 2 registers survive, everything else pruned
+
+
+def test_training_moves_r_flops_toward_target_and_counts_nan_steps() -> None:
+    model = peaked_vit()
+    reducer = methods.create("ltmp", r_target=0.5, lr_merge=0.05, lr_prune=0.002)
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(64, 3, 32, 32, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+
+    def ratio_now() -> float:
+        reducer.masked = True
+        with torch.no_grad():
+            model(images[:32])
+        reducer.masked = False
+        return float(reducer.budget_loss(65, 48)[1])
+
+    before = ratio_now()
+
+    def batches():
+        for start in range(0, 64, 16):
+            yield images[start:start + 16], labels[start:start + 16]
+
+    report = reducer.fit(model, batches, {"budget_images": 192, "batch_size": 16, "precision": "fp32"}, progress=False)
+    after = ratio_now()
+    assert before == pytest.approx(1.0, abs=0.02)
+    assert abs(after - 0.5) < abs(before - 0.5) - 0.05, (before, after)
+    assert report.images_seen == 192 and report.steps == 12 and report.skipped_steps == 0
+    assert reducer.theta_merge.min() >= 0 and reducer.theta_prune.max() <= 1
+    assert all(p.requires_grad for p in model.parameters())  # the backbone is unfrozen again
+
+    def nan_batches():
+        yield torch.full((4, 3, 32, 32), float("nan")), labels[:4]
+
+    nan_report = reducer.fit(model, nan_batches, {"budget_images": 4, "batch_size": 4}, progress=False)
+    assert nan_report.skipped_steps == 1
+
+
+def test_learned_state_round_trip() -> None:
+    _, reducer, _ = with_thresholds("ltmp", 0)
+    state = reducer.learned_state()
+    other = methods.create("ltmp")
+    other.load_learned_state(state)
+    assert torch.equal(other.theta_merge, state["theta_merge"]) and torch.equal(other.theta_prune, state["theta_prune"])
