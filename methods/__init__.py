@@ -6,7 +6,7 @@
 """
 from methods.base import REGISTRY, FitReport, Knob, TokenReducer, create, list_reducers, register_reducer
 from methods.blocks import ModelDims, ReductionContext, patch_model, run_block, unpatch_model
-from methods import ltmp, none, tome, topk  # noqa: F401  (registration)
+from methods import ltmp, none, prune_and_merge, tome, topk  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "FitReport", "Knob", "TokenReducer", "create", "list_reducers", "register_reducer",
            "ModelDims", "ReductionContext", "patch_model", "run_block", "unpatch_model"]

@@ -83,7 +83,8 @@ class TokenReducer:
     name: ClassVar[str] = ""
     knobs: ClassVar[tuple[Knob, ...]] = ()
     #: attention statistics the plug-in reads: "keys" (B, N, head_dim mean over heads),
-    #: "importance" (B, N attention received, mean over heads and alive queries), "cls_attn" (B, N).
+    #: "importance" (B, N attention received, mean over heads and alive queries), "cls_attn" (B, N),
+    #: "probs" (every block's softmax attention kept in ``ctx.attention_maps`` with its gradient).
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the knob values that turn the method off (the conformance suite checks they reproduce the logits)
     off: ClassVar[dict[str, Any]] = {}

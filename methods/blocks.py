@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from methods.base import TokenReducer
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-PROBABILITY_STATS = frozenset({"importance", "cls_attn"})
+PROBABILITY_STATS = frozenset({"importance", "cls_attn", "probs"})
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,17 @@ class ReductionContext:
     def __init__(self, reducer: "TokenReducer", dims: ModelDims) -> None:
         self.reducer = reducer
         self.dims = dims
-        self.needs = frozenset(reducer.needs)
-        self.needs_probabilities = bool(self.needs & PROBABILITY_STATS)
         self.begin_shape: tuple[int, int] = (0, 0)
         self.reset()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the reducer reads now (a plug-in may change it, e.g. while calibrating)."""
+        return frozenset(self.reducer.needs)
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return bool(self.needs & PROBABILITY_STATS)
 
     @property
     def num_prefix(self) -> int:
@@ -89,6 +96,8 @@ class ReductionContext:
         self.stats: dict[str, torch.Tensor] = {}
         self.tokens_attn: list[torch.Tensor] = []
         self.tokens_mlp: list[torch.Tensor] = []
+        self.attention_maps: list[torch.Tensor] = []  # with "probs": every block's (B, H, N, N), gradients kept
+        self.layer = 0
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a forward pass on ``x: (B, N, C)`` (after position embedding)."""
@@ -127,6 +136,10 @@ class ReductionContext:
 
     def record_attention(self, attn: torch.Tensor) -> None:
         """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""
+        if "probs" in self.needs:
+            if attn.requires_grad:
+                attn.retain_grad()
+            self.attention_maps.append(attn)
         attn = attn.float()
         if "importance" in self.needs:
             per_query = attn.mean(1)  # (B, Nq, Nk)
@@ -186,6 +199,7 @@ def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor 
 def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: int,
               mid: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """A timm pre-norm block with a mid-block hook; records the token counts. ``x: (B, N, C)``."""
+    ctx.layer = layer
     ctx.tokens_attn.append(ctx.count(x))
     x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
     if mid is not None:

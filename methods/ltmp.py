@@ -68,6 +68,32 @@ def flops_ratio(before: list[torch.Tensor], after: list[torch.Tensor], tokens: i
     return torch.stack([torch.as_tensor(r) for r in ratios]).mean()
 
 
+def members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions where ``mask: (B, N)`` holds, in order, padded to the batch's largest count: (B, K) and valid (B, K).
+    Padded entries point at positions outside the set."""
+    count = mask.sum(1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, : int(count.max())]
+    return order, torch.arange(order.shape[1], device=mask.device)[None] < count[:, None]
+
+
+def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's best cosine similarity to a B token and that B token's position.
+
+    ``keys: (B, N, d)``; ``in_a``, ``in_b``: (B, N) disjoint. Only the |A| x |B| block is computed (what the
+    GMACs count). Returns ``best: (B, N)`` (-2 outside A, so those never merge) and ``dst: (B, N)`` positions.
+    """
+    a_index, a_valid = members(in_a)
+    b_index, b_valid = members(in_b)
+    keys = F.normalize(keys.float(), dim=-1)
+    gather = lambda index: keys.gather(1, index[..., None].expand(-1, -1, keys.shape[2]))
+    scores = gather(a_index) @ gather(b_index).transpose(1, 2)
+    scores = scores.masked_fill(~(a_valid[:, :, None] & b_valid[:, None, :]), float("-inf"))
+    best_a, match = scores.max(-1)
+    best = torch.full(in_a.shape, -2.0, device=keys.device).scatter(1, a_index, torch.where(a_valid, best_a, -2.0))
+    dst = torch.zeros(in_a.shape, dtype=torch.long, device=keys.device).scatter(1, a_index, b_index.gather(1, match))
+    return best, dst
+
+
 class LearnedThresholds(TokenReducer):
     """Shared machinery of LTMP / LTP / LTM; subclasses set ``merge`` and ``prune``."""
 
@@ -111,11 +137,8 @@ class LearnedThresholds(TokenReducer):
         size = ctx.sizes(x)
         importance = ctx.stats.get("importance")
         tau = self.values["tau"]
-        if self.merge:
-            keys = F.normalize(ctx.stats["keys"].float(), dim=-1)
-            scores = (keys @ keys.transpose(1, 2)).masked_fill(~(in_a[:, :, None] & in_b[:, None, :]), float("-inf"))
-            best, dst = scores.max(-1)
-            best = torch.where(in_a, best, torch.full_like(best, -2.0))  # rows without a match never merge
+        if self.merge and bool(in_a.any()) and bool(in_b.any()):
+            best, dst = best_matches(ctx.stats["keys"], in_a, in_b)
             merged = straight_through_step(best, self.theta_merge[layer], tau) * in_a.float()
             weight = merged * size  # (B, N): size moved into the destination
             numerator = x * size[..., None].to(x.dtype)

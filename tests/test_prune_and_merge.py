@@ -1,0 +1,134 @@
+"""Prune-and-Merge: M/R on hand-made scores, scoring vs finite differences, structure counts, identity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import methods
+from bench.errors import BenchError
+from methods.prune_and_merge import merge_matrix, search_structure
+from tests.conftest import image_batch, tiny_vit
+
+
+def test_merge_matrix_on_hand_made_scores() -> None:
+    # CLS + a 2 x 3 grid: positions 1 2 3 / 4 5 6. Centres: 2 and 6. Pruned: 4. Merged: 1, 3 (row 0), 5 (row 1).
+    score = torch.tensor([0.0, 0.2, 0.8, 0.4, 0.05, 0.3, 0.6])
+    centre = torch.tensor([False, False, True, False, False, False, True])
+    pruned = torch.tensor([False, False, False, False, True, False, False])
+    m, final_pruned = merge_matrix(score, centre, pruned, num_prefix=1, grid_width=3)
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],  # CLS: fixed one-hot
+        [0, 0.2 / 0.8, 1, 0.4 / 0.8, 0, 0, 0],  # centre 2 takes 1 and 3 (its row), weights score_j / score_c
+        [0, 0, 0, 0, 0, 0.3 / 0.6, 1],  # centre 6 takes 5
+    ])
+    assert torch.allclose(m, expected)
+    assert torch.equal(final_pruned, pruned)
+    assert torch.allclose(m.sum(1), torch.tensor([1.0, 1.75, 1.5]))
+    r = torch.linalg.pinv(m)
+    assert torch.allclose(m @ r, torch.eye(3), atol=1e-6)  # R inverts M on the kept subspace
+    assert torch.allclose(r[4], torch.zeros(3))  # the pruned token gets nothing back: shortcut only
+
+
+def test_merged_token_without_a_centre_in_its_row_joins_the_nearest_in_raster_order() -> None:
+    score = torch.tensor([0.0, 0.5, 0.1, 0.1, 0.1])  # CLS + 2 x 2 grid, one centre at position 1
+    centre = torch.tensor([False, True, False, False, False])
+    m, _ = merge_matrix(score, centre, torch.zeros(5, dtype=torch.bool), 1, 2)
+    assert torch.allclose(m[1], torch.tensor([0, 1, 0.2, 0.2, 0.2]))
+
+
+def test_structure_search_counts_match_the_rates() -> None:
+    scores = torch.rand(4, 1 + 50, generator=torch.Generator().manual_seed(0))
+    centre, pruned = search_structure(scores, 1, keep_rate=0.6, prune_rate=0.1)
+    assert int(centre.sum()) == 120 and int(pruned.sum()) == 20
+    assert not bool((centre & pruned).any()) and not bool(centre[:, 0].any() or pruned[:, 0].any())
+    assert float(scores[:, 1:][centre[:, 1:]].min()) >= float(scores[:, 1:][~centre[:, 1:]].max())
+    assert float(scores[:, 1:][pruned[:, 1:]].max()) <= float(scores[:, 1:][~pruned[:, 1:]].min())
+
+
+def test_scores_equal_a_finite_difference_estimate() -> None:
+    """sum_{b,h,i} A_ij dL/dA_ij is the derivative of L when column j of A is scaled by (1 + eps)."""
+    torch.manual_seed(0)
+    model = tiny_vit(depth=2).double()
+    reducer = methods.create("pm")
+    reducer.apply(model)
+    x, y = image_batch(model, batch=3).double(), torch.tensor([1, 2, 3])
+    captured = {}
+    original = reducer.set_scores
+    reducer.set_scores = lambda raw, dims: captured.setdefault("raw", raw)
+    reducer.calibrate(model, [(x, y)])
+    reducer.set_scores = original
+    layer, eps = 1, 1e-6
+    attn = model.blocks[layer].attn
+
+    class ScaleColumn(torch.nn.Module):
+        def __init__(self, column: int, factor: float) -> None:
+            super().__init__()
+            self.column, self.factor, self.p = column, factor, 0.0
+
+        def forward(self, probs: torch.Tensor) -> torch.Tensor:
+            probs = probs.clone()
+            probs[..., self.column] *= self.factor
+            return probs
+
+    reducer.calibrating = True  # explicit attention path (attn_drop is applied to the probabilities)
+    for column in (0, 5, 40):
+        losses = []
+        for factor in (1 + eps, 1 - eps):
+            attn.attn_drop = ScaleColumn(column, factor)
+            with torch.no_grad():
+                losses.append(float(torch.nn.functional.cross_entropy(model(x), y)))
+        estimate = abs(losses[0] - losses[1]) / (2 * eps)
+        assert float(captured["raw"][layer, column]) == pytest.approx(estimate, rel=1e-4, abs=1e-9)
+    reducer.calibrating = False
+
+
+def test_full_keep_is_the_identity_and_reproduces_logits() -> None:
+    model = tiny_vit()
+    x = image_batch(model)
+    with torch.no_grad():
+        reference = model(x)
+    reducer = methods.create("pm", keep_rate=1.0, prune_rate=0.0)
+    reducer.apply(model)
+    reducer.prepare_for_test(model)
+    assert all(reducer.identity)
+    assert all(torch.equal(m.detach(), torch.eye(65)) and torch.allclose(r.detach(), torch.eye(65)) for m, r in zip(reducer.M, reducer.R))
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-5)
+
+
+def test_static_counts_state_round_trip_and_impossible_rates() -> None:
+    model = tiny_vit()
+    reducer = methods.create("pm", keep_rate=0.5)
+    reducer.apply(model)
+    reducer.prepare_for_test(model)
+    with torch.no_grad():
+        logits = model(image_batch(model, batch=3))
+    counts = model._reduction_ctx.counts()
+    assert bool((counts == counts[0]).all())  # static: identical for every image
+    assert counts[0, :, 0].tolist() == [m.shape[0] for m in reducer.M]
+    assert sum(m.shape[0] - 1 for m in reducer.M) == round(0.5 * 4 * 64)
+    other_model = tiny_vit()
+    other = methods.create("pm", keep_rate=0.5)
+    other.apply(other_model)
+    other.load_learned_state(reducer.learned_state())
+    with torch.no_grad():
+        assert torch.allclose(other_model(image_batch(model, batch=3)), logits)
+    with pytest.raises(BenchError, match="exceed 1"):
+        methods.create("pm", keep_rate=0.95, prune_rate=0.1)
+
+
+def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
+    model = tiny_vit()
+    reducer = methods.create("pm", keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1)
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    batches = lambda: iter([(images[:16], labels[:16]), (images[16:], labels[16:])])
+    report = reducer.fit(model, batches, {"budget_images": 64, "batch_size": 16}, progress=False)
+    zero_before = [(m.detach() == 0) for m in reducer.M]
+    assert report.extra["calibration_images"] == 16 and report.extra["finetune_images"] == 64
+    assert report.images_seen == 80 and report.steps == 4
+    for m, zeros in zip(reducer.M, zero_before):
+        assert torch.equal(m.detach()[0], torch.eye(1, m.shape[1])[0])  # CLS row stays one-hot
+        assert bool((m.detach()[zeros] == 0).all())
+    assert all(p.requires_grad for p in model.parameters())
