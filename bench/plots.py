@@ -1,0 +1,204 @@
+"""Paper-ready figures from the results store (nothing is recomputed).
+
+1. ``frontier``: top-1 vs GMACs, a line through each method's sweep, Pareto-optimal points filled and the others
+   hollow, the unreduced baseline as a star, Wilson 95 % error bars, knob labels;
+2. ``throughput``: top-1 vs images/s, one panel per device and precision (the largest batch measured);
+3. ``realisation``: measured speedup vs GMACs ratio with the y = x line, batch 1 and the throughput batch;
+4. ``tokens``: mean tokens per block for each method at matched GMACs (the spread over images shaded).
+
+One fixed colour-blind-safe colour (Okabe-Ito) and marker per method in every figure, TrueType fonts in PDF,
+sized for a 3.4-inch column; each figure is written as PDF, SVG and PNG.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.errors import BenchError  # noqa: E402
+
+OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999"]
+METHOD_STYLE = {  # label -> (colour, marker); the baseline is black
+    "none": ("#000000", "*"), "tome": (OKABE_ITO[0], "o"), "topk": (OKABE_ITO[1], "v"), "ltmp": (OKABE_ITO[2], "s"),
+    "ltp": (OKABE_ITO[3], "D"), "ltm": (OKABE_ITO[4], "P"), "pm": (OKABE_ITO[5], "^"), "pm-ft": (OKABE_ITO[7], "X"),
+}
+EXTRA_MARKERS = ["h", "<", ">", "p", "d", "8"]
+STYLE = {"font.size": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
+         "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "axes.spines.top": False,
+         "axes.spines.right": False, "figure.dpi": 100, "savefig.bbox": "tight", "lines.linewidth": 1.2,
+         "lines.markersize": 5}
+COLUMN_WIDTH = 3.4
+
+
+def style_of(label: str, labels: Iterable[str]) -> tuple[str, str]:
+    """Fixed style for known methods; user methods get the remaining colours in sorted-label order."""
+    if label in METHOD_STYLE:
+        return METHOD_STYLE[label]
+    others = sorted(l for l in set(labels) if l not in METHOD_STYLE)
+    index = others.index(label) if label in others else 0
+    return OKABE_ITO[(index + 6) % len(OKABE_ITO)], EXTRA_MARKERS[index % len(EXTRA_MARKERS)]
+
+
+def pareto_front(cost: Iterable[float], quality: Iterable[float]) -> list[bool]:
+    """True for points no other point beats (lower-or-equal cost and higher-or-equal quality, one strictly)."""
+    points = list(zip(cost, quality))
+    return [not any((c2 <= c and q2 >= q) and (c2 < c or q2 > q) for c2, q2 in points) for c, q in points]
+
+
+def knob_text(knobs: str) -> str:
+    values = json.loads(knobs)
+    shown = {k: v for k, v in values.items() if k in ("r", "keep_rate", "r_target")}
+    return ", ".join(f"{v}" for v in shown.values())
+
+
+def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
+    paths = []
+    for suffix in ("pdf", "svg", "png"):
+        path = out_dir / f"{name}.{suffix}"
+        fig.savefig(path, dpi=200 if suffix == "png" else None)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def frontier(cells: pd.DataFrame, labels_on: bool = True) -> plt.Figure:
+    """Top-1 vs GMACs per method; cells of one model and dataset."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+        labels = list(cells["label"].unique())
+        pareto = pareto_front(cells["gmacs"], cells["top1"])
+        cells = cells.assign(pareto=pareto)
+        for label, group in cells.groupby("label", sort=True):
+            colour, marker = style_of(label, labels)
+            group = group.sort_values("gmacs")
+            y = 100 * group["top1"]
+            err = [100 * (group["top1"] - group["top1_low"]), 100 * (group["top1_high"] - group["top1"])]
+            if label == "none":
+                ax.errorbar(group["gmacs"], y, yerr=err, fmt="*", color=colour, markersize=10, label="baseline",
+                            zorder=5, capsize=2)
+                continue
+            ax.errorbar(group["gmacs"], y, yerr=err, color=colour, marker=marker, markerfacecolor="white",
+                        label=label, capsize=2, linewidth=1.0)
+            front = group[group["pareto"]]
+            ax.plot(front["gmacs"], 100 * front["top1"], linestyle="none", marker=marker, color=colour, zorder=4,
+                    gid=f"pareto:{label}")
+            if labels_on:
+                for _, row in group.iterrows():
+                    ax.annotate(knob_text(row["knobs"]), (row["gmacs"], 100 * row["top1"]), fontsize=5,
+                                xytext=(3, -6), textcoords="offset points", color=colour)
+        ax.set_xlabel("GMACs per image")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.legend(frameon=False, ncol=2)
+        ax.set_title(f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
+        return fig
+
+
+def _throughput_rows(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
+    merged = timings.merge(cells, on="cell_key")
+    largest = merged.groupby(["device", "precision"])["batch"].transform("max")
+    return merged[merged["batch"] == largest]
+
+
+def throughput(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
+    rows = _throughput_rows(cells, timings)
+    panels = sorted(rows.groupby(["device", "precision"]).groups)
+    labels = list(cells["label"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(COLUMN_WIDTH * len(panels), 2.6), squeeze=False)
+        for ax, (device, precision) in zip(axes[0], panels):
+            panel = rows[(rows["device"] == device) & (rows["precision"] == precision)]
+            for label, group in panel.groupby("label", sort=True):
+                colour, marker = style_of(label, labels)
+                group = group.sort_values("images_per_s")
+                ax.plot(group["images_per_s"], 100 * group["top1"], color=colour, marker=marker,
+                        markersize=10 if label == "none" else 5, label="baseline" if label == "none" else label)
+            ax.set_xlabel(f"images/s ({device}, {precision}, batch {int(panel['batch'].iloc[0])})")
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.grid(alpha=0.3, linewidth=0.5)
+            ax.legend(frameon=False, ncol=2)
+        return fig
+
+
+def realisation(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
+    merged = timings.merge(cells, on="cell_key")
+    batches = sorted(merged["batch"].unique())
+    shown = [batches[0]] + ([batches[-1]] if len(batches) > 1 else [])
+    labels = list(cells["label"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(shown), figsize=(COLUMN_WIDTH * len(shown), 2.6), squeeze=False)
+        for ax, batch in zip(axes[0], shown):
+            panel = merged[merged["batch"] == batch]
+            limit = max(float(panel["gmacs_ratio"].max()), float(panel["speedup"].max()), 1.0) * 1.05
+            ax.plot([0.9, limit], [0.9, limit], color="grey", linestyle="--", linewidth=0.8, label="y = x")
+            for (label, precision), group in panel.groupby(["label", "precision"], sort=True):
+                colour, marker = style_of(label, labels)
+                group = group.sort_values("gmacs_ratio")
+                ax.plot(group["gmacs_ratio"], group["speedup"], color=colour, marker=marker,
+                        linestyle="-" if precision == "bf16" else ":", label=f"{label} ({precision})")
+            ax.set_xlabel("GMACs ratio (baseline / method)")
+            ax.set_ylabel(f"measured speedup, batch {batch}")
+            ax.grid(alpha=0.3, linewidth=0.5)
+            ax.legend(frameon=False, fontsize=5, ncol=2)
+        return fig
+
+
+def tokens_per_layer(cells: pd.DataFrame) -> plt.Figure:
+    """Each method's cell closest to the median GMACs of all reduced cells, so methods compare at equal cost."""
+    reduced = cells[cells["label"] != "none"]
+    target = float(reduced["gmacs"].median()) if not reduced.empty else float(cells["gmacs"].median())
+    labels = list(cells["label"].unique())
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+        for label, group in cells.groupby("label", sort=True):
+            row = group.iloc[(group["gmacs"] - target).abs().argsort().iloc[0]]
+            colour, marker = style_of(label, labels)
+            mean = json.loads(row["tokens_attn"])
+            layers = list(range(len(mean)))
+            name = "baseline" if label == "none" else f"{label} ({row['gmacs']:.3f} G)"
+            ax.plot(layers, mean, color=colour, marker=marker, label=name)
+            if row["tokens_attn_min"] is not None:
+                low, high = json.loads(row["tokens_attn_min"]), json.loads(row["tokens_attn_max"])
+                if low != high:
+                    ax.fill_between(layers, low, high, color=colour, alpha=0.15, linewidth=0)
+        ax.set_xlabel("block")
+        ax.set_ylabel("tokens entering attention")
+        ax.set_title(f"at matched cost (~{target:.3f} GMACs)", fontsize=7)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.legend(frameon=False, fontsize=5)
+        return fig
+
+
+def plot_all(store_path: str | Path, out_dir: str | Path, echo=print) -> list[Path]:
+    """Every figure for every model/dataset in the store. One-line messages where data is missing."""
+    from bench.store import Store
+
+    if not Path(store_path).is_file():
+        raise BenchError(f"store {store_path} does not exist: run `python run_bench.py` first or pass --store")
+    store = Store(store_path)
+    try:
+        cells, timings = store.cells(), store.timings()
+    finally:
+        store.close()
+    if cells.empty:
+        raise BenchError(f"store {store_path} holds no results yet: run `python run_bench.py` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for (model, dataset), group in cells.groupby(["model", "dataset"], sort=True):
+        stem = f"{model}__{dataset.split(':')[0]}"
+        paths += _save(frontier(group), out, f"frontier_{stem}")
+        paths += _save(tokens_per_layer(group), out, f"tokens_{stem}")
+        group_timings = timings[timings["cell_key"].isin(group["cell_key"])]
+        if group_timings.empty:
+            echo(f"note: no latency measurements for {model} on {dataset}: throughput and realisation figures skipped")
+            continue
+        paths += _save(throughput(group, group_timings), out, f"throughput_{stem}")
+        paths += _save(realisation(group, group_timings), out, f"realisation_{stem}")
+    return paths

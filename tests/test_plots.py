@@ -1,0 +1,76 @@
+"""Pareto front on hand-made points; plotting a small store writes every file with the expected series."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import plots
+from bench.errors import BenchError
+from bench.store import Store
+from tests.test_store import fake_row, fake_timing
+
+
+def test_pareto_front_hand_points() -> None:
+    cost = [1.0, 2.0, 3.0, 2.5, 1.0]
+    quality = [0.5, 0.7, 0.9, 0.6, 0.4]
+    #   (1, .5) front; (2, .7) front; (3, .9) front; (2.5, .6) dominated by (2, .7); (1, .4) dominated by (1, .5)
+    assert plots.pareto_front(cost, quality) == [True, True, True, False, False]
+    assert plots.pareto_front([1.0, 1.0], [0.5, 0.5]) == [True, True]  # ties dominate nobody
+
+
+def small_store(path: Path, with_timings: bool = True) -> Path:
+    store = Store(path)
+    rows = [("b", "none", 0.92, 2.0), ("t1", "tome", 0.91, 1.5), ("t2", "tome", 0.89, 1.0),
+            ("l1", "ltmp", 0.915, 1.4), ("l2", "ltmp", 0.90, 1.1), ("l3", "ltmp", 0.85, 0.9)]
+    for key, method, top1, gmacs in rows:
+        row = fake_row(key, method, top1, gmacs)
+        row["tokens_attn_min"], row["tokens_attn_max"] = [190, 170], [197, 185]
+        store.write_cell(row, [fake_timing(1), fake_timing(32)] if with_timings else [])
+    store.close()
+    return path
+
+
+def test_every_figure_is_written_with_the_expected_series(tmp_path: Path) -> None:
+    store = small_store(tmp_path / "s.sqlite")
+    paths = plots.plot_all(store, tmp_path / "figs")
+    names = {p.name for p in paths}
+    for figure in ("frontier", "tokens", "throughput", "realisation"):
+        for suffix in ("pdf", "svg", "png"):
+            assert f"{figure}_m__d.{suffix}" in names
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert (tmp_path / "figs" / "frontier_m__d.pdf").read_bytes()[:4] == b"%PDF"
+
+    db = Store(store)
+    cells, timings = db.cells(), db.timings()
+    fig = plots.frontier(cells)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(legend) == ["baseline", "ltmp", "tome"]
+    # Pareto points are re-drawn filled. Front: baseline (2.0, 92), ltmp (1.4, 91.5), (1.1, 90), (0.9, 85),
+    # tome (1.0, 89); tome (1.5, 91) is beaten by ltmp (1.4, 91.5).
+    front = {line.get_gid(): len(line.get_xdata()) for line in ax.get_lines() if (line.get_gid() or "").startswith("pareto")}
+    assert front == {"pareto:tome": 1, "pareto:ltmp": 3}
+    realisation = plots.realisation(cells, timings)
+    assert len(realisation.axes) == 2  # batch 1 and batch 32
+    tokens = plots.tokens_per_layer(cells)
+    assert len(tokens.axes[0].get_lines()) == 3  # one per method
+    through = plots.throughput(cells, timings)
+    assert len(through.axes) == 1 and len(through.axes[0].get_lines()) == 3
+
+
+def test_empty_store_and_missing_throughput_give_one_line_messages(tmp_path: Path) -> None:
+    Store(tmp_path / "empty.sqlite").close()
+    with pytest.raises(BenchError, match="no results"):
+        plots.plot_all(tmp_path / "empty.sqlite", tmp_path / "f")
+    messages = []
+    paths = plots.plot_all(small_store(tmp_path / "nt.sqlite", with_timings=False), tmp_path / "g", echo=messages.append)
+    assert len(messages) == 1 and "no latency measurements" in messages[0]
+    assert {p.stem.split("_")[0] for p in paths} == {"frontier", "tokens"}
+
+
+def test_one_colour_per_method_everywhere() -> None:
+    labels = ["none", "tome", "mine", "yours"]
+    assert plots.style_of("tome", labels) == plots.METHOD_STYLE["tome"]
+    assert plots.style_of("mine", labels) != plots.style_of("yours", labels)
+    assert plots.style_of("mine", labels) == plots.style_of("mine", list(reversed(labels)))
