@@ -86,7 +86,8 @@ def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> 
     b_index, b_valid = members(in_b)
     keys = F.normalize(keys.float(), dim=-1)
     gather = lambda index: keys.gather(1, index[..., None].expand(-1, -1, keys.shape[2]))
-    scores = gather(a_index) @ gather(b_index).transpose(1, 2)
+    with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
+        scores = gather(a_index) @ gather(b_index).transpose(1, 2)
     scores = scores.masked_fill(~(a_valid[:, :, None] & b_valid[:, None, :]), float("-inf"))
     best_a, match = scores.max(-1)
     best = torch.full(in_a.shape, -2.0, device=keys.device).scatter(1, a_index, torch.where(a_valid, best_a, -2.0))

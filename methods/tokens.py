@@ -24,7 +24,8 @@ def bipartite_positions(tokens: int, num_prefix: int, device: torch.device | Non
 def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of keys: ``keys: (B, N, d)`` -> ``(B, |A|, |B|)``."""
     keys = F.normalize(keys.float(), dim=-1)
-    return keys[:, a_pos] @ keys[:, b_pos].transpose(1, 2)
+    with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
+        return keys[:, a_pos] @ keys[:, b_pos].transpose(1, 2)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Fashion-MNIST, ImageFolder, checkpoints and the shipped embedded model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import data, models
+from bench.errors import BenchError
+from bench.train_base import augment
+from tests.tiny_model import test_tiny_vit as make_tiny
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> dict[str, data.TensorSplit]:
+    return {split: data.load_fmnist(split) for split in ("train", "test")}
+
+
+def test_fashion_mnist_sizes_classes_and_histograms(fmnist) -> None:
+    assert len(fmnist["train"]) == 60000 and len(fmnist["test"]) == 10000
+    assert fmnist["train"].images.shape == (60000, 28, 28) and fmnist["train"].images.dtype == torch.uint8
+    assert len(fmnist["test"].classes) == 10
+    assert fmnist["train"].labels.bincount().tolist() == [6000] * 10
+    assert fmnist["test"].labels.bincount().tolist() == [1000] * 10
+
+
+def test_pixel_range_and_normalisation(fmnist) -> None:
+    images = fmnist["test"].images
+    assert int(images.min()) == 0 and int(images.max()) == 255
+    x = fmnist["train"].normalized(slice(0, 60000))
+    assert x.shape == (60000, 1, 28, 28)
+    assert float(x.mean()) == pytest.approx(0.0, abs=0.01) and float(x.std()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_data_dir_resolution_order(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(data.FMNIST_ENV, str(tmp_path / "from-env"))
+    with pytest.raises(BenchError, match="from-env"):
+        data.resolve_fmnist_dir()
+    with pytest.raises(BenchError, match="from-flag"):
+        data.resolve_fmnist_dir(tmp_path / "from-flag")  # the flag wins over the environment
+    monkeypatch.delenv(data.FMNIST_ENV)
+    assert data.resolve_fmnist_dir() == data.FMNIST_DEBIAN_DIR
+
+
+def test_seeded_subsets_are_deterministic() -> None:
+    a, b = data.seeded_subset_indices(10000, 100, seed=0), data.seeded_subset_indices(10000, 100, seed=0)
+    assert torch.equal(a, b) and len(a.unique()) == 100
+    assert not torch.equal(a, data.seeded_subset_indices(10000, 100, seed=1))
+    assert torch.equal(data.seeded_subset_indices(50, None), torch.arange(50))
+    with pytest.raises(BenchError, match="--limit"):
+        data.seeded_subset_indices(50, 0)
+
+
+def test_image_folder_uses_the_models_preprocessing(tiny_imagefolder: Path) -> None:
+    model = make_tiny()
+    folder = data.image_folder(tiny_imagefolder, model)
+    assert len(folder) == 18 and folder.classes == ["blue", "green", "red"]
+    image, label = folder[0]
+    assert image.shape == (3, 32, 32)  # resized from 40x40 by timm's eval transform
+    assert float(image.max()) <= 1.0 + 1e-6 and float(image.min()) >= -1.0 - 1e-6  # mean/std 0.5
+
+
+def test_augment_flips_and_shifts() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
+    out = augment(x, torch.Generator().manual_seed(0), max_shift=1)
+    assert out.shape == x.shape
+    assert any(torch.equal(o[0, 1:3, 1:3], x[0, 0, 1:3, 1:3].flip(-1)) for o in out)  # some flipped, unshifted
+    assert any(torch.equal(o[0], x[0, 0]) for o in out)  # some untouched
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path: Path, wrapper: str | None) -> None:
+    torch.manual_seed(0)
+    model = make_tiny().eval()
+    state = model.state_dict() if wrapper is None else {wrapper: model.state_dict(), "epoch": 3}
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "ckpt.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_shipped_checkpoint_hash_and_accuracy(fmnist) -> None:
+    manifest = json.loads(models.EMBEDDED_MANIFEST.read_text())
+    assert models.verify_embedded_checkpoint() == manifest["sha256"]
+    assert models.EMBEDDED_CHECKPOINT.stat().st_size <= 20 * 2 ** 20
+    model = models.create(models.EMBEDDED_MODEL)
+    assert len(model.blocks) >= 6 and model.patch_embed.num_patches + model.num_prefix_tokens == 197
+    index = data.seeded_subset_indices(10000, 1000, seed=0)
+    with torch.inference_mode():
+        logits = torch.cat([model(fmnist["test"].normalized(index[i:i + 250])) for i in range(0, 1000, 250)])
+    accuracy = float((logits.argmax(-1) == fmnist["test"].labels[index]).float().mean())
+    assert accuracy >= 0.85
+    assert manifest["test_top1"] >= 0.89 and manifest["test_images"] == 10000
