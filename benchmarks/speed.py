@@ -1,0 +1,147 @@
+"""Speed benchmarks of the issues' performance bars (a script, not a timed unit test).
+
+    python benchmarks/speed.py tome   # DeiT-S random weights, batch 32: ToMe r=8/13/16 realisation >= 0.9,
+                                      # and the patched model at r=0 within 3 % of the unpatched one
+    python benchmarks/speed.py ltmp   # LTMP batched inference, embedded model and DeiT-S, batch 32:
+                                      # realisation >= 0.8 and >= 5x faster per image than batch 1
+    python benchmarks/speed.py pm     # Prune-and-Merge keep_rate 0.6, batch 32: realisation >= 0.9
+
+Every ratio is measured with the baseline and the method interleaved (A B A B ...) in one process. Results
+are printed as a table and appended as JSON lines to reports/speed.jsonl (with the CPU name and threads).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import methods  # noqa: E402
+from bench import models  # noqa: E402
+from bench.flops import dense_macs, embed_macs, image_macs  # noqa: E402
+from bench.latency import time_interleaved  # noqa: E402
+from bench.precision import autocast  # noqa: E402
+from bench.runner import environment  # noqa: E402
+
+REPORT = Path(__file__).resolve().parent.parent / "reports" / "speed.jsonl"
+
+
+def gmacs_ratio(model: torch.nn.Module, x: torch.Tensor) -> float:
+    ctx = model._reduction_ctx
+    with torch.inference_mode():
+        model(x)
+    embed = embed_macs(model, ctx.dims)
+    return dense_macs(ctx.dims, embed) / float(image_macs(ctx.counts(), ctx.dims, ctx.reducer, embed).mean())
+
+
+def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, precision: str, min_time: float) -> dict:
+    with autocast("cpu", precision):
+        timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, warmup_s=2.0,
+                                  min_iters=10, min_time_s=min_time)
+    return {"base_ms": timing["base"].median_ms, "method_ms": timing["method"].median_ms,
+            "base_iqr_ms": timing["base"].iqr_ms, "method_iqr_ms": timing["method"].iqr_ms,
+            "speedup": timing["base"].median_ms / timing["method"].median_ms}
+
+
+def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor, merge_q: float, prune_q: float) -> None:
+    """Random weights have no trained thresholds: pick each block's thresholds as quantiles of its scores on x,
+    layer by layer, so the benchmark exercises real, image-dependent token counts."""
+    ctx = model._reduction_ctx
+    original = reducer._decide
+
+    def calibrating(layer, tokens, ctx_):
+        with torch.no_grad():
+            if "keys" in ctx_.needs:
+                from methods.ltmp import best_matches
+                alive = torch.ones(tokens.shape[:2], dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
+                rest = (torch.arange(tokens.shape[1]) >= ctx_.num_prefix) & alive
+                rank = rest.long().cumsum(1) - 1
+                best, _ = best_matches(ctx_.stats["keys"], rest & (rank % 2 == 1), rest & (rank % 2 == 0))
+                reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
+            if "importance" in ctx_.needs:
+                reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][:, ctx_.num_prefix:].float(), prune_q)
+        return original(layer, tokens, ctx_)
+
+    reducer._decide = calibrating
+    with torch.inference_mode():
+        model(x)
+    reducer._decide = original
+
+
+def row(name: str, result: dict, ratio: float, extra: dict | None = None) -> dict:
+    out = {"benchmark": name, **result, "gmacs_ratio": ratio, "realisation": result["speedup"] / ratio, **(extra or {}),
+           "env": environment("cpu")}
+    print(f"{name:<34} base {result['base_ms']:8.1f} ms  method {result['method_ms']:8.1f} ms  "
+          f"speedup {result['speedup']:.3f}  GMACs x{ratio:.3f}  realisation {out['realisation']:.3f}")
+    REPORT.parent.mkdir(exist_ok=True)
+    with REPORT.open("a") as handle:
+        handle.write(json.dumps(out) + "\n")
+    return out
+
+
+def bench_tome(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    x = torch.randn(args.batch, 3, 224, 224)
+    patched = methods.create("tome", r=0).apply(copy.deepcopy(base))
+    row(f"tome r=0 (patch overhead) b{args.batch}", compare(base, patched, x, args.precision, args.min_time), 1.0)
+    for r in (8, 13, 16):
+        model = methods.create("tome", r=r).apply(copy.deepcopy(base))
+        row(f"tome r={r} b{args.batch}", compare(base, model, x, args.precision, args.min_time), gmacs_ratio(model, x[:1]))
+
+
+def bench_ltmp(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    cases = [("embedded", models.create(models.EMBEDDED_MODEL), torch.randn(args.batch, 1, 28, 28)),
+             ("deit_small", timm.create_model("deit_small_patch16_224", pretrained=False).eval(),
+              torch.randn(args.batch, 3, 224, 224))]
+    for name, base, x in cases:
+        if name == "embedded":  # real images: the thresholds of a short fit are not needed for speed, quantiles are
+            from bench.data import load_fmnist
+            x = load_fmnist("test").normalized(slice(0, args.batch))
+        model = copy.deepcopy(base)
+        reducer = methods.create("ltmp")
+        reducer.apply(model)
+        set_thresholds_by_quantile(model, reducer, x, merge_q=0.6, prune_q=0.25)
+        ratio = gmacs_ratio(model, x)
+        batched = compare(base, model, x, args.precision, args.min_time)
+        single = compare(base, model, x[:1], args.precision, args.min_time)
+        per_image_gain = (single["method_ms"] * len(x)) / batched["method_ms"]
+        row(f"ltmp {name} b{args.batch}", batched, ratio, {"batch1_method_ms": single["method_ms"],
+                                                           "per_image_gain_vs_b1": per_image_gain})
+        print(f"{'':<34} per image: batch {len(x)} is {per_image_gain:.1f}x faster than batch 1")
+
+
+def bench_pm(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    x = torch.randn(args.batch, 3, 224, 224)
+    model = copy.deepcopy(base)
+    reducer = methods.create("pm", keep_rate=0.6)
+    reducer.apply(model)
+    reducer.prepare_for_test(model)
+    row(f"pm keep_rate=0.6 b{args.batch}", compare(base, model, x, args.precision, args.min_time), gmacs_ratio(model, x[:1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["tome", "ltmp", "pm", "all"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per comparison")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for which in (["tome", "ltmp", "pm"] if args.which == "all" else [args.which]):
+        {"tome": bench_tome, "ltmp": bench_ltmp, "pm": bench_pm}[which](args)
+
+
+if __name__ == "__main__":
+    main()
