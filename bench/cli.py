@@ -81,16 +81,17 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench import runner, tables
+    from bench import runner, tables, tokenviz
     from bench.store import Store
 
     config = build_config(args)
     runner.planned_cells(config)  # validate every knob before opening anything
     store = Store(args.store)
     try:
-        counts = runner.run(config, store, force=args.force, progress=not args.quiet)
+        counts, work = runner.run(config, store, force=args.force, progress=not args.quiet)
         paths = tables.export(store.cells(), store.timings(), args.reports)
         table = tables.comparison(store.cells(), store.timings())
+        paths += tokenviz.token_maps_from_run(work, store.cells(), store, args.reports)
     finally:
         store.close()
     print(tables.to_markdown(table[table["model"] == config["model"]]))

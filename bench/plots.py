@@ -95,7 +95,7 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True) -> plt.Figure:
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3, linewidth=0.5)
-        ax.legend(frameon=False, ncol=2)
+        ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         ax.set_title(f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
         return fig
 

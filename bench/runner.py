@@ -226,8 +226,9 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
 
 
 def run(config: dict[str, Any], store: Store, force: bool = False, progress: bool = True,
-        echo: Callable[[str], None] = print) -> dict[str, int]:
-    """Measure every planned cell that the store does not hold yet. Returns counts of done/skipped cells."""
+        echo: Callable[[str], None] = print) -> tuple[dict[str, int], Workload]:
+    """Measure every planned cell that the store does not hold yet. Returns counts of done/skipped cells
+    and the workload (model and data) for figures that need a forward pass."""
     plan = planned_cells(config)
     work = prepare(config)
     done = skipped = 0
@@ -241,4 +242,4 @@ def run(config: dict[str, Any], store: Store, force: bool = False, progress: boo
         done += 1
         echo(f"{row['label']:>8} {reducer.describe():<32} top-1 {100 * row['top1']:6.2f}%  "
              f"{row['gmacs']:.4f} GMACs (x{row['gmacs_ratio']:.2f})  [{time.perf_counter() - tic:.0f} s]")
-    return {"done": done, "skipped": skipped, "planned": len(plan)}
+    return {"done": done, "skipped": skipped, "planned": len(plan)}, work

@@ -9,15 +9,26 @@ import pandas as pd
 from bench.errors import BenchError
 
 
+def non_default_knobs(method: str, knobs_json: str) -> str:
+    """The knob values that differ from the plug-in's declared defaults (all of them for unknown plug-ins)."""
+    import methods
+
+    values = json.loads(knobs_json)
+    declared = {k.name: k.default for k in methods.REGISTRY[method].knobs} if method in methods.REGISTRY else {}
+    shown = {k: v for k, v in values.items() if declared.get(k, object()) != v}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
+
+
 def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: method, knobs, top-1 ± interval, GMACs, speedup per device/precision/batch, fine-tune cost."""
     if cells.empty:
         raise BenchError("the store holds no results yet: run `python run_bench.py` first")
     table = pd.DataFrame({
         "model": cells["model"], "dataset": cells["dataset"], "method": cells["label"],
-        "knobs": cells["knobs"].map(lambda k: ", ".join(f"{a}={b}" for a, b in json.loads(k).items()) or "-"),
+        "knobs": [non_default_knobs(m, k) for m, k in zip(cells["method"], cells["knobs"])],
         "top1": 100 * cells["top1"], "top1_pm": 100 * (cells["top1_high"] - cells["top1_low"]) / 2,
         "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_ratio": cells["gmacs_ratio"],
+        "flops_kept": cells["gmacs"] / cells["gmacs_dense"],
         "ft_images": cells["ft_images"].fillna(0).astype(int), "ft_wall_s": cells["ft_wall_s"].fillna(0.0),
         "cell_key": cells["cell_key"],
     })

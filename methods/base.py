@@ -160,6 +160,11 @@ class TokenReducer:
         """Mid-block hook: ``x: (B, N, C)`` after attention + residual -> ``(B, N', C)``. Default: identity."""
         return x
 
+    def token_groups(self, layer: int, ctx: "ReductionContext") -> torch.Tensor | None:
+        """(B, tokens, N) 0/1 map of which input positions each token of block ``layer`` holds, for plots;
+        None = the shared source map (``ctx.source``) describes it. Block-wrapping plug-ins override this."""
+        return None
+
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
         """The method's own multiply-adds in block ``layer`` per image (similarity matmuls, M/R, ...)."""
         return torch.zeros_like(n_attn, dtype=torch.float64)

@@ -191,6 +191,13 @@ class PruneAndMerge(TokenReducer):
         shortcut = self.pruned[layer].to(device=x.device, dtype=x.dtype)[None, :, None] * x
         return torch.matmul(rebuild, inner) + shortcut
 
+    def token_groups(self, layer: int, ctx: ReductionContext) -> torch.Tensor | None:
+        """The tokens block ``layer`` sees: M's rows (nonzero pattern); pruned positions belong to none."""
+        if not self.M:
+            return None
+        groups = (self.M[layer].detach() != 0).float()
+        return groups.expand(ctx.begin_shape[0], *groups.shape)
+
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         """M·x and R·y: 2 · N · c_l · d per image (dense, as executed); none for identity blocks."""
         if not self.M or self.identity[layer]:
