@@ -32,6 +32,7 @@ class EvalResult:
     token_sum: torch.Tensor | None = None  # (depth, 2) summed over images
     token_min: torch.Tensor | None = None
     token_max: torch.Tensor | None = None
+    synchronised: tuple[float, float, float] | None = None
 
     @property
     def top1(self) -> float:
@@ -44,8 +45,29 @@ class EvalResult:
     def interval(self) -> tuple[float, float]:
         return wilson_interval(self.top1_correct, self.images)
 
-    def macs_all(self) -> torch.Tensor:
-        return torch.cat(self.macs) if self.macs else torch.zeros(0, dtype=torch.float64)
+    def macs_summary(self) -> tuple[float, float, float]:
+        """Mean, min and max MACs per image (over all ranks after :meth:`synchronise`)."""
+        if self.synchronised is not None:
+            return self.synchronised
+        macs = torch.cat(self.macs)
+        return float(macs.mean()), float(macs.min()), float(macs.max())
+
+    def synchronise(self) -> None:
+        """Combine the partial results of all ranks (exact: sums, mins and maxes of integers)."""
+        from bench import distributed
+
+        if not distributed.active():
+            return
+        macs = torch.cat(self.macs)
+        totals = distributed.all_reduce(torch.tensor([self.images, self.top1_correct, self.top5_correct, float(macs.sum())],
+                                                     dtype=torch.float64))
+        self.images, self.top1_correct, self.top5_correct = (int(v) for v in totals[:3])
+        self.token_sum = distributed.all_reduce(self.token_sum)
+        self.token_min = distributed.all_reduce(self.token_min, "min")
+        self.token_max = distributed.all_reduce(self.token_max, "max")
+        low = distributed.all_reduce(macs.min().reshape(1), "min")
+        high = distributed.all_reduce(macs.max().reshape(1), "max")
+        self.synchronised = (float(totals[3]) / self.images, float(low), float(high))
 
     def tokens_mean(self) -> torch.Tensor:
         """(depth, 2) mean token counts per image (attention, MLP)."""

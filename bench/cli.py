@@ -81,19 +81,26 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench import runner, tables, tokenviz
+    from bench import distributed, runner, tables, tokenviz
     from bench.store import Store
 
     config = build_config(args)
     runner.planned_cells(config)  # validate every knob before opening anything
-    store = Store(args.store)
+    process = distributed.init(runner.resolve_device(config["device"]))
+    store = Store(args.store) if process.main else None  # one writer: rank 0
     try:
         counts, work = runner.run(config, store, force=args.force, progress=not args.quiet)
+        if store is None:
+            distributed.barrier()
+            return 0
         paths = tables.export(store.cells(), store.timings(), args.reports)
         table = tables.comparison(store.cells(), store.timings())
         paths += tokenviz.token_maps_from_run(work, store.cells(), store, args.reports)
+        distributed.barrier()
     finally:
-        store.close()
+        if store is not None:
+            store.close()
+        distributed.shutdown()
     print(tables.to_markdown(table[table["model"] == config["model"]]))
     print(f"{counts['done']} cells measured, {counts['skipped']} already in {args.store}; tables: "
           + ", ".join(str(p) for p in paths))

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import methods
 from bench import config as config_mod
+from bench import distributed
 from bench import data as data_mod
 from bench import models
 from bench.accuracy import evaluate
@@ -46,12 +47,16 @@ class Workload:
 
 
 def resolve_device(name: str) -> str:
+    """cpu, cuda (this rank's GPU under torchrun) or auto."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise BenchError(f"unknown device {name!r}: use cpu, cuda or auto")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(torch.device(name))
     return name
 
 
@@ -124,10 +129,10 @@ def prepare(config: dict[str, Any]) -> Workload:
     if config["dataset"] == "fashion-mnist":
         test = data_mod.load_fmnist("test", config["data_dir"])
         indices = data_mod.seeded_subset_indices(len(test), config["limit"], config["seed"])
-        eval_batches = _tensor_batches(test, indices, config["eval_batch_size"])
+        eval_batches = _tensor_batches(test, distributed.shard(indices), config["eval_batch_size"])
         def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             train = data_mod.load_fmnist("train", config["data_dir"])
-            yield from _tensor_batches(train, _train_order(len(train), config["seed"]), fit_batch)()
+            yield from _tensor_batches(train, distributed.shard(_train_order(len(train), config["seed"])), fit_batch)()
         dataset, n_images = "fashion-mnist-test", len(indices)
         input_shape = (1, 28, 28)
     else:
@@ -137,15 +142,16 @@ def prepare(config: dict[str, Any]) -> Workload:
         indices = data_mod.seeded_subset_indices(len(folder), config["limit"], config["seed"])
         if len(folder) == 0:
             raise BenchError(f"{config['data']} holds no images: pass --data to an ImageFolder with images")
-        eval_batches = _loader_batches(folder, indices, config["eval_batch_size"], config["workers"], device)
-        train_root = config["train_data"] or config["data"]
-        train_folder = data_mod.image_folder(train_root, model) if config["train_data"] else folder
-        train_batches = _loader_batches(train_folder, torch.arange(len(train_folder)), fit_batch, config["workers"], device,
-                                        shuffle_seed=config["seed"] + 1)
+        eval_batches = _loader_batches(folder, distributed.shard(indices), config["eval_batch_size"], config["workers"], device)
+        train_folder = data_mod.image_folder(config["train_data"], model) if config["train_data"] else folder
+        train_batches = _loader_batches(train_folder, distributed.shard(_train_order(len(train_folder), config["seed"])),
+                                        fit_batch, config["workers"], device, shuffle_seed=config["seed"] + 1)
         dataset, n_images = f"imagefolder:{Path(config['data']).resolve()}", len(indices)
         input_shape = tuple(folder[0][0].shape)
     if n_images == 0:
         raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
+    if len(distributed.shard(indices)) == 0:
+        raise BenchError(f"{n_images} images cannot be shared by more ranks: use fewer processes or a larger --limit")
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, input_shape, device)
 
 
@@ -171,14 +177,20 @@ def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str
     return cells
 
 
-def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], store: Store, progress: bool) -> dict[str, Any]:
-    """Fit (if the method trains), evaluate, time, and write one cell in one transaction."""
+def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], store: Store | None,
+                 progress: bool) -> dict[str, Any]:
+    """Fit (if the method trains), evaluate, time, and write one cell in one transaction.
+
+    Under torchrun every rank fits and evaluates its shard; rank 0 (``store`` given) times and writes."""
     config = work.config
     fit_config = {**config["fit"], **(entry.get("fit") or {})}
     reducer = methods.create(entry["method"], **knobs)
     key = cell_key(cell_identity(work, entry, reducer))
     model = reducer.apply(copy.deepcopy(work.model))
-    fit_report = reducer.fit(model, work.train_batches, fit_config, progress=progress)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1"))) if distributed.active() else 1
+    per_rank = {**fit_config, "budget_images": -(-int(fit_config["budget_images"]) // world)}  # the budget is global
+    fit_report = reducer.fit(model, work.train_batches, per_rank, progress=progress)
+    fit_report.images_seen = int(distributed.all_reduce(torch.tensor([fit_report.images_seen]))[0])
     model.eval()
     dims = model._reduction_ctx.dims
     embed = embed_macs(model, dims)
@@ -186,11 +198,12 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     desc = f"{_label(entry)} {reducer.describe()}"
     result = evaluate(model, work.eval_batches(), embed, config["eval_precision"], work.device, work.eval_images,
                       progress, desc=desc)
-    macs = result.macs_all()
+    result.synchronise()
+    macs_mean, macs_min, macs_max = result.macs_summary()
     low, high = result.interval()
     timings = []
     latency = config["latency"]
-    for precision in latency["precisions"]:
+    for precision in latency["precisions"] if store is not None else []:  # latency: one device, rank 0
         for batch in latency["batch_sizes"]:
             x = torch.randn(batch, *work.input_shape, device=work.device)
             with autocast(work.device, precision):
@@ -204,7 +217,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
                             "images_per_s": measured["method"].images_per_s(batch),
                             "baseline_median_ms": measured["baseline"].median_ms,
                             "baseline_iqr_ms": measured["baseline"].iqr_ms, "speedup": speedup,
-                            "realisation": speedup / (dense / float(macs.mean())),
+                            "realisation": speedup / (dense / macs_mean),
                             "iterations": len(measured["method"].times_ms),
                             "tf32": str(torch.backends.cuda.matmul.allow_tf32) if work.device.startswith("cuda") else None})
     tokens = result.tokens_mean()
@@ -212,8 +225,8 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
            "eval_images": result.images, "method": entry["method"], "knobs": reducer.values, "label": _label(entry),
            "device": work.device, "eval_precision": config["eval_precision"],
            "top1": result.top1, "top1_low": low, "top1_high": high, "top5": result.top5, "top1_correct": result.top1_correct,
-           "gmacs": float(macs.mean()) / 1e9, "gmacs_min": float(macs.min()) / 1e9, "gmacs_max": float(macs.max()) / 1e9,
-           "gmacs_dense": dense / 1e9, "gmacs_ratio": dense / float(macs.mean()),
+           "gmacs": macs_mean / 1e9, "gmacs_min": macs_min / 1e9, "gmacs_max": macs_max / 1e9,
+           "gmacs_dense": dense / 1e9, "gmacs_ratio": dense / macs_mean,
            "tokens_attn": tokens[:, 0].tolist(), "tokens_mlp": tokens[:, 1].tolist(),
            "tokens_attn_min": result.token_min[:, 0].tolist(), "tokens_attn_max": result.token_max[:, 0].tolist(),
            "ft_images": fit_report.images_seen, "ft_epochs": fit_report.epochs, "ft_wall_s": fit_report.wall_time_s,
@@ -221,11 +234,12 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
            "ft_extra": {"steps": fit_report.steps, "skipped_steps": fit_report.skipped_steps, **fit_report.extra},
            "learned_state": pack_state(reducer.learned_state()), "env": environment(work.device), "git_commit": git_commit(),
            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    store.write_cell(row, timings)
+    if store is not None:
+        store.write_cell(row, timings)
     return row
 
 
-def run(config: dict[str, Any], store: Store, force: bool = False, progress: bool = True,
+def run(config: dict[str, Any], store: Store | None, force: bool = False, progress: bool = True,
         echo: Callable[[str], None] = print) -> tuple[dict[str, int], Workload]:
     """Measure every planned cell that the store does not hold yet. Returns counts of done/skipped cells
     and the workload (model and data) for figures that need a forward pass."""
@@ -234,12 +248,14 @@ def run(config: dict[str, Any], store: Store, force: bool = False, progress: boo
     done = skipped = 0
     for entry, knobs in tqdm(plan, desc="cells", disable=not progress, leave=False):
         reducer = methods.create(entry["method"], **knobs)
-        if store.has(cell_key(cell_identity(work, entry, reducer))) and not force:
+        finished = store is not None and store.has(cell_key(cell_identity(work, entry, reducer)))
+        if distributed.broadcast_flag(finished) and not force:  # rank 0 holds the store and decides
             skipped += 1
             continue
         tic = time.perf_counter()
-        row = measure_cell(work, entry, knobs, store, progress)
+        row = measure_cell(work, entry, knobs, store, progress and store is not None)
         done += 1
-        echo(f"{row['label']:>8} {reducer.describe():<32} top-1 {100 * row['top1']:6.2f}%  "
-             f"{row['gmacs']:.4f} GMACs (x{row['gmacs_ratio']:.2f})  [{time.perf_counter() - tic:.0f} s]")
+        if store is not None:
+            echo(f"{row['label']:>8} {reducer.describe():<32} top-1 {100 * row['top1']:6.2f}%  "
+                 f"{row['gmacs']:.4f} GMACs (x{row['gmacs_ratio']:.2f})  [{time.perf_counter() - tic:.0f} s]")
     return {"done": done, "skipped": skipped, "planned": len(plan)}, work

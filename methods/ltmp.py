@@ -41,6 +41,7 @@ from tqdm import tqdm
 from bench.precision import autocast
 from methods.base import FitReport, Knob, TokenReducer, register_reducer
 from methods.blocks import ModelDims, ReductionContext
+from methods.parallel import all_ranks_true, data_parallel
 from methods.tokens import bipartite_similarity_macs, compact, straight_through_step
 
 LTMP_KNOBS = (
@@ -192,35 +193,46 @@ class LearnedThresholds(TokenReducer):
             budget: dict[str, Any], progress: bool = True) -> FitReport:
         device = next(model.parameters()).device
         self.theta_merge.data, self.theta_prune.data = self.theta_merge.data.to(device), self.theta_prune.data.to(device)
-        groups = ([{"params": [self.theta_merge], "lr": self.values["lr_merge"]}] if self.merge else []) + \
-                 ([{"params": [self.theta_prune], "lr": self.values["lr_prune"]}] if self.prune else [])
-        optimizer = torch.optim.SGD(groups, momentum=0.0)
+        trainable = ([self.theta_merge] if self.merge else []) + ([self.theta_prune] if self.prune else [])
+        learning_rates = ([self.values["lr_merge"]] if self.merge else []) + ([self.values["lr_prune"]] if self.prune else [])
+        optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(trainable, learning_rates)], momentum=0.0)
         frozen = [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-        ctx = model._reduction_ctx
-        dims = ctx.dims
         report = FitReport(device=str(device))
         model.eval()  # the backbone is frozen: keep dropout off and BatchNorm statistics fixed
         self.masked = True
         tic = time.perf_counter()
-        bar = tqdm(total=budget["budget_images"], desc=f"fit {self.name}", unit="img", disable=not progress, leave=False)
         try:
-            while report.images_seen < budget["budget_images"]:
-                for x, y in train_batches():
-                    x, y = x.to(device), y.to(device)
-                    with autocast(str(device), budget.get("precision", "fp32")):
-                        logits = model(x).float()
-                    penalty, ratio = self.budget_loss(dims.tokens, dims.dim)
-                    loss = F.cross_entropy(logits, y, label_smoothing=0.1) + penalty
-                    report.images_seen += len(y)
-                    report.steps += 1
-                    bar.update(len(y))
-                    if not torch.isfinite(loss):
-                        report.skipped_steps += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-                    optimizer.zero_grad(set_to_none=True)
+            with data_parallel(model, trainable) as train_model:
+                self._train(train_model, model._reduction_ctx.dims, optimizer, train_batches, budget, report, progress)
+        finally:
+            self.masked = False
+            for p in frozen:
+                p.requires_grad_(True)
+        report.wall_time_s = time.perf_counter() - tic
+        report.extra["r_target"] = self.values["r_target"]
+        return report
+
+    def _train(self, train_model, dims: ModelDims, optimizer: torch.optim.Optimizer, train_batches, budget: dict[str, Any],
+               report: FitReport, progress: bool) -> None:
+        """SGD on the thresholds until ``budget_images`` images were seen; non-finite losses skip the step."""
+        device = next(train_model.parameters()).device
+        bar = tqdm(total=budget["budget_images"], desc=f"fit {self.name}", unit="img", disable=not progress, leave=False)
+        while report.images_seen < budget["budget_images"]:
+            for x, y in train_batches():
+                x, y = x.to(device), y.to(device)
+                with autocast(str(device), budget.get("precision", "fp32")):
+                    logits = train_model(x).float()
+                penalty, ratio = self.budget_loss(dims.tokens, dims.dim)
+                loss = F.cross_entropy(logits, y, label_smoothing=0.1) + penalty
+                report.images_seen += len(y)
+                report.steps += 1
+                bar.update(len(y))
+                optimizer.zero_grad(set_to_none=True)
+                if not all_ranks_true(bool(torch.isfinite(loss))):
+                    report.skipped_steps += 1
+                else:
                     loss.backward()
                     optimizer.step()
                     with torch.no_grad():
@@ -228,16 +240,9 @@ class LearnedThresholds(TokenReducer):
                         self.theta_prune.clamp_(0.0, 1.0)
                     bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
                     report.extra["last_r_flops"] = float(ratio.detach())
-                    if report.images_seen >= budget["budget_images"]:
-                        break
-        finally:
-            self.masked = False
-            bar.close()
-            for p in frozen:
-                p.requires_grad_(True)
-        report.wall_time_s = time.perf_counter() - tic
-        report.extra["r_target"] = self.values["r_target"]
-        return report
+                if report.images_seen >= budget["budget_images"]:
+                    break
+        bar.close()
 
     def learned_state(self) -> dict[str, torch.Tensor]:
         return {"theta_merge": self.theta_merge.detach().cpu(), "theta_prune": self.theta_prune.detach().cpu()}

@@ -42,6 +42,7 @@ from bench.errors import BenchError
 from bench.precision import autocast
 from methods.base import FitReport, Knob, TokenReducer, register_reducer
 from methods.blocks import ModelDims, ReductionContext, run_block
+from methods.parallel import all_ranks_true, all_reduce_sum, data_parallel
 
 
 def gradient_attention_scores(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -150,7 +151,7 @@ class PruneAndMerge(TokenReducer):
             model.zero_grad(set_to_none=True)
         if total is None:
             raise BenchError("Prune-and-Merge calibration got no batches: check the training data")
-        self.set_scores(total, ctx.dims)
+        self.set_scores(all_reduce_sum(total), ctx.dims)
         return images
 
     def set_scores(self, raw: torch.Tensor, dims: ModelDims) -> None:
@@ -221,7 +222,6 @@ class PruneAndMerge(TokenReducer):
 
     def _finetune(self, model, train_batches, budget: dict[str, Any], report: FitReport, progress: bool) -> None:
         device = next(model.parameters()).device
-        prefix = model._reduction_ctx.num_prefix
         masks_m = [(m.detach() != 0).float() for m in self.M]
         masks_r = [(~p).float()[:, None].to(device) for p in self.pruned]
         params = list(self.M) + list(self.R)
@@ -231,40 +231,10 @@ class PruneAndMerge(TokenReducer):
             p.requires_grad_(False)
         optimizer = torch.optim.Adam([{"params": params, "lr": self.lr}] +
                                      ([{"params": backbone, "lr": self.lr}] if backbone else []))
-        temperature, seen = self.temperature, 0
         bar = tqdm(total=budget["budget_images"], desc="fit pm", unit="img", disable=not progress, leave=False)
         try:
-            while seen < budget["budget_images"]:
-                for x, y in train_batches():
-                    x, y = x.to(device), y.to(device)
-                    with torch.no_grad(), autocast(str(device), budget.get("precision", "fp32")):
-                        self.bypass = True
-                        teacher = model(x).float()
-                        self.bypass = False
-                    with autocast(str(device), budget.get("precision", "fp32")):
-                        student = model(x).float()
-                    distill = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
-                                       reduction="batchmean") * temperature ** 2
-                    loss = F.cross_entropy(student, y) + self.alpha * distill
-                    seen += len(y)
-                    report.steps += 1
-                    bar.update(len(y))
-                    if not torch.isfinite(loss):
-                        report.skipped_steps += 1
-                        continue
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for m, mask in zip(self.M, masks_m):
-                        m.grad.mul_(mask.to(m.grad.device))
-                    for r, mask in zip(self.R, masks_r):
-                        r.grad.mul_(mask)
-                    optimizer.step()
-                    with torch.no_grad():
-                        for m in self.M:
-                            m[:prefix] = torch.eye(prefix, m.shape[1], device=m.device)
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-                    if seen >= budget["budget_images"]:
-                        break
+            with data_parallel(model, params) as train_model:
+                seen = self._distill(model, train_model, optimizer, masks_m, masks_r, train_batches, budget, report, bar)
         finally:
             self.bypass = False
             bar.close()
@@ -272,6 +242,45 @@ class PruneAndMerge(TokenReducer):
                 p.requires_grad_(True)
         report.images_seen += seen
         report.extra["finetune_images"] = seen
+
+    def _distill(self, model, train_model, optimizer, masks_m, masks_r, train_batches, budget: dict[str, Any],
+                 report: FitReport, bar: tqdm) -> int:
+        """CE + alpha * T^2 * KL(teacher || student) steps until the image budget is spent; returns images seen."""
+        device = next(model.parameters()).device
+        prefix = model._reduction_ctx.num_prefix
+        temperature, seen = self.temperature, 0
+        while seen < budget["budget_images"]:
+            for x, y in train_batches():
+                x, y = x.to(device), y.to(device)
+                with torch.no_grad(), autocast(str(device), budget.get("precision", "fp32")):
+                    self.bypass = True
+                    teacher = model(x).float()
+                    self.bypass = False
+                with autocast(str(device), budget.get("precision", "fp32")):
+                    student = train_model(x).float()
+                distill = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
+                                   reduction="batchmean") * temperature ** 2
+                loss = F.cross_entropy(student, y) + self.alpha * distill
+                seen += len(y)
+                report.steps += 1
+                bar.update(len(y))
+                optimizer.zero_grad(set_to_none=True)
+                if not all_ranks_true(bool(torch.isfinite(loss))):
+                    report.skipped_steps += 1
+                    continue
+                loss.backward()
+                for m, mask in zip(self.M, masks_m):
+                    m.grad.mul_(mask.to(m.grad.device))
+                for r, mask in zip(self.R, masks_r):
+                    r.grad.mul_(mask)
+                optimizer.step()
+                with torch.no_grad():
+                    for m in self.M:
+                        m[:prefix] = torch.eye(prefix, m.shape[1], device=m.device)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if seen >= budget["budget_images"]:
+                    break
+        return seen
 
     def learned_state(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {} if self.scores is None else {"scores": self.scores}
