@@ -40,6 +40,18 @@ def gmacs_ratio(model: torch.nn.Module, x: torch.Tensor) -> float:
     return dense_macs(ctx.dims, embed) / float(image_macs(ctx.counts(), ctx.dims, ctx.reducer, embed).mean())
 
 
+def padding_overhead(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """MACs the padded batch executes (every image at the batch's largest count per block) / MACs of the images."""
+    ctx = model._reduction_ctx
+    with torch.inference_mode():
+        model(x)
+    counts = ctx.counts()
+    embed = embed_macs(model, ctx.dims)
+    own = image_macs(counts, ctx.dims, ctx.reducer, embed).sum()
+    padded = image_macs(counts.max(0).values.expand_as(counts), ctx.dims, ctx.reducer, embed).sum()
+    return float(padded / own)
+
+
 def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, precision: str, min_time: float) -> dict:
     with autocast("cpu", precision):
         timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, warmup_s=2.0,
@@ -110,12 +122,15 @@ def bench_ltmp(args: argparse.Namespace) -> None:
         reducer.apply(model)
         set_thresholds_by_quantile(model, reducer, x, merge_q=0.6, prune_q=0.25)
         ratio = gmacs_ratio(model, x)
+        padding = padding_overhead(model, x)
         batched = compare(base, model, x, args.precision, args.min_time)
         single = compare(base, model, x[:1], args.precision, args.min_time)
         per_image_gain = (single["method_ms"] * len(x)) / batched["method_ms"]
         row(f"ltmp {name} b{args.batch}", batched, ratio, {"batch1_method_ms": single["method_ms"],
-                                                           "per_image_gain_vs_b1": per_image_gain})
-        print(f"{'':<34} per image: batch {len(x)} is {per_image_gain:.1f}x faster than batch 1")
+                                                           "per_image_gain_vs_b1": per_image_gain,
+                                                           "padding_macs_overhead": padding})
+        print(f"{'':<34} per image: batch {len(x)} is {per_image_gain:.1f}x faster than batch 1; padding to the "
+              f"batch's largest count costs {100 * (padding - 1):.1f} % extra MACs")
 
 
 def bench_pm(args: argparse.Namespace) -> None:
