@@ -4,6 +4,9 @@ Recipe (written into the manifest): AdamW (lr 2e-3, weight decay 0.05, betas 0.9
 (10 % warm-up, cosine down), batch 128, label smoothing 0.1, bf16 autocast on CPU, gradient clipping at 1.0,
 augmentation = random horizontal flip + random translation of up to 2 pixels (zero padding), seeded.
 
+A later stage can continue from the shipped weights (``--init-from bench/assets/vit_fmnist_convstem.pt`` with
+its own schedule); the manifest then lists the earlier stages.
+
 Resumable: after every ``--save-every`` steps and every epoch the full training state (model, optimiser,
 schedule, RNG, step) goes to ``<cache>/train_base/state.pt``; rerunning the same command continues from it.
 At the end the weights are written to ``bench/assets`` with a JSON manifest (command, seed, epochs, wall
@@ -64,6 +67,15 @@ def train(args: argparse.Namespace) -> dict:
     train_split = data_mod.load_fmnist("train", args.data_dir)
     test_split = data_mod.load_fmnist("test", args.data_dir)
     model = models.timm.create_model(models.EMBEDDED_MODEL)
+    previous_stages: list[dict] = []
+    if args.init_from:
+        init = Path(args.init_from)
+        models.load_checkpoint(model, init)
+        if init.resolve() == models.EMBEDDED_CHECKPOINT.resolve() and models.EMBEDDED_MANIFEST.is_file():
+            earlier = json.loads(models.EMBEDDED_MANIFEST.read_text())
+            previous_stages = earlier.pop("stages", []) + [earlier]
+        else:
+            previous_stages = [{"init_from": str(init), "sha256": models.sha256_file(init)}]
     steps_per_epoch = len(train_split) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     decay, no_decay = [], []
@@ -74,7 +86,8 @@ def train(args: argparse.Namespace) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
                                                    pct_start=args.warmup, anneal_strategy="cos")
     generator = torch.Generator().manual_seed(args.seed)
-    step, elapsed, config = 0, 0.0, {k: getattr(args, k) for k in DEFAULTS}
+    step, elapsed = 0, 0.0
+    config = {k: getattr(args, k) for k in DEFAULTS} | ({"init_from": str(args.init_from)} if args.init_from else {})
     if state_path.is_file() and not args.restart:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["config"] != config:
@@ -139,6 +152,9 @@ def train(args: argparse.Namespace) -> dict:
         "conv_stem": "yes: 3 conv layers (1->32->64->64, one stride 2) + 1x1 projection to width 96, 14x14 tokens",
         "sha256": models.sha256_file(models.EMBEDDED_CHECKPOINT),
     }
+    if previous_stages:
+        manifest["stages"] = previous_stages  # earlier runs this one continued from, oldest first
+        manifest["total_wall_time_s"] = round(elapsed + sum(stage.get("wall_time_s", 0) for stage in previous_stages), 1)
     models.EMBEDDED_MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {models.EMBEDDED_CHECKPOINT} (test top-1 {accuracy:.4f})")
     return manifest
@@ -149,6 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    parser.add_argument("--init-from", default=None, help="start from these weights (a second stage); recorded in the manifest")
     parser.add_argument("--quiet", action="store_true")
 
 
