@@ -6,7 +6,7 @@ Analytic, from the per-layer token counts every patched forward records: a block
     n_a * (qkv + proj Linear MACs per token) + 2 * n_a^2 * attn_dim + n_m * (MLP Linear MACs per token)
 
 plus the method's own work (:meth:`methods.TokenReducer.extra_macs`: ToMe's similarity, Prune-and-Merge's
-M and R matmuls, ...), the patch embedding (counted once with ``FlopCounterMode``: it is static) and the
+M and R matmuls, ...; the attention-received statistic, H * n_a^2, for plug-ins that read it), the patch embedding (counted once with ``FlopCounterMode``: it is static) and the
 head. Norms, softmax, GELU and element-wise ops are not counted (as in the papers and in
 ``FlopCounterMode``). Tests cross-check these numbers against ``FlopCounterMode`` and fvcore.
 """
@@ -47,6 +47,8 @@ def image_macs(counts: torch.Tensor, dims: ModelDims, reducer: TokenReducer, emb
     for layer in range(counts.shape[1]):
         n_attn, n_mlp = counts[:, layer, 0].cpu(), counts[:, layer, 1].cpu()
         total += block_macs(n_attn, n_mlp, dims) + reducer.extra_macs(layer, n_attn, n_mlp, dims).double()
+        if "importance" in reducer.needs:  # attention received: (1 x N) @ (N x N) per head
+            total += dims.num_heads * n_attn.double() ** 2
     return total
 
 

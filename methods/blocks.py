@@ -140,17 +140,14 @@ class ReductionContext:
             if attn.requires_grad:
                 attn.retain_grad()
             self.attention_maps.append(attn)
-        attn = attn.float()
-        if "importance" in self.needs:
-            per_query = attn.mean(1)  # (B, Nq, Nk)
-            if self.alive is None:
-                self.stats["importance"] = per_query.mean(1)
-            else:
-                weight = (self.alive > 0).float().detach()
-                self.stats["importance"] = (per_query * weight[:, :, None]).sum(1) / weight.sum(1, keepdim=True)
+        batch, heads, queries, _ = attn.shape
+        if "importance" in self.needs:  # mean over heads and alive queries, as one (B, 1, Nq) @ (B, H, Nq, Nk) matmul
+            weight = torch.ones(batch, queries, device=attn.device) if self.alive is None else (self.alive > 0).float()
+            weight = (weight / (weight.sum(1, keepdim=True) * heads)).detach().to(attn.dtype)
+            self.stats["importance"] = (weight[:, None, None, :] @ attn).float().sum(1)[:, 0]
         if "cls_attn" in self.needs:
-            queries = attn[:, :, : self.num_prefix] if self.num_prefix else attn
-            self.stats["cls_attn"] = queries.mean(dim=(1, 2))
+            rows = attn[:, :, : self.num_prefix] if self.num_prefix else attn
+            self.stats["cls_attn"] = rows.float().mean(dim=(1, 2))
 
     def counts(self) -> torch.Tensor:
         """(B, depth, 2) token counts of the last forward: [:, l, 0] seen by attention, [:, l, 1] by the MLP."""
