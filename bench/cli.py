@@ -81,40 +81,34 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench import distributed, runner, tables, tokenviz
+    from bench import distributed, plots, runner, tables, tokenviz
     from bench.store import Store
 
     config = build_config(args)
     runner.planned_cells(config)  # validate every knob before opening anything
     process = distributed.init(runner.resolve_device(config["device"]))
-    store = Store(args.store) if process.main else None  # one writer: rank 0
+    store = None
     try:
-        counts, work = runner.run(config, store, force=args.force, progress=not args.quiet)
+        work = runner.prepare(config)  # data and model first: bad input creates no store file
+        store = Store(args.store) if process.main else None  # one writer: rank 0
+        counts, keys = runner.run(work, store, force=args.force, progress=not args.quiet)
         if store is None:
             distributed.barrier()
             return 0
-        paths = tables.export(store.cells(), store.timings(), args.reports)
-        table = tables.comparison(store.cells(), store.timings())
-        paths += tokenviz.token_maps_from_run(work, store.cells(), store, args.reports)
+        cells, timings = store.cells(), store.timings()
+        cells, timings = cells[cells["cell_key"].isin(keys)], timings[timings["cell_key"].isin(keys)]
+        paths = tables.export(cells, timings, args.reports)  # this run's cells; `export` writes the whole store
+        paths += tokenviz.token_maps_from_run(work, cells, store, args.reports)
+        paths += plots.plot_cells(cells, timings, args.reports)
         distributed.barrier()
     finally:
         if store is not None:
             store.close()
         distributed.shutdown()
-    print(tables.to_markdown(table[table["model"] == config["model"]]))
-    print(f"{counts['done']} cells measured, {counts['skipped']} already in {args.store}; tables: "
+    print(tables.to_markdown(tables.comparison(cells, timings)))
+    print(f"{counts['done']} cells measured, {counts['skipped']} already in {args.store}; written: "
           + ", ".join(str(p) for p in paths))
-    _plot_if_available(args)
     return 0
-
-
-def _plot_if_available(args: argparse.Namespace) -> None:
-    try:
-        from bench import plots
-    except ImportError:
-        return
-    for path in plots.plot_all(args.store, args.reports):
-        print(f"figure: {path}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -151,10 +145,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    try:
-        from bench import plots
-    except ImportError:
-        raise BenchError("plotting is not part of this version yet: use `python run_bench.py export` for tables") from None
+    from bench import plots
+
     for path in plots.plot_all(args.store, args.reports):
         print(path)
     return 0

@@ -188,6 +188,11 @@ def plot_all(store_path: str | Path, out_dir: str | Path, echo=print) -> list[Pa
         store.close()
     if cells.empty:
         raise BenchError(f"store {store_path} holds no results yet: run `python run_bench.py` first")
+    return plot_cells(cells, timings, out_dir, echo)
+
+
+def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, echo=print) -> list[Path]:
+    """Every figure for the given cells (grouped by model and dataset) and their timings."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

@@ -239,16 +239,17 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     return row
 
 
-def run(config: dict[str, Any], store: Store | None, force: bool = False, progress: bool = True,
-        echo: Callable[[str], None] = print) -> tuple[dict[str, int], Workload]:
-    """Measure every planned cell that the store does not hold yet. Returns counts of done/skipped cells
-    and the workload (model and data) for figures that need a forward pass."""
-    plan = planned_cells(config)
-    work = prepare(config)
+def run(work: Workload, store: Store | None, force: bool = False, progress: bool = True,
+        echo: Callable[[str], None] = print) -> tuple[dict[str, int], list[str]]:
+    """Measure every planned cell of ``work.config`` that the store does not hold yet.
+    Returns counts of done/skipped cells and the store keys of all planned cells."""
+    plan = planned_cells(work.config)
     done = skipped = 0
+    keys = []
     for entry, knobs in tqdm(plan, desc="cells", disable=not progress, leave=False):
         reducer = methods.create(entry["method"], **knobs)
-        finished = store is not None and store.has(cell_key(cell_identity(work, entry, reducer)))
+        keys.append(cell_key(cell_identity(work, entry, reducer)))
+        finished = store is not None and store.has(keys[-1])
         if distributed.broadcast_flag(finished) and not force:  # rank 0 holds the store and decides
             skipped += 1
             continue
@@ -258,4 +259,4 @@ def run(config: dict[str, Any], store: Store | None, force: bool = False, progre
         if store is not None:
             echo(f"{row['label']:>8} {reducer.describe():<32} top-1 {100 * row['top1']:6.2f}%  "
                  f"{row['gmacs']:.4f} GMACs (x{row['gmacs_ratio']:.2f})  [{time.perf_counter() - tic:.0f} s]")
-    return {"done": done, "skipped": skipped, "planned": len(plan)}, work
+    return {"done": done, "skipped": skipped, "planned": len(plan)}, keys

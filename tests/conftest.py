@@ -58,10 +58,15 @@ def image_batch(model: VisionTransformer, batch: int = 2, seed: int = 0) -> torc
     return torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``run_bench.py`` in a subprocess; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, str(ROOT / "run_bench.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``run_bench.py`` in a subprocess from a scratch folder (default paths such as reports/ land there,
+    never in the repository); returns the completed process (text output)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return subprocess.run([sys.executable, str(ROOT / "run_bench.py"), *args], capture_output=True, text=True,
+                              cwd=cwd or scratch, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 @pytest.fixture(scope="session")
