@@ -61,7 +61,7 @@ def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for suffix in ("pdf", "svg", "png"):
         path = out_dir / f"{name}.{suffix}"
-        fig.savefig(path, dpi=200 if suffix == "png" else None)
+        fig.savefig(path, dpi=200 if suffix == "png" else None, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)
     return paths
