@@ -5,6 +5,7 @@
     python benchmarks/speed.py ltmp   # LTMP batched inference, embedded model and DeiT-S, batch 32:
                                       # realisation >= 0.8 and >= 5x faster per image than batch 1
     python benchmarks/speed.py pm     # Prune-and-Merge keep_rate 0.6, batch 32: realisation >= 0.9
+    python benchmarks/speed.py all --device cuda --precision fp16 --batch 256   # the GPU table (issue #8)
 
 Every ratio is measured with the baseline and the method interleaved (A B A B ...) in one process. Results
 are printed as a table and appended as JSON lines to reports/speed.jsonl (with the CPU name and threads).
@@ -52,11 +53,15 @@ def padding_overhead(model: torch.nn.Module, x: torch.Tensor) -> float:
     return float(padded / own)
 
 
+DEVICE = "cpu"  # set from --device
+
+
 def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, precision: str, min_time: float) -> dict:
-    with autocast("cpu", precision):
+    base, reduced, x = base.to(DEVICE), reduced.to(DEVICE), x.to(DEVICE)
+    with autocast(DEVICE, precision):
         # DeiT-S at batch 32 takes ~2 s a forward on 2 cores: 5 warm-up rounds (>= 2 s) and >= 5 timed rounds
-        timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, warmup_iters=5,
-                                  warmup_s=2.0, min_iters=5, min_time_s=min_time)
+        timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, device=DEVICE,
+                                  warmup_iters=5, warmup_s=2.0, min_iters=5, min_time_s=min_time)
     return {"base_ms": timing["base"].median_ms, "method_ms": timing["method"].median_ms,
             "base_iqr_ms": timing["base"].iqr_ms, "method_iqr_ms": timing["method"].iqr_ms,
             "speedup": timing["base"].median_ms / timing["method"].median_ms}
@@ -89,7 +94,7 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
 
 def row(name: str, result: dict, ratio: float, extra: dict | None = None) -> dict:
     out = {"benchmark": name, **result, "gmacs_ratio": ratio, "realisation": result["speedup"] / ratio, **(extra or {}),
-           "env": environment("cpu")}
+           "device": DEVICE, "env": environment(DEVICE)}
     print(f"{name:<34} base {result['base_ms']:8.1f} ms  method {result['method_ms']:8.1f} ms  "
           f"speedup {result['speedup']:.3f}  GMACs x{ratio:.3f}  realisation {out['realisation']:.3f}")
     REPORT.parent.mkdir(exist_ok=True)
@@ -149,10 +154,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["tome", "ltmp", "pm", "all"])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU latency table: --batch 1 and --batch 256)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per comparison")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     for which in (["tome", "ltmp", "pm"] if args.which == "all" else [args.which]):
