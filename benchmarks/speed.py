@@ -70,7 +70,6 @@ def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, pr
 def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor, merge_q: float, prune_q: float) -> None:
     """Random weights have no trained thresholds: pick each block's thresholds as quantiles of its scores on x,
     layer by layer, so the benchmark exercises real, image-dependent token counts."""
-    ctx = model._reduction_ctx
     original = reducer._decide
 
     def calibrating(layer, tokens, ctx_):

@@ -15,7 +15,7 @@ import math
 import torch
 
 from methods.base import Knob, TokenReducer, register_reducer
-from methods.blocks import ModelDims, ReductionContext
+from methods.blocks import ReductionContext
 from methods.tokens import keep_tokens
 
 

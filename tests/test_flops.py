@@ -12,7 +12,7 @@ import torch
 import methods
 from bench.flops import counted_macs, dense_macs, embed_macs, image_macs
 from methods.blocks import ModelDims
-from tests.conftest import image_batch, tiny_vit
+from tests.conftest import image_batch
 from tests.test_conformance import prepared, reducing_knobs
 
 
