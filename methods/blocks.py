@@ -12,6 +12,9 @@
   -inf for dead keys). LayerScale (``ls1``/``ls2``), qk-norm, scale-norm and gating are timm's own modules;
 * every block records the per-image token count its attention and its MLP saw (``tokens_attn``,
   ``tokens_mlp``: lists of (B,) tensors), from which FLOPs and plots are computed;
+* a batch padded to its largest count (``alive`` a bool mask, the inference form of input-dependent
+  reducers) runs its token-wise layers on the alive tokens only and its attention in groups of images with
+  similar counts (:mod:`methods.ragged`), so a padded batch costs (almost) what its images cost;
 * average pooling weights tokens by size and ignores dead tokens.
 """
 from __future__ import annotations
@@ -25,12 +28,14 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 from bench.errors import BenchError
+from methods.ragged import GROUP_OVERHEAD_MACS, Packing, attention_received, ragged_attention
 
 if TYPE_CHECKING:
     from methods.base import TokenReducer
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 PROBABILITY_STATS = frozenset({"importance", "cls_attn", "probs"})
+RAGGED_STATS = frozenset({"keys", "importance"})  # statistics the ragged (grouped) attention can give
 
 
 @dataclass(frozen=True)
@@ -134,17 +139,22 @@ class ReductionContext:
             bias = dead if bias is None else bias + dead
         return None if bias is None else bias[:, None, None, :]
 
+    def packing(self) -> Packing | None:
+        """A :class:`Packing` when the batch holds hard padding; None when every token is alive or the mask is soft."""
+        if self.alive is None or self.alive.dtype != torch.bool:
+            return None
+        return Packing(self.alive)
+
     def record_attention(self, attn: torch.Tensor) -> None:
         """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""
         if "probs" in self.needs:
             if attn.requires_grad:
                 attn.retain_grad()
             self.attention_maps.append(attn)
-        batch, heads, queries, _ = attn.shape
-        if "importance" in self.needs:  # mean over heads and alive queries, as one (B, 1, Nq) @ (B, H, Nq, Nk) matmul
-            weight = torch.ones(batch, queries, device=attn.device) if self.alive is None else (self.alive > 0).float()
-            weight = (weight / (weight.sum(1, keepdim=True) * heads)).detach().to(attn.dtype)
-            self.stats["importance"] = (weight[:, None, None, :] @ attn).float().sum(1)[:, 0]
+        if "importance" in self.needs:
+            alive = torch.ones(attn.shape[0], attn.shape[2], dtype=torch.bool, device=attn.device) if self.alive is None \
+                else self.alive > 0
+            self.stats["importance"] = attention_received(attn, alive)
         if "cls_attn" in self.needs:
             rows = attn[:, :, : self.num_prefix] if self.num_prefix else attn
             self.stats["cls_attn"] = rows.float().mean(dim=(1, 2))
@@ -164,15 +174,33 @@ def masked_softmax(logits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                      is_causal: bool = False) -> torch.Tensor:
-    """timm ``Attention.forward`` with the context's bias, mask and statistics. ``x: (B, N, C)``."""
+                      is_causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
+    """timm ``Attention.forward`` with the context's bias, mask and statistics.
+
+    ``x: (B, N, C) -> (B, N, C)``, or with ``packing`` the alive tokens ``x: (T, C) -> (T, C)``: the linear
+    layers then see the T alive tokens only, and attention runs image group by image group
+    (:func:`methods.ragged.ragged_attention`) when the reducer needs no more than ``RAGGED_STATS``.
+    """
     if attn_mask is not None or is_causal:
         raise NotImplementedError("token reduction does not support external attention masks")
     ctx: ReductionContext = attn._reduction_ctx
-    batch, tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    qkv = attn.qkv(x)
+    if packing is not None and ctx.needs <= RAGGED_STATS:
+        out = _ragged(attn, ctx, qkv, packing)
+    else:
+        out = _padded(attn, ctx, qkv if packing is None else packing.unpack(qkv))
+        out = out if packing is None else packing.pack(out)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def _padded(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor) -> torch.Tensor:
+    """Attention over a padded batch, dead keys masked: ``qkv: (B, N, 3 * C_attn) -> (B, N, C_attn)``."""
+    batch, tokens, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if "keys" in ctx.needs:
         ctx.stats["keys"] = k.mean(1)
@@ -187,22 +215,51 @@ def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor 
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+
+
+def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Attention of each image over its own alive tokens: ``qkv: (T, 3 * C_attn) -> (T, C_attn)``."""
+    q, k, v = qkv.view(qkv.shape[0], 3, attn.num_heads, attn.head_dim).unbind(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if "keys" in ctx.needs:
+        ctx.stats["keys"] = packing.unpack(k.mean(1))
+    log_size = None
+    if ctx.size is not None and ctx.reducer.proportional_attention:
+        log_size = packing.pack(ctx.size[..., None].log())[:, 0]
+    out, importance = ragged_attention(torch.stack([q, k, v], 1), packing, attn.num_heads, attn.scale, log_size,
+                                       "importance" in ctx.needs, attn.attn_drop.p if attn.training else 0.0,
+                                       GROUP_OVERHEAD_MACS["cuda" if qkv.is_cuda else "cpu"])
+    if importance is not None:
+        ctx.stats["importance"] = importance
+    return out
 
 
 def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: int,
               mid: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """A timm pre-norm block with a mid-block hook; records the token counts. ``x: (B, N, C)``."""
+    """A timm pre-norm block with a mid-block hook; records the token counts. ``x: (B, N, C)``.
+
+    Where ``ctx.alive`` holds hard padding, the two residual branches run on the alive tokens only
+    (:class:`Packing`); padded positions come out as zeros.
+    """
     ctx.layer = layer
     ctx.tokens_attn.append(ctx.count(x))
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    packing = ctx.packing()
+    if packing is None:
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    else:
+        packed = packing.pack(x)
+        packed = packed + block.drop_path1(block.ls1(attention_forward(block.attn, block.norm1(packed), packing=packing)))
+        x = packing.unpack(packed)
     if mid is not None:
         x = mid(x)
     ctx.tokens_mlp.append(ctx.count(x))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    packing = ctx.packing()
+    if packing is None:
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    else:
+        packed = packing.pack(x)
+        x = packing.unpack(packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed)))))
     ctx.stats = {}
     return x
 
