@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 from bench.errors import BenchError
-from methods.ragged import GROUP_OVERHEAD_MACS, Packing, attention_received, ragged_attention
+from methods.ragged import Packing, attention_received, ragged_attention
 
 if TYPE_CHECKING:
     from methods.base import TokenReducer
@@ -186,8 +186,13 @@ def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor 
     ctx: ReductionContext = attn._reduction_ctx
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)
-    if packing is not None and ctx.needs <= RAGGED_STATS:
-        out = _ragged(attn, ctx, qkv, packing)
+    ragged = ctx.needs <= RAGGED_STATS and (packing is not None or ("importance" in ctx.needs and ctx.alive is None))
+    if ragged:  # grouped attention: padding skipped, explicit probabilities kept small enough for the cache
+        if packing is None:  # an unpadded batch (B, N, C)
+            dense = Packing(torch.ones(qkv.shape[:2], dtype=torch.bool, device=qkv.device))
+            out = dense.unpack(_ragged(attn, ctx, dense.pack(qkv), dense))
+        else:
+            out = _ragged(attn, ctx, qkv, packing)
     else:
         out = _padded(attn, ctx, qkv if packing is None else packing.unpack(qkv))
         out = out if packing is None else packing.pack(out)
@@ -229,7 +234,7 @@ def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: 
         log_size = packing.pack(ctx.size[..., None].log())[:, 0]
     out, importance = ragged_attention(torch.stack([q, k, v], 1), packing, attn.num_heads, attn.scale, log_size,
                                        "importance" in ctx.needs, attn.attn_drop.p if attn.training else 0.0,
-                                       GROUP_OVERHEAD_MACS["cuda" if qkv.is_cuda else "cpu"])
+                                       "cuda" if qkv.is_cuda else "cpu")
     if importance is not None:
         ctx.stats["importance"] = importance
     return out

@@ -96,6 +96,24 @@ def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> 
     return best, dst
 
 
+def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`best_matches` for images whose alive tokens are their first ``counts: (B,)`` positions (the
+    inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed."""
+    batch, tokens, _ = keys.shape
+    keys = F.normalize(keys.float(), dim=-1)
+    a_pos = torch.arange(num_prefix + 1, tokens, 2, device=keys.device)
+    b_pos = torch.arange(num_prefix, tokens, 2, device=keys.device)
+    with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
+        scores = keys[:, num_prefix + 1::2] @ keys[:, num_prefix::2].transpose(1, 2)
+    scores = scores.masked_fill(~(b_pos[None, None, :] < counts[:, None, None]), float("-inf"))
+    best_a, match = scores.max(-1)
+    best = torch.full((batch, tokens), -2.0, device=keys.device)
+    best[:, num_prefix + 1::2] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
+    dst = torch.zeros((batch, tokens), dtype=torch.long, device=keys.device)
+    dst[:, num_prefix + 1::2] = b_pos[match]
+    return best, dst
+
+
 class LearnedThresholds(TokenReducer):
     """Shared machinery of LTMP / LTP / LTM; subclasses set ``merge`` and ``prune``."""
 
@@ -127,6 +145,21 @@ class LearnedThresholds(TokenReducer):
         self._fractions = []
 
     # --- the decision rule, shared by both forms --------------------------------------------------
+    def _step(self, value: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """0/1 decision ``value > threshold``: straight-through in the training form, a plain comparison otherwise."""
+        if self.masked:
+            return straight_through_step(value, threshold, self.values["tau"])
+        return (value.float() > threshold.detach()).float()
+
+    def _matches(self, ctx: ReductionContext, alive_hard: torch.Tensor, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best B match of every A token (see :func:`best_matches`)."""
+        counts = alive_hard.sum(1)
+        positions = torch.arange(alive_hard.shape[1], device=alive_hard.device)
+        if not self.masked and bool((alive_hard == (positions[None] < counts[:, None])).all()):
+            return aligned_matches(ctx.stats["keys"], ctx.num_prefix, counts)
+        rank = candidate.long().cumsum(1) - 1
+        return best_matches(ctx.stats["keys"], candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
+
     def _decide(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
         batch, tokens, _ = x.shape
         device, prefix = x.device, ctx.num_prefix
@@ -134,14 +167,11 @@ class LearnedThresholds(TokenReducer):
         alive = alive_hard.float() if ctx.alive is None else ctx.alive.float()
         is_rest = torch.arange(tokens, device=device) >= prefix
         candidate = alive_hard & is_rest
-        rank = candidate.long().cumsum(1) - 1
-        in_a, in_b = candidate & (rank % 2 == 1), candidate & (rank % 2 == 0)
         size = ctx.sizes(x)
         importance = ctx.stats.get("importance")
-        tau = self.values["tau"]
-        if self.merge and bool(in_a.any()) and bool(in_b.any()):
-            best, dst = best_matches(ctx.stats["keys"], in_a, in_b)
-            merged = straight_through_step(best, self.theta_merge[layer], tau) * in_a.float()
+        if self.merge and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
+            best, dst = self._matches(ctx, alive_hard, candidate)
+            merged = self._step(best, self.theta_merge[layer]) * (best > -2).float()
             weight = merged * size  # (B, N): size moved into the destination
             numerator = x * size[..., None].to(x.dtype)
             numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
@@ -155,7 +185,7 @@ class LearnedThresholds(TokenReducer):
                 importance = importance.scatter_reduce(1, dst, torch.where(merged_hard, importance, 0.0), "amax")
             alive = alive * (1 - merged)
         if self.prune:
-            kept = straight_through_step(importance, self.theta_prune[layer], tau)
+            kept = self._step(importance, self.theta_prune[layer])
             alive = alive * torch.where(is_rest, kept, torch.ones_like(kept))
         ctx.size = size
         self._last_alive = alive

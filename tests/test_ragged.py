@@ -1,0 +1,147 @@
+"""Ragged batches: packing, attention groups and their equivalence with image-by-image attention."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from methods import ragged
+from methods.ltmp import aligned_matches, best_matches
+from methods.ragged import Packing, plan_groups, ragged_attention
+from tests.test_ltmp import with_thresholds
+
+
+def plan_cost(groups: list[list[int]], counts: list[int], pair_macs: float, overhead: float) -> float:
+    return sum(len(g) * max(counts[i] for i in g) ** 2 * pair_macs + overhead for g in groups)
+
+
+def set_partitions(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest):
+        yield [[first], *partition]
+        for index in range(len(partition)):
+            yield partition[:index] + [[first, *partition[index]]] + partition[index + 1:]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_groups_is_the_optimal_partition(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 60, (6,), generator=generator).tolist()
+    pair_macs, overhead = 10.0, float(torch.randint(100, 30000, (1,), generator=generator))
+    plan = plan_groups(counts, pair_macs, overhead)
+    assert sorted(i for g in plan for i in g) == list(range(6))
+    best = min(plan_cost(p, counts, pair_macs, overhead) for p in set_partitions(list(range(6))))  # all 203 partitions
+    assert plan_cost(plan, counts, pair_macs, overhead) == pytest.approx(best)
+
+
+def test_plan_groups_hand_example_and_cap() -> None:
+    # one outlier: [10, 10, 11, 100] with overhead 500 pairs -> the outlier alone (3*121 + 500 + 10^4 + 500 < 4*10^4)
+    assert plan_groups([10, 100, 10, 11], 1.0, 500.0) == [[0, 2, 3], [1]]
+    # no overhead: every distinct count alone is optimal; a huge overhead: one group
+    assert plan_groups([3, 3, 5], 1.0, 0.0) in ([[0, 1], [2]], [[0], [1], [2]])
+    assert plan_groups([3, 4, 5], 1.0, 1e9) == [[0, 1, 2]]
+    # the cap: at most 2 images of 10 tokens (2 * 100 pairs) in a group even if one group would be cheaper
+    plan = plan_groups([10] * 5, 1.0, 1e9, max_pairs=200)
+    assert [len(g) for g in plan] == [1, 2, 2] and sorted(i for g in plan for i in g) == list(range(5))
+
+
+def test_packing_round_trip_and_order() -> None:
+    alive = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    x = torch.arange(8.0).view(2, 4, 1)
+    packing = Packing(alive)
+    assert packing.pack(x)[:, 0].tolist() == [0.0, 2.0, 3.0, 6.0]  # image by image, in order
+    assert packing.counts.tolist() == [3, 1] and packing.rank.tolist() == [0, 1, 2, 0]
+    assert torch.equal(packing.unpack(packing.pack(x)), x * alive[..., None])  # zeros in the padding
+
+
+def reference_attention(qkv: torch.Tensor, alive: torch.Tensor, scale: float, log_size: torch.Tensor | None):
+    """Image by image, over the alive tokens only: out (T, H*d) and importance (B, N)."""
+    outputs, importance = [], torch.zeros(alive.shape)
+    start = 0
+    for b in range(alive.shape[0]):
+        count = int(alive[b].sum())
+        q, k, v = qkv[start:start + count].permute(1, 2, 0, 3)  # (H, n, d)
+        logits = scale * q @ k.transpose(-2, -1)
+        if log_size is not None:
+            logits = logits + log_size[start:start + count]
+        probs = logits.softmax(-1)
+        outputs.append((probs @ v).transpose(0, 1).reshape(count, -1))
+        importance[b, alive[b]] = probs.mean(dim=(0, 1))
+        start += count
+    return torch.cat(outputs), importance
+
+
+@pytest.mark.parametrize("proportional", [False, True])
+@pytest.mark.parametrize("need_importance", [False, True])
+@pytest.mark.parametrize("layout", ["scattered", "dense"])
+def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_importance: bool,
+                                                proportional: bool) -> None:
+    monkeypatch.setitem(ragged.MAX_GROUP_PROBS, "cpu", 2 * 3 * 12 * 12)  # small cap: several groups
+    monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", 50.0)
+    generator = torch.Generator().manual_seed(7)
+    if layout == "dense":
+        alive = torch.ones(7, 12, dtype=torch.bool)
+    else:  # alive tokens anywhere (not only at the front), counts 1..12
+        alive = torch.rand(7, 12, generator=generator) < torch.linspace(0.05, 0.95, 7)[:, None]
+        alive[:, 5] = True
+    packing = Packing(alive)
+    tokens = int(alive.sum())
+    qkv = torch.randn(tokens, 3, 3, 4, generator=generator)
+    log_size = torch.rand(tokens, generator=generator).mul(3).add(1).log() if proportional else None
+    assert len(packing.groups(24.0, 50.0, 2 * 12 * 12)) > 1
+    out, importance = ragged_attention(qkv, packing, 3, 0.5, log_size, need_importance)
+    expected_out, expected_importance = reference_attention(qkv, alive, 0.5, log_size)
+    assert torch.allclose(out, expected_out, atol=1e-6)
+    if need_importance:
+        assert torch.allclose(importance, expected_importance, atol=1e-6)
+        assert torch.equal(importance[~alive], torch.zeros(int((~alive).sum())))
+    else:
+        assert importance is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_aligned_matches_equal_general_matches(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(5, 11, 6, generator=generator)
+    counts = torch.tensor([11, 1, 2, 6, 9])
+    alive = torch.arange(11)[None] < counts[:, None]
+    candidate = alive & (torch.arange(11) >= 1)  # one prefix token
+    rank = candidate.long().cumsum(1) - 1
+    best, dst = best_matches(keys, candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
+    best_aligned, dst_aligned = aligned_matches(keys, 1, counts)
+    assert torch.equal(best, best_aligned)
+    in_a = best > -2
+    assert torch.equal(dst[in_a], dst_aligned[in_a])
+    assert int(in_a.sum()) == sum((int(c) - 1) // 2 for c in counts)
+
+
+@pytest.mark.parametrize("name", ["ltmp", "ltp", "ltm"])
+def test_padded_batch_runs_linear_layers_on_its_images_tokens_only(name: str) -> None:
+    """The rows entering every qkv and fc1 layer are exactly the images' own token counts: no padding."""
+    model, reducer, x = with_thresholds(name, 3)
+    rows = {"qkv": 0, "fc1": 0}
+
+    def count(kind: str):
+        def hook(module, args) -> None:
+            rows[kind] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+        return hook
+
+    for block in model.blocks:
+        block.attn.qkv.register_forward_pre_hook(count("qkv"))
+        block.mlp.fc1.register_forward_pre_hook(count("fc1"))
+    with torch.no_grad():
+        model(x)
+    counts = model._reduction_ctx.counts()
+    assert len(set(counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
+    assert rows["qkv"] == int(counts[:, :, 0].sum())
+    assert rows["fc1"] == int(counts[:, :, 1].sum())
+
+
+def test_plan_groups_handles_every_batch_size() -> None:
+    for batch, width in itertools.product((1, 2, 5), (1, 7)):
+        plan = plan_groups([width] * batch, 1.0, 10.0, max_pairs=width * width)
+        assert sorted(i for g in plan for i in g) == list(range(batch))
