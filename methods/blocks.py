@@ -225,14 +225,17 @@ def _padded(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor) -> torch.
 
 def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Attention of each image over its own alive tokens: ``qkv: (T, 3 * C_attn) -> (T, C_attn)``."""
-    q, k, v = qkv.view(qkv.shape[0], 3, attn.num_heads, attn.head_dim).unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    qkv = qkv.view(qkv.shape[0], 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.unbind(1)
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        qkv = torch.stack([q, k, v], 1)
     if "keys" in ctx.needs:
         ctx.stats["keys"] = packing.unpack(k.mean(1))
     log_size = None
     if ctx.size is not None and ctx.reducer.proportional_attention:
         log_size = packing.pack(ctx.size[..., None].log())[:, 0]
-    out, importance = ragged_attention(torch.stack([q, k, v], 1), packing, attn.num_heads, attn.scale, log_size,
+    out, importance = ragged_attention(qkv, packing, attn.num_heads, attn.scale, log_size,
                                        "importance" in ctx.needs, attn.attn_drop.p if attn.training else 0.0,
                                        "cuda" if qkv.is_cuda else "cpu")
     if importance is not None:

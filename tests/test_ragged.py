@@ -6,10 +6,11 @@ import itertools
 import pytest
 import torch
 
+import methods
 from methods import ragged
 from methods.ltmp import aligned_matches, best_matches
 from methods.ragged import Packing, plan_groups, ragged_attention
-from tests.test_ltmp import with_thresholds
+from tests.test_ltmp import peaked_vit, with_thresholds
 
 
 def plan_cost(groups: list[list[int]], counts: list[int], pair_macs: float, overhead: float) -> float:
@@ -145,3 +146,18 @@ def test_plan_groups_handles_every_batch_size() -> None:
     for batch, width in itertools.product((1, 2, 5), (1, 7)):
         plan = plan_groups([width] * batch, 1.0, 10.0, max_pairs=width * width)
         assert sorted(i for g in plan for i in g) == list(range(batch))
+
+
+def test_qk_norm_models_run_ragged_batches_like_single_images() -> None:
+    model = peaked_vit(qk_norm=True)
+    reducer = methods.create("ltmp")
+    reducer.apply(model)
+    with torch.no_grad():
+        reducer.theta_merge.fill_(0.6)
+        reducer.theta_prune.fill_(0.012)
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        batched = model(x)
+        counts = model._reduction_ctx.counts()
+        single = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert len(set(counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
+    assert torch.allclose(batched, single, atol=1e-5)
