@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 #: Fixed cost of one more attention group, in multiply-adds: ~12 small kernels. On the 2-core CPU this was
 #: measured at ~150 us, the time of ~2e6 attention MACs; a GPU launch costs far more MACs' worth.
-GROUP_OVERHEAD_MACS = {"cpu": 1e9, "cuda": 2e9}
+GROUP_OVERHEAD_MACS = {"cpu": 2e6, "cuda": 2e9}
 #: Largest (images x heads x width^2) probability tensor of one group (4 MiB in fp32): what a CPU cache holds.
 MAX_GROUP_PROBS = {"cpu": 2 ** 20, "cuda": 2 ** 40}
 
