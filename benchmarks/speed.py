@@ -91,11 +91,8 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
     def calibrating(layer, tokens, ctx_):
         with torch.no_grad():
             if "keys" in ctx_.needs:
-                from methods.ltmp import best_matches
                 alive = torch.ones(tokens.shape[:2], dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
-                rest = (torch.arange(tokens.shape[1]) >= ctx_.num_prefix) & alive
-                rank = rest.long().cumsum(1) - 1
-                best, _ = best_matches(ctx_.stats["keys"], rest & (rank % 2 == 1), rest & (rank % 2 == 0))
+                best, _ = reducer._matches(ctx_, alive, (torch.arange(tokens.shape[1]) >= ctx_.num_prefix) & alive)
                 reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
             if "importance" in ctx_.needs:
                 reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][:, ctx_.num_prefix:].float(), prune_q)

@@ -252,24 +252,24 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: i
     """
     ctx.layer = layer
     ctx.tokens_attn.append(ctx.count(x))
-    packing = ctx.packing()
-    if packing is None:
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-    else:
-        packed = packing.pack(x)
-        packed = packed + block.drop_path1(block.ls1(attention_forward(block.attn, block.norm1(packed), packing=packing)))
-        x = packing.unpack(packed)
+    x = _residual(x, ctx.packing(), lambda tokens, packing: block.drop_path1(block.ls1(
+        attention_forward(block.attn, block.norm1(tokens), packing=packing))))
     if mid is not None:
         x = mid(x)
     ctx.tokens_mlp.append(ctx.count(x))
-    packing = ctx.packing()
-    if packing is None:
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    else:
-        packed = packing.pack(x)
-        x = packing.unpack(packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed)))))
+    x = _residual(x, ctx.packing(), lambda tokens, _: block.drop_path2(block.ls2(block.mlp(block.norm2(tokens)))))
     ctx.stats = {}
     return x
+
+
+def _residual(x: torch.Tensor, packing: Packing | None,
+              branch: Callable[[torch.Tensor, Packing | None], torch.Tensor]) -> torch.Tensor:
+    """``x + branch(x)``, the branch on the alive tokens only when ``packing`` is given. ``x: (B, N, C)``;
+    ``branch`` maps (B, N, C) or packed (T, C) tokens to the same shape."""
+    if packing is None:
+        return x + branch(x, None)
+    packed = packing.pack(x)
+    return packing.unpack(packed + branch(packed, packing))
 
 
 class _ReducedAttention:

@@ -20,6 +20,7 @@ Every image's result is the one it gets alone (batch-1 equivalence holds up to f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -99,12 +100,21 @@ class Packing:
     """
 
     def __init__(self, alive: torch.Tensor) -> None:
+        self.alive = alive
         self.shape = tuple(alive.shape)
         self.dense = bool(alive.all())  # no padding: pack and unpack are reshapes
         self.index = alive.reshape(-1).nonzero().squeeze(1)  # (T,) flat positions b * N + n
         self.counts = alive.sum(1)  # (B,)
-        self.image = self.index // self.shape[1]  # (T,) image of each packed token
-        self.rank = (alive.long().cumsum(1) - 1).reshape(-1).index_select(0, self.index)  # (T,) order within its image
+
+    @cached_property
+    def image(self) -> torch.Tensor:
+        """(T,) image of each packed token (attention grouping only, so computed on demand)."""
+        return self.index // self.shape[1]
+
+    @cached_property
+    def rank(self) -> torch.Tensor:
+        """(T,) order of each packed token within its image."""
+        return (self.alive.long().cumsum(1) - 1).reshape(-1).index_select(0, self.index)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
@@ -129,12 +139,12 @@ class Packing:
                                    self.index[start * width:end * width]) for start, end in zip(bounds[:-1], bounds[1:])]
         plan = plan_groups(counts, pair_macs, overhead_macs, max_pairs)
         position, local, width_of = [0] * batch, [0] * batch, [0] * batch  # per image: order, slot, group width
+        order_index = 0
         for images in plan:
             width = max(counts[i] for i in images)
             for slot, image in enumerate(images):
-                local[image], width_of[image] = slot, width
-        for order_index, image in enumerate(i for images in plan for i in images):
-            position[image] = order_index
+                position[image], local[image], width_of[image] = order_index, slot, width
+                order_index += 1
         device = self.index.device
         position_t, local_t, width_t = (torch.tensor(v, device=device)[self.image] for v in (position, local, width_of))
         order = torch.argsort(position_t * self.shape[1] + self.rank)  # packed tokens, group by group, image by image
