@@ -114,6 +114,32 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     return best, dst
 
 
+def merge_into_kept(x: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
+                    weight: torch.Tensor, new_size: torch.Tensor) -> torch.Tensor:
+    """The size-weighted merge of the inference form, touching only the rows that merge.
+
+    ``x: (B, N, C)`` before the merge; ``kept: (B, K, C)`` its tokens where ``keep: (B, N)`` holds, compacted (as
+    :func:`compact` returns them); ``merged: (B, N)`` bool A tokens joining the B token at ``dst: (B, N)``,
+    ``weight: (B, N)`` their sizes, ``new_size: (B, N)`` the sizes after the merge. A destination ``d`` becomes
+    ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as ``x_d + sum_a (s_a / s'_d) (x_a - x_d)`` so that it is one
+    ``index_add`` over the M merged rows instead of a scatter over the whole (B, N, C) batch (the training form's
+    formula; the two agree to float rounding). Destinations that were pruned after merging are skipped.
+    """
+    image, source = merged.nonzero(as_tuple=True)  # (M,) each
+    target = dst[image, source]
+    survives = keep[image, target]
+    image, source, target = image[survives], source[survives], target[survives]
+    if image.numel() == 0:
+        return kept
+    rank = keep.long().cumsum(1) - 1
+    share = (weight[image, source] / new_size[image, target]).to(x.dtype)
+    delta = (x[image, source] - x[image, target]) * share[:, None]
+    rows = image * kept.shape[1] + rank[image, target]
+    flat = kept.reshape(-1, kept.shape[-1])
+    flat = flat.index_add(0, rows, delta) if kept is x else flat.index_add_(0, rows, delta)
+    return flat.view(kept.shape)
+
+
 class LearnedThresholds(TokenReducer):
     """Shared machinery of LTMP / LTP / LTM; subclasses set ``merge`` and ``prune``."""
 
@@ -134,6 +160,7 @@ class LearnedThresholds(TokenReducer):
         self.theta_merge = torch.nn.Parameter(torch.zeros(0))
         self.theta_prune = torch.nn.Parameter(torch.zeros(0))
         self._fractions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_merge: tuple[torch.Tensor, ...] | None = None
 
     def check_model(self, model) -> None:
         depth = len(model.blocks)
@@ -169,14 +196,19 @@ class LearnedThresholds(TokenReducer):
         candidate = alive_hard & is_rest
         size = ctx.sizes(x)
         importance = ctx.stats.get("importance")
+        self._pending_merge = None
         if self.merge and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
             best, dst = self._matches(ctx, alive_hard, candidate)
             merged = self._step(best, self.theta_merge[layer]) * (best > -2).float()
             weight = merged * size  # (B, N): size moved into the destination
-            numerator = x * size[..., None].to(x.dtype)
-            numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
-            size = size.scatter_add(1, dst, weight)
-            x = numerator / size[..., None].to(x.dtype)
+            new_size = size.scatter_add(1, dst, weight)
+            if self.masked:
+                numerator = x * size[..., None].to(x.dtype)
+                numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
+                x = numerator / new_size[..., None].to(x.dtype)
+            else:  # applied to the merged rows only, after compaction (see merge_into_kept)
+                self._pending_merge = (merged > 0, dst, weight, new_size)
+            size = new_size
             merged_hard = merged.detach() > 0
             if ctx.source is not None:
                 ctx.source = ctx.source.scatter_add(1, dst[..., None].expand_as(ctx.source),
@@ -206,7 +238,8 @@ class LearnedThresholds(TokenReducer):
             empty = ~keep.any(1)
             keep[empty, 0] = True
         ctx.alive = None if ctx.alive is None else ctx.alive > 0
-        return compact(x, ctx, keep)
+        out = compact(x, ctx, keep)
+        return out if self._pending_merge is None else merge_into_kept(x, out, keep, *self._pending_merge)
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         if not self.merge:

@@ -77,6 +77,8 @@ def compact(x: torch.Tensor, ctx: ReductionContext, keep_mask: torch.Tensor) -> 
     Kept tokens keep their order; padded slots are marked dead in ``ctx.alive`` (bool) so attention masks
     them as keys and pooling ignores them. ``x: (B, N, C) -> (B, K_max, C)``.
     """
+    if ctx.alive is None and bool(keep_mask.all()):  # nothing to drop
+        return x
     counts = keep_mask.sum(1)
     width = int(counts.max())
     order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import methods
-from methods.ltmp import flops_ratio
+from methods.ltmp import flops_ratio, merge_into_kept
 from methods.tokens import straight_through_step
 from tests.conftest import tiny_vit
 
@@ -141,3 +141,18 @@ def test_learned_state_round_trip() -> None:
     other = methods.create("ltmp")
     other.load_learned_state(state)
     assert torch.equal(other.theta_merge, state["theta_merge"]) and torch.equal(other.theta_prune, state["theta_prune"])
+
+
+def test_inference_merge_touches_merged_rows_only_hand_example() -> None:
+    """Image 0: token 3 (size 1, value 10) joins token 2 (size 2, value 4) -> (2 * 4 + 10) / 3 = 6; token 1 is
+    pruned. Image 1: token 1 joins token 3, which is pruned, so nothing is written. Kept rows stay as they were."""
+    x = torch.tensor([[[0.0], [2.0], [4.0], [10.0]], [[1.0], [3.0], [5.0], [7.0]]])
+    merged = torch.tensor([[False, False, False, True], [False, True, False, False]])
+    dst = torch.tensor([[0, 0, 0, 2], [0, 3, 0, 0]])
+    size = torch.tensor([[1.0, 1.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    weight = merged * size
+    new_size = size.scatter_add(1, dst, weight)
+    keep = torch.tensor([[True, False, True, False], [True, False, True, False]])
+    kept = torch.stack([x[0, keep[0]], x[1, keep[1]]])
+    out = merge_into_kept(x, kept.clone(), keep, merged, dst, weight, new_size)
+    assert out[:, :, 0].tolist() == [[0.0, 6.0], [1.0, 5.0]]
