@@ -51,10 +51,10 @@ def padding_overhead(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, fl
     original = Packing.groups
 
     def recording(self, pair_macs: float, *rest):
-        layout = original(self, pair_macs, *rest)
-        padded_pairs = sum(group.images * group.width ** 2 for group in layout.groups)
+        groups = original(self, pair_macs, *rest)
+        padded_pairs = sum(group.images * group.width ** 2 for group in groups)
         attention_excess.append((padded_pairs - float((self.counts.double() ** 2).sum())) * pair_macs)  # q@k + p@v
-        return layout
+        return groups
 
     Packing.groups = recording
     try:

@@ -35,48 +35,33 @@ MAX_GROUP_PROBS = {"cpu": 2 ** 20, "cuda": 2 ** 40}
 
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Images that share one padded attention call: ``images`` x ``width`` cells (image slot, token position),
-    the cells ``start`` to ``start + images * width`` of a :class:`GroupLayout`."""
+    """Images that share one padded attention call, ``images`` x ``width`` tokens.
+
+    ``rows``: their tokens' packed positions, a slice when the group is unpadded (consecutive images that all
+    hold ``width`` tokens) else a (T_g,) tensor; ``slots``: (T_g,) the same tokens' positions in the flattened
+    (images, width) group tensor, None when unpadded; ``targets``: (T_g,) their flat positions b * N + n in
+    the padded batch.
+    """
 
     images: int
     width: int
-    start: int
+    rows: slice | torch.Tensor
+    targets: torch.Tensor
+    slots: torch.Tensor | None = None
 
-    @property
-    def cells(self) -> int:
-        return self.images * self.width
+    def take(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``packed: (T, F) -> (images * width, F)``, ``fill`` in the padding."""
+        if self.slots is None:
+            return packed[self.rows]
+        out = packed.new_full((self.images * self.width, packed.shape[1]), fill)
+        return out.index_copy_(0, self.slots, packed.index_select(0, self.rows))
 
-
-@dataclass(frozen=True)
-class GroupLayout:
-    """Where every packed token sits in the attention groups, so that one ``index_copy`` lays out the q, k, v of
-    all groups, bmm-ready and padded, and one ``index_select`` brings the outputs back.
-
-    Per packed token (T,): ``start``, ``images``, ``width`` of its group, its image's ``slot`` in the group and
-    its ``rank`` in the image; ``cell = start + slot * width + rank``.
-    """
-
-    groups: list[AttentionGroup]
-    cells: int
-    start: torch.Tensor
-    images: torch.Tensor
-    width: torch.Tensor
-    slot: torch.Tensor
-    rank: torch.Tensor
-
-    @property
-    def cell(self) -> torch.Tensor:
-        return self.start + self.slot * self.width + self.rank
-
-    def rows(self, parts: int, heads: int) -> torch.Tensor:
-        """(T, parts, heads) rows of a ``(parts * heads * cells, d)`` buffer that holds, group by group, a
-        contiguous ``(parts, images * heads, width, d)`` block: part ``c`` (q/k/v), head ``h`` of each token."""
-        part = torch.arange(parts, device=self.start.device)[None, :, None]
-        head = torch.arange(heads, device=self.start.device)[None, None, :]
-        per_token = lambda t: t[:, None, None]  # noqa: E731
-        return (parts * heads * per_token(self.start)
-                + ((part * per_token(self.images) + per_token(self.slot)) * heads + head) * per_token(self.width)
-                + per_token(self.rank))
+    def put(self, packed: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values: (images * width, F)`` back to the group's rows of ``packed: (T, F)``."""
+        if self.slots is None:
+            packed[self.rows] = values
+        else:
+            packed.index_copy_(0, self.rows, values.index_select(0, self.slots))
 
 
 def plan_groups(counts: list[int], pair_macs: float, overhead_macs: float,
@@ -142,7 +127,7 @@ class Packing:
         out = packed.new_zeros(self.shape[0] * self.shape[1], packed.shape[-1])
         return out.index_copy_(0, self.index, packed).view(*self.shape, packed.shape[-1])
 
-    def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> GroupLayout:
+    def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> list[AttentionGroup]:
         """The attention groups (see :func:`plan_groups`); ``pair_macs``: MACs per (query, key) pair."""
         counts = self.counts.tolist()
         batch = len(counts)
@@ -150,18 +135,28 @@ class Packing:
             width = counts[0]
             per_group = batch if width * width * batch <= max_pairs else max(1, int(max_pairs // (width * width)))
             bounds = np.linspace(0, batch, -(-batch // per_group) + 1).round().astype(int).tolist()
-            plan = [list(range(first, end)) for first, end in zip(bounds[:-1], bounds[1:])]
-        else:
-            plan = plan_groups(counts, pair_macs, overhead_macs, max_pairs)
-        groups, per_image, cells = [], [(0, 0, 0, 0)] * batch, 0  # per image: group start, images, width, slot
+            return [AttentionGroup(end - start, width, slice(start * width, end * width),
+                                   self.index[start * width:end * width]) for start, end in zip(bounds[:-1], bounds[1:])]
+        plan = plan_groups(counts, pair_macs, overhead_macs, max_pairs)
+        position, local, width_of = [0] * batch, [0] * batch, [0] * batch  # per image: order, slot, group width
+        order_index = 0
         for images in plan:
-            group = AttentionGroup(len(images), max(counts[i] for i in images), cells)
-            groups.append(group)
+            width = max(counts[i] for i in images)
             for slot, image in enumerate(images):
-                per_image[image] = (group.start, group.images, group.width, slot)
-            cells += group.cells
-        start, images, width, slot = torch.tensor(per_image, device=self.index.device)[self.image].unbind(1)
-        return GroupLayout(groups, cells, start, images, width, slot, self.rank)
+                position[image], local[image], width_of[image] = order_index, slot, width
+                order_index += 1
+        device = self.index.device
+        position_t, local_t, width_t = (torch.tensor(v, device=device)[self.image] for v in (position, local, width_of))
+        order = torch.argsort(position_t * self.shape[1] + self.rank)  # packed tokens, group by group, image by image
+        slots = (local_t * width_t + self.rank)[order]
+        targets = self.index[order]
+        groups, start = [], 0
+        for images in plan:
+            end = start + sum(counts[i] for i in images)
+            groups.append(AttentionGroup(len(images), width_of[images[0]], order[start:end], targets[start:end],
+                                         slots[start:end]))
+            start = end
+        return groups
 
 
 def attention_received(probs: torch.Tensor, query_alive: torch.Tensor) -> torch.Tensor:
@@ -185,34 +180,26 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
     """
     tokens, _, heads, head_dim = qkv.shape
-    max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
-    layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
-    grouped = qkv.new_zeros(3 * heads * layout.cells, head_dim)  # zeros: padded queries/keys stay finite
-    grouped.index_copy_(0, layout.rows(3, heads).reshape(-1), qkv.reshape(-1, head_dim))
-    cell = layout.cell
-    key_bias = qkv.new_full((layout.cells,), float("-inf"))  # -inf: padded keys
-    key_bias[cell] = 0.0 if log_size is None else log_size.to(qkv.dtype)
-    outputs, received = [], []
-    for group in layout.groups:
-        n, w = group.images, group.width
-        q, k, v = grouped[3 * heads * group.start:3 * heads * (group.start + group.cells)].view(3, n * heads, w,
-                                                                                               head_dim).unbind(0)
-        bias = key_bias[group.start:group.start + group.cells].view(n, 1, w)
-        if need_importance:
-            bias_rows = bias.expand(n, heads, w).reshape(n * heads, 1, w)
-            probs = torch.baddbmm(bias_rows, q, k.transpose(1, 2), alpha=scale).softmax(-1)
-            received.append(attention_received(probs.view(n, heads, w, w), bias.view(n, w) > float("-inf")).reshape(-1))
-            probs = F.dropout(probs, dropout_p) if dropout_p else probs
-            result = torch.bmm(probs, v)
-        else:
-            result = F.scaled_dot_product_attention(q.view(n, heads, w, head_dim), k.view(n, heads, w, head_dim),
-                                                    v.view(n, heads, w, head_dim), attn_mask=bias.view(n, 1, 1, w),
-                                                    dropout_p=dropout_p, scale=scale)
-        outputs.append(result.reshape(n * heads * w, head_dim))
-    out = torch.cat(outputs).index_select(0, layout.rows(1, heads).reshape(-1)).view(tokens, heads * head_dim)
-    if not need_importance:
-        return out, None
+    flat = qkv.reshape(tokens, -1)
+    key_bias = (qkv.new_zeros(tokens) if log_size is None else log_size.to(qkv.dtype))[:, None]  # (T, 1)
+    out = qkv.new_empty(tokens, heads * head_dim)
     batch, width_all = packing.shape
-    importance = torch.zeros(batch * width_all, device=qkv.device)
-    importance[packing.index] = torch.cat(received).float()[cell]
-    return out, importance.view(batch, width_all)
+    importance = torch.zeros(batch * width_all, device=qkv.device) if need_importance else None
+    max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
+    for group in packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs):
+        n, w = group.images, group.width
+        q, k, v = group.take(flat).view(n, w, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (n, H, w, d)
+        bias = group.take(key_bias, float("-inf")).view(n, 1, 1, w)  # -inf: padded keys
+        if need_importance:
+            bias_rows = bias.expand(n, heads, 1, w).reshape(n * heads, 1, w)
+            probs = torch.baddbmm(bias_rows, q.reshape(n * heads, w, head_dim),
+                                  k.reshape(n * heads, w, head_dim).transpose(1, 2), alpha=scale).softmax(-1)
+            received = attention_received(probs.view(n, heads, w, w), bias.view(n, w) > float("-inf"))
+            received = received.reshape(-1)
+            importance[group.targets] = received if group.slots is None else received.index_select(0, group.slots)
+            probs = F.dropout(probs, dropout_p) if dropout_p else probs
+            result = torch.bmm(probs, v.reshape(n * heads, w, head_dim)).view(n, heads, w, head_dim)
+        else:
+            result = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+        group.put(out, result.transpose(1, 2).reshape(n * w, -1))
+    return out, None if importance is None else importance.view(batch, width_all)
