@@ -105,7 +105,7 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     b_pos = torch.arange(num_prefix, tokens, 2, device=keys.device)
     with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
         scores = keys[:, num_prefix + 1::2] @ keys[:, num_prefix::2].transpose(1, 2)
-    scores = scores.masked_fill(~(b_pos[None, None, :] < counts[:, None, None]), float("-inf"))
+    scores.masked_fill_(~(b_pos[None, None, :] < counts[:, None, None]), float("-inf"))
     best_a, match = scores.max(-1)
     best = torch.full((batch, tokens), -2.0, device=keys.device)
     best[:, num_prefix + 1::2] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
