@@ -17,7 +17,9 @@ blocks; each decision is ``step(value - theta)`` forward and the gradient of ``s
 backward. The loss is CE (label smoothing 0.1) + lambda * (r_FLOPs - r_target)^2 (:func:`flops_ratio`); only the
 thresholds train (SGD, no momentum, lr 5e-3 merge / 5e-6 prune, clamped to [0, 1] after each step; init
 0.9 / 0.0). **Inference form** (``masked = False``): tokens are really dropped, image by image, and a batch is
-padded to its largest count (padded keys masked), so batches of any size run for real.
+padded to its largest count (padded keys masked), so batches of any size run for real; the merge then
+updates only the destination rows (:func:`merge_into_kept`) and the blocks skip the padding
+(:mod:`methods.ragged`).
 
 Differences from the authors' code, all deliberate (tests pin them):
 
