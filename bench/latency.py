@@ -33,6 +33,17 @@ class Timing:
         return batch / (self.median_ms / 1000.0)
 
 
+def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
+    """Median and quartiles (q1, median, q3) of the per-round ratios ``numerator / denominator`` of two callables
+    timed by :func:`time_interleaved`: round ``i`` of both ran back to back, so each ratio cancels the drift of
+    the machine between rounds. ``speedup = paired_ratio(base, method)``."""
+    ratios = [a / b for a, b in zip(numerator.times_ms, denominator.times_ms, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return q1, statistics.median(ratios), q3
+
+
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """A function that runs ``fn`` once and returns its duration in ms (CUDA events on GPU)."""
     if device.type == "cuda":

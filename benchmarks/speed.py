@@ -7,8 +7,11 @@
     python benchmarks/speed.py pm     # Prune-and-Merge keep_rate 0.6, batch 32: realisation >= 0.9
     python benchmarks/speed.py all --device cuda --precision fp16 --batch 256   # the GPU table (issue #8)
 
-Every ratio is measured with the baseline and the method interleaved (A B A B ...) in one process. Results
-are printed as a table and appended as JSON lines to reports/speed.jsonl (with the CPU name and threads).
+Every ratio is measured with the baseline and the method interleaved (A B A B ...) in one process. The speedup
+is the ratio of the medians; the spread printed beside the realisation is the inter-quartile range of the
+per-round ratios (round i of the baseline over round i of the method), i.e. how much one pair of runs can
+differ on this machine. Results are printed as a table and appended as JSON lines to reports/speed.jsonl (with
+the CPU name and threads).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import methods  # noqa: E402
 from bench import models  # noqa: E402
 from bench.flops import dense_macs, embed_macs, image_macs  # noqa: E402
-from bench.latency import time_interleaved  # noqa: E402
+from bench.latency import paired_ratio, time_interleaved  # noqa: E402
 from bench.precision import autocast  # noqa: E402
 from bench.runner import environment  # noqa: E402
 from methods.ragged import Packing  # noqa: E402
@@ -78,9 +81,12 @@ def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, pr
         # DeiT-S at batch 32 takes ~2 s a forward on 2 cores: 5 warm-up rounds (>= 2 s) and >= 5 timed rounds
         timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, device=DEVICE,
                                   warmup_iters=5, warmup_s=2.0, min_iters=5, min_time_s=min_time)
+    low, paired, high = paired_ratio(timing["base"], timing["method"])
     return {"base_ms": timing["base"].median_ms, "method_ms": timing["method"].median_ms,
             "base_iqr_ms": timing["base"].iqr_ms, "method_iqr_ms": timing["method"].iqr_ms,
-            "speedup": timing["base"].median_ms / timing["method"].median_ms}
+            "speedup": timing["base"].median_ms / timing["method"].median_ms,
+            "speedup_paired_median": paired, "speedup_paired_q1": low, "speedup_paired_q3": high,
+            "rounds": len(timing["base"].times_ms)}
 
 
 def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor, merge_q: float, prune_q: float) -> None:
@@ -105,10 +111,14 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
 
 
 def row(name: str, result: dict, ratio: float, extra: dict | None = None) -> dict:
-    out = {"benchmark": name, **result, "gmacs_ratio": ratio, "realisation": result["speedup"] / ratio, **(extra or {}),
+    out = {"benchmark": name, **result, "gmacs_ratio": ratio, "realisation": result["speedup"] / ratio,
+           "realisation_paired_q1": result["speedup_paired_q1"] / ratio,
+           "realisation_paired_q3": result["speedup_paired_q3"] / ratio, **(extra or {}),
            "device": DEVICE, "env": environment(DEVICE)}
     print(f"{name:<34} base {result['base_ms']:8.1f} ms  method {result['method_ms']:8.1f} ms  "
-          f"speedup {result['speedup']:.3f}  GMACs x{ratio:.3f}  realisation {out['realisation']:.3f}")
+          f"speedup {result['speedup']:.3f}  GMACs x{ratio:.3f}  realisation {out['realisation']:.3f} "
+          f"(per-round IQR {out['realisation_paired_q1']:.3f}-{out['realisation_paired_q3']:.3f}, "
+          f"{result['rounds']} rounds)")
     REPORT.parent.mkdir(exist_ok=True)
     with REPORT.open("a") as handle:
         handle.write(json.dumps(out) + "\n")

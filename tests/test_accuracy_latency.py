@@ -8,7 +8,7 @@ import torch
 
 import methods
 from bench.accuracy import evaluate, wilson_interval
-from bench.latency import time_interleaved
+from bench.latency import Timing, paired_ratio, time_interleaved
 from tests.conftest import tiny_vit
 
 
@@ -50,3 +50,11 @@ def test_timer_measures_a_sleep() -> None:
     assert result["a"].median_ms == pytest.approx(10.0, abs=3.0)
     assert result["b"].median_ms == pytest.approx(20.0, abs=3.0)
     assert result["b"].images_per_s(4) == pytest.approx(4 / (result["b"].median_ms / 1000))
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    """Rounds (10, 5), (20, 10), (30, 10), (40, 10): ratios 2, 2, 3, 4 -> median 2.5; exclusive quartiles at
+    positions 1.25 and 3.75 of the sorted ratios -> 2.0 and 3 + 0.75 * (4 - 3) = 3.75. The ratio of the medians
+    (25 / 10 = 2.5) happens to agree here; with drift between rounds it would not."""
+    assert paired_ratio(Timing([10.0, 20.0, 30.0, 40.0]), Timing([5.0, 10.0, 10.0, 10.0])) == (2.0, 2.5, 3.75)
+    assert paired_ratio(Timing([6.0]), Timing([3.0])) == (2.0, 2.0, 2.0)
