@@ -3,7 +3,8 @@
 1. ``frontier``: top-1 vs GMACs, a line through each method's sweep, Pareto-optimal points filled and the others
    hollow, the unreduced baseline as a star, Wilson 95 % error bars, knob labels;
 2. ``throughput``: top-1 vs images/s, one panel per device and precision (the largest batch measured);
-3. ``realisation``: measured speedup vs GMACs ratio with the y = x line, batch 1 and the throughput batch;
+3. ``realisation``: measured speedup vs GMACs ratio with the y = x line, batch 1 and the throughput batch, error
+   bars the quartiles of the per-round speedups (baseline and method timed back to back);
 4. ``tokens``: mean tokens per block for each method at matched GMACs (the spread over images shaded).
 
 One fixed colour-blind-safe colour (Okabe-Ito) and marker per method in every figure, TrueType fonts in PDF,
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -126,7 +128,18 @@ def throughput(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
         return fig
 
 
+def speedup_spread(timings: pd.DataFrame) -> np.ndarray | None:
+    """(2, n) distances below and above each point's speedup to the quartiles of its per-round ratios, or None when
+    the store predates them. The ratio of medians may lie just outside the per-round quartiles: clipped at 0."""
+    if "speedup_q1" not in timings or timings["speedup_q1"].isna().any():
+        return None
+    speedup = timings["speedup"].to_numpy(float)
+    return np.clip(np.stack([speedup - timings["speedup_q1"].to_numpy(float),
+                             timings["speedup_q3"].to_numpy(float) - speedup]), 0.0, None)
+
+
 def realisation(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
+    """Measured speedup against the GMACs ratio; error bars: quartiles of the per-round speedups."""
     merged = timings.merge(cells, on="cell_key")
     batches = sorted(merged["batch"].unique())
     shown = [batches[0]] + ([batches[-1]] if len(batches) > 1 else [])
@@ -142,6 +155,10 @@ def realisation(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
                 group = group.sort_values("gmacs_ratio")
                 ax.plot(group["gmacs_ratio"], group["speedup"], color=colour, marker=marker,
                         linestyle="-" if precision == "bf16" else ":", label=f"{label} ({precision})")
+                spread = speedup_spread(group)
+                if spread is not None:
+                    ax.errorbar(group["gmacs_ratio"], group["speedup"], yerr=spread, fmt="none", ecolor=colour,
+                                elinewidth=0.6, capsize=1.5, gid=f"spread:{label}:{precision}")
             ax.set_xlabel("GMACs ratio (baseline / method)")
             ax.set_ylabel(f"measured speedup, batch {batch}")
             ax.grid(alpha=0.3, linewidth=0.5)

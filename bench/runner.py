@@ -23,7 +23,7 @@ from bench import models
 from bench.accuracy import evaluate
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
-from bench.latency import time_interleaved
+from bench.latency import paired_ratio, time_interleaved
 from bench.precision import autocast
 from bench.store import Store, cell_key, pack_state
 
@@ -212,11 +212,13 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
                                             warmup_s=latency["warmup_s"], min_iters=latency["min_iters"],
                                             min_time_s=latency["min_time_s"])
             speedup = measured["baseline"].median_ms / measured["method"].median_ms
+            speedup_q1, _, speedup_q3 = paired_ratio(measured["baseline"], measured["method"])
             timings.append({"precision": precision, "batch": batch, "threads": torch.get_num_threads(),
                             "median_ms": measured["method"].median_ms, "iqr_ms": measured["method"].iqr_ms,
                             "images_per_s": measured["method"].images_per_s(batch),
                             "baseline_median_ms": measured["baseline"].median_ms,
                             "baseline_iqr_ms": measured["baseline"].iqr_ms, "speedup": speedup,
+                            "speedup_q1": speedup_q1, "speedup_q3": speedup_q3,
                             "realisation": speedup / (dense / macs_mean),
                             "iterations": len(measured["method"].times_ms),
                             "tf32": str(torch.backends.cuda.matmul.allow_tf32) if work.device.startswith("cuda") else None})

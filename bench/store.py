@@ -2,7 +2,8 @@
 
 Tables: ``meta`` (marks the file as ours + schema version), ``cells`` (one row per model + checkpoint +
 dataset + method + knobs + device: accuracy, GMACs, token counts, fine-tune cost, learned state, environment)
-and ``timings`` (per cell, precision and batch: latency of the method and of the baseline timed interleaved).
+and ``timings`` (per cell, precision and batch: latency of the method and of the baseline timed interleaved,
+the speedup as the ratio of their medians with the quartiles of the per-round ratios).
 A cell and its timings are committed together, so ``kill -9`` loses at most the cell in flight; a finished
 cell is found by its key and skipped on rerun. A file that is not SQLite, or SQLite without our ``meta``
 row, is refused and left untouched.
@@ -39,10 +40,13 @@ CREATE TABLE IF NOT EXISTS timings (
     precision TEXT NOT NULL, batch INTEGER NOT NULL, threads INTEGER,
     median_ms REAL, iqr_ms REAL, images_per_s REAL,
     baseline_median_ms REAL, baseline_iqr_ms REAL, speedup REAL, realisation REAL, iterations INTEGER,
-    tf32 TEXT,
+    tf32 TEXT, speedup_q1 REAL, speedup_q3 REAL,
     PRIMARY KEY (cell_key, precision, batch)
 );
 """
+
+#: Columns added to schema 1 after its first release: stores written before get them (empty) when opened.
+ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL"}}
 
 
 def cell_key(identity: dict[str, Any]) -> str:
@@ -84,6 +88,11 @@ class Store:
             with self.conn:
                 self.conn.executescript(SCHEMA_SQL)
                 self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?), ('schema', ?)", (APP, SCHEMA))
+                for table, columns in ADDED_COLUMNS.items():
+                    present = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+                    for column, kind in columns.items():
+                        if column not in present:
+                            self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError as exc:
             raise BenchError(f"cannot write store {self.path} ({exc}): pass --store to a writable path") from exc
 

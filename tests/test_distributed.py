@@ -73,6 +73,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     assert int(two.loc["ltmp", "eval_images"]) == 61 and int(two.loc["ltmp", "ft_images"]) >= 64
     timings = Store(tmp_path / "double.sqlite").timings()
     assert len(timings) == 4  # latency measured once per cell, on rank 0
+    assert (timings["speedup_q1"] <= timings["speedup_q3"]).all() and timings["speedup_q1"].gt(0).all()
 
 
 @pytest.mark.slow

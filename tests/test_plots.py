@@ -74,3 +74,19 @@ def test_one_colour_per_method_everywhere() -> None:
     assert plots.style_of("tome", labels) == plots.METHOD_STYLE["tome"]
     assert plots.style_of("mine", labels) != plots.style_of("yours", labels)
     assert plots.style_of("mine", labels) == plots.style_of("mine", list(reversed(labels)))
+
+
+def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> None:
+    """speedup 1.5 with per-round quartiles 1.4 and 1.7 -> a bar from 1.4 to 1.7 at the cell's GMACs ratio (2.0);
+    a store without quartiles draws no bars."""
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell(fake_row("l1", "ltmp", 0.9, 1.0), [{**fake_timing(32), "speedup_q1": 1.4, "speedup_q3": 1.7}])
+    store.close()
+    db = Store(tmp_path / "s.sqlite")
+    ax = plots.realisation(db.cells(), db.timings()).axes[0]
+    assert len(ax.containers) == 1
+    (segment,) = ax.containers[0].lines[2][0].get_segments()
+    assert segment.tolist() == [[2.0, 1.4], [2.0, 1.7]]
+    bare = small_store(tmp_path / "bare.sqlite")
+    db = Store(bare)
+    assert all(len(ax.containers) == 0 for ax in plots.realisation(db.cells(), db.timings()).axes)

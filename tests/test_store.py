@@ -138,3 +138,23 @@ methods:
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert "0 cells measured, 4 already" in again.stdout
     assert len(Store(store).cells()) == 4
+
+
+def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
+    """A schema-1 store from before ``speedup_q1/q3`` existed opens, keeps its rows, and takes new rows with them."""
+    from bench.store import APP, SCHEMA, SCHEMA_SQL
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "")
+    assert old_schema != SCHEMA_SQL
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO meta VALUES ('app', ?), ('schema', ?)", (APP, SCHEMA))
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    store.write_cell(fake_row("old"), [fake_timing()])  # a writer that does not know the quartiles
+    store.write_cell(fake_row("new"), [{**fake_timing(), "speedup_q1": 1.4, "speedup_q3": 1.7}])
+    store.close()
+    timings = Store(path).timings().set_index("cell_key")
+    assert pd.isna(timings.loc["old", "speedup_q1"]) and timings.loc["old", "speedup"] == 1.5
+    assert (timings.loc["new", "speedup_q1"], timings.loc["new", "speedup_q3"]) == (1.4, 1.7)
