@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,8 +42,26 @@ class Workload:
     eval_images: int
     eval_batches: Batches
     train_batches: Batches
-    input_shape: tuple[int, int, int]
     device: str
+    _latency_inputs: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def latency_inputs(self, batch: int) -> torch.Tensor:
+        """The first ``batch`` evaluation images (the set repeated if it is smaller), on the device, cached. Latency is
+        timed on real images because input-dependent reducers (LTMP, LTP) keep as many tokens as the image gives: on
+        noise their token counts, and so their speed, would not be those their GMACs are counted on."""
+        if batch not in self._latency_inputs:
+            images, total = [], 0
+            while total < batch:
+                seen = total
+                for x, _ in self.eval_batches():
+                    images.append(x)
+                    total += len(x)
+                    if total >= batch:
+                        break
+                if total == seen:
+                    raise BenchError("the evaluation set is empty: check the dataset path and split")
+            self._latency_inputs[batch] = torch.cat(images)[:batch].to(self.device)
+        return self._latency_inputs[batch]
 
 
 def resolve_device(name: str) -> str:
@@ -134,7 +152,6 @@ def prepare(config: dict[str, Any]) -> Workload:
             train = data_mod.load_fmnist("train", config["data_dir"])
             yield from _tensor_batches(train, distributed.shard(_train_order(len(train), config["seed"])), fit_batch)()
         dataset, n_images = "fashion-mnist-test", len(indices)
-        input_shape = (1, 28, 28)
     else:
         if not config["data"]:
             raise BenchError("dataset imagefolder needs --data PATH (an ImageFolder of evaluation images)")
@@ -147,12 +164,11 @@ def prepare(config: dict[str, Any]) -> Workload:
         train_batches = _loader_batches(train_folder, distributed.shard(_train_order(len(train_folder), config["seed"])),
                                         fit_batch, config["workers"], device, shuffle_seed=config["seed"] + 1)
         dataset, n_images = f"imagefolder:{Path(config['data']).resolve()}", len(indices)
-        input_shape = tuple(folder[0][0].shape)
     if n_images == 0:
         raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
     if len(distributed.shard(indices)) == 0:
         raise BenchError(f"{n_images} images cannot be shared by more ranks: use fewer processes or a larger --limit")
-    return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, input_shape, device)
+    return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device)
 
 
 def _label(entry: dict[str, Any]) -> str:
@@ -205,7 +221,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     latency = config["latency"]
     for precision in latency["precisions"] if store is not None else []:  # latency: one device, rank 0
         for batch in latency["batch_sizes"]:
-            x = torch.randn(batch, *work.input_shape, device=work.device)
+            x = work.latency_inputs(batch)
             with autocast(work.device, precision):
                 measured = time_interleaved({"baseline": lambda: work.model(x), "method": lambda: model(x)},
                                             device=work.device, warmup_iters=latency["warmup_iters"],

@@ -58,3 +58,19 @@ def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
     (25 / 10 = 2.5) happens to agree here; with drift between rounds it would not."""
     assert paired_ratio(Timing([10.0, 20.0, 30.0, 40.0]), Timing([5.0, 10.0, 10.0, 10.0])) == (2.0, 2.5, 3.75)
     assert paired_ratio(Timing([6.0]), Timing([3.0])) == (2.0, 2.0, 2.0)
+
+
+def test_latency_is_timed_on_the_evaluation_images() -> None:
+    """Input-dependent reducers keep as many tokens as the image gives, so latency inputs are real evaluation
+    images (in order, repeated when the set is smaller than the batch), not noise."""
+    from bench.runner import Workload
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 2, 2)
+
+    def eval_batches():
+        for start in range(0, 5, 2):
+            yield images[start:start + 2], torch.zeros(len(images[start:start + 2]))
+
+    work = Workload({}, torch.nn.Identity(), "sha", "d", 5, eval_batches, eval_batches, "cpu")
+    assert work.latency_inputs(3)[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert work.latency_inputs(7)[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0]
+    assert work.latency_inputs(3) is work.latency_inputs(3)  # cached: loaded once per run
