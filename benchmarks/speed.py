@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import methods  # noqa: E402
+from bench import config as bench_config  # noqa: E402
 from bench import models  # noqa: E402
 from bench.flops import dense_macs, embed_macs, image_macs  # noqa: E402
 from bench.latency import paired_ratio, time_interleaved  # noqa: E402
@@ -136,19 +137,22 @@ def bench_tome(args: argparse.Namespace) -> None:
         row(f"tome r={r} b{args.batch}", compare(base, model, x, args.precision, args.min_time), gmacs_ratio(model, x[:1]))
 
 
-def learned_thresholds(model: torch.nn.Module, reducer, r_target: float, budget_images: int = 1536) -> None:
-    """Fit the thresholds as the default benchmark does (config fmnist_default: its learning rates and budget)."""
+def learned_thresholds(model: torch.nn.Module, reducer, r_target: float) -> None:
+    """Fit the thresholds as the default benchmark does: config fmnist_default's LTMP knobs and fit budget."""
     from bench.data import load_fmnist
+    default = bench_config.load("fmnist_default")
+    fit = default["fit"]
     train = load_fmnist("train")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:budget_images]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:fit["budget_images"]]
 
     def batches():
-        for start in range(0, budget_images, 64):
-            index = order[start:start + 64]
+        for start in range(0, fit["budget_images"], fit["batch_size"]):
+            index = order[start:start + fit["batch_size"]]
             yield train.normalized(index), train.labels[index]
 
-    reducer.values.update(r_target=r_target, lr_merge=0.05, lr_prune=0.0005)
-    reducer.fit(model, batches, {"budget_images": budget_images, "batch_size": 64, "precision": "bf16"}, progress=False)
+    knobs = next(entry.get("knobs", {}) for entry in default["methods"] if entry["method"] == "ltmp")
+    reducer.values.update(r_target=r_target, **knobs)
+    reducer.fit(model, batches, fit, progress=False)
 
 
 def bench_ltmp(args: argparse.Namespace) -> None:

@@ -44,7 +44,8 @@ from bench.precision import autocast
 from methods.base import FitReport, Knob, TokenReducer, register_reducer
 from methods.blocks import ModelDims, ReductionContext
 from methods.parallel import all_ranks_true, data_parallel
-from methods.tokens import bipartite_similarity_macs, compact, straight_through_step
+from methods.tokens import (bipartite_positions, bipartite_similarity_macs, compact, key_similarity,
+                           straight_through_step)
 
 LTMP_KNOBS = (
     Knob("r_target", float, default=0.7, low=0.05, high=1.0, sweep=(0.9, 0.8, 0.7, 0.6, 0.5),
@@ -102,17 +103,14 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     """:func:`best_matches` for images whose alive tokens are their first ``counts: (B,)`` positions (the
     inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed."""
     batch, tokens, _ = keys.shape
-    keys = F.normalize(keys.float(), dim=-1)
-    a_pos = torch.arange(num_prefix + 1, tokens, 2, device=keys.device)
-    b_pos = torch.arange(num_prefix, tokens, 2, device=keys.device)
-    with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
-        scores = keys[:, num_prefix + 1::2] @ keys[:, num_prefix::2].transpose(1, 2)
+    a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
+    scores = key_similarity(keys, a_pos, b_pos)
     scores.masked_fill_(~(b_pos[None, None, :] < counts[:, None, None]), float("-inf"))
     best_a, match = scores.max(-1)
     best = torch.full((batch, tokens), -2.0, device=keys.device)
-    best[:, num_prefix + 1::2] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
+    best[:, a_pos] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
     dst = torch.zeros((batch, tokens), dtype=torch.long, device=keys.device)
-    dst[:, num_prefix + 1::2] = b_pos[match]
+    dst[:, a_pos] = b_pos[match]
     return best, dst
 
 
@@ -204,14 +202,14 @@ class LearnedThresholds(TokenReducer):
             merged = self._step(best, self.theta_merge[layer]) * (best > -2).float()
             weight = merged * size  # (B, N): size moved into the destination
             new_size = size.scatter_add(1, dst, weight)
+            merged_hard = merged.detach() > 0
             if self.masked:
                 numerator = x * size[..., None].to(x.dtype)
                 numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
                 x = numerator / new_size[..., None].to(x.dtype)
             else:  # applied to the merged rows only, after compaction (see merge_into_kept)
-                self._pending_merge = (merged > 0, dst, weight, new_size)
+                self._pending_merge = (merged_hard, dst, weight, new_size)
             size = new_size
-            merged_hard = merged.detach() > 0
             if ctx.source is not None:
                 ctx.source = ctx.source.scatter_add(1, dst[..., None].expand_as(ctx.source),
                                                     ctx.source * merged_hard[..., None].to(ctx.source.dtype))
