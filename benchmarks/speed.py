@@ -56,7 +56,7 @@ def padding_overhead(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, fl
 
     def recording(self, pair_macs: float, *rest):
         groups = original(self, pair_macs, *rest)
-        padded_pairs = sum(group.images * group.width ** 2 for group in groups)
+        padded_pairs = sum((end - start) * width ** 2 for start, end, width in groups.spans)
         attention_excess.append((padded_pairs - float((self.counts.double() ** 2).sum())) * pair_macs)  # q@k + p@v
         return groups
 

@@ -34,34 +34,38 @@ MAX_GROUP_PROBS = {"cpu": 2 ** 20, "cuda": 2 ** 40}
 
 
 @dataclass(frozen=True)
-class AttentionGroup:
-    """Images that share one padded attention call, ``images`` x ``width`` tokens.
+class GroupLayout:
+    """Where the images of a ragged batch sit for grouped attention.
 
-    ``rows``: their tokens' packed positions, a slice when the group is unpadded (consecutive images that all
-    hold ``width`` tokens) else a (T_g,) tensor; ``slots``: (T_g,) the same tokens' positions in the flattened
-    (images, width) group tensor, None when unpadded; ``targets``: (T_g,) their flat positions b * N + n in
-    the padded batch.
+    Images are re-ordered by count (``order: (B,)``, smallest first; ``position: (B,)`` its inverse) and padded
+    to the batch's largest count ``width``, so that every group is a contiguous block of the padded layout:
+    ``spans`` lists ``(start, end, group_width)`` ranges of the re-ordered images, and a group's tensors are views
+    ``[start:end, ..., :group_width]`` (no per-group copies). ``slots: (T,)`` holds each packed token's flat
+    position ``position[image] * width + rank`` in that layout, or None when the layout *is* the packed order
+    (every image full, no re-ordering).
     """
 
-    images: int
+    order: torch.Tensor
+    position: torch.Tensor
+    spans: list[tuple[int, int, int]]
     width: int
-    rows: slice | torch.Tensor
-    targets: torch.Tensor
-    slots: torch.Tensor | None = None
+    slots: torch.Tensor | None
 
-    def take(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """``packed: (T, F) -> (images * width, F)``, ``fill`` in the padding."""
-        if self.slots is None:
-            return packed[self.rows]
-        out = packed.new_full((self.images * self.width, packed.shape[1]), fill)
-        return out.index_copy_(0, self.slots, packed.index_select(0, self.rows))
+    @property
+    def images(self) -> int:
+        return len(self.order)
 
-    def put(self, packed: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``values: (images * width, F)`` back to the group's rows of ``packed: (T, F)``."""
+    def padded(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``packed: (T, F) -> (B, width, F)`` in layout order, ``fill`` in the padding."""
         if self.slots is None:
-            packed[self.rows] = values
-        else:
-            packed.index_copy_(0, self.rows, values.index_select(0, self.slots))
+            return packed.view(self.images, self.width, packed.shape[-1])
+        out = packed.new_full((self.images * self.width, packed.shape[-1]), fill)
+        return out.index_copy_(0, self.slots, packed).view(self.images, self.width, packed.shape[-1])
+
+    def packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """``padded: (B, width, F)`` in layout order ``-> (T, F)`` (the inverse of :meth:`padded`)."""
+        flat = padded.reshape(-1, padded.shape[-1])
+        return flat if self.slots is None else flat.index_select(0, self.slots)
 
 
 def plan_groups(counts: list[int], pair_macs: float, overhead_macs: float,
@@ -127,36 +131,26 @@ class Packing:
         out = packed.new_zeros(self.shape[0] * self.shape[1], packed.shape[-1])
         return out.index_copy_(0, self.index, packed).view(*self.shape, packed.shape[-1])
 
-    def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> list[AttentionGroup]:
+    def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> GroupLayout:
         """The attention groups (see :func:`plan_groups`); ``pair_macs``: MACs per (query, key) pair."""
         counts = self.counts.tolist()
-        batch = len(counts)
+        batch, device = len(counts), self.index.device
         if min(counts) == max(counts):  # no padding: consecutive images, as evenly split as the cap allows
             width = counts[0]
             per_group = batch if width * width * batch <= max_pairs else max(1, int(max_pairs // (width * width)))
             bounds = np.linspace(0, batch, -(-batch // per_group) + 1).round().astype(int).tolist()
-            return [AttentionGroup(end - start, width, slice(start * width, end * width),
-                                   self.index[start * width:end * width]) for start, end in zip(bounds[:-1], bounds[1:])]
-        plan = plan_groups(counts, pair_macs, overhead_macs, max_pairs)
-        position, local, width_of = [0] * batch, [0] * batch, [0] * batch  # per image: order, slot, group width
-        order_index = 0
-        for images in plan:
-            width = max(counts[i] for i in images)
-            for slot, image in enumerate(images):
-                position[image], local[image], width_of[image] = order_index, slot, width
-                order_index += 1
-        device = self.index.device
-        position_t, local_t, width_t = (torch.tensor(v, device=device)[self.image] for v in (position, local, width_of))
-        order = torch.argsort(position_t * self.shape[1] + self.rank)  # packed tokens, group by group, image by image
-        slots = (local_t * width_t + self.rank)[order]
-        targets = self.index[order]
-        groups, start = [], 0
-        for images in plan:
-            end = start + sum(counts[i] for i in images)
-            groups.append(AttentionGroup(len(images), width_of[images[0]], order[start:end], targets[start:end],
-                                         slots[start:end]))
-            start = end
-        return groups
+            identity = torch.arange(batch, device=device)
+            return GroupLayout(identity, identity, [(start, end, width) for start, end in zip(bounds[:-1], bounds[1:])],
+                               width, None)
+        spans, order, start = [], [], 0
+        for images in plan_groups(counts, pair_macs, overhead_macs, max_pairs):
+            order += images
+            spans.append((start, start + len(images), max(counts[i] for i in images)))
+            start += len(images)
+        order_t = torch.tensor(order, device=device)
+        position = torch.empty_like(order_t).scatter_(0, order_t, torch.arange(batch, device=device))
+        width = spans[-1][2]
+        return GroupLayout(order_t, position, spans, width, position.index_select(0, self.image) * width + self.rank)
 
 
 def attention_received(probs: torch.Tensor, query_alive: torch.Tensor) -> torch.Tensor:
@@ -178,28 +172,40 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
 
     ``qkv: (T, 3, H, d)`` packed (q/k norms already applied); ``log_size: (T,)`` proportional-attention bias or
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
+    The images are laid out once per call as ``(3, B, H, width, d)`` (:class:`GroupLayout`), so each group's
+    q, k and v are views and a group costs only its attention kernels.
     """
     tokens, _, heads, head_dim = qkv.shape
-    flat = qkv.reshape(tokens, -1)
-    key_bias = (qkv.new_zeros(tokens) if log_size is None else log_size.to(qkv.dtype))[:, None]  # (T, 1)
-    out = qkv.new_empty(tokens, heads * head_dim)
     batch, width_all = packing.shape
-    importance = torch.zeros(batch * width_all, device=qkv.device) if need_importance else None
     max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
-    for group in packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs):
-        n, w = group.images, group.width
-        q, k, v = group.take(flat).view(n, w, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (n, H, w, d)
-        bias = group.take(key_bias, float("-inf")).view(n, 1, 1, w)  # -inf: padded keys
+    layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
+    width = layout.width
+    q_all, k_all, v_all = (layout.padded(qkv.reshape(tokens, -1)).view(batch, width, 3, heads, head_dim)
+                           .permute(2, 0, 3, 1, 4).contiguous().unbind(0))  # (B, H, width, d) each
+    key_bias = qkv.new_zeros(tokens, 1) if log_size is None else log_size.to(qkv.dtype)[:, None]
+    key_bias = layout.padded(key_bias, float("-inf")).view(batch, 1, 1, width)  # -inf: padded keys
+    out = qkv.new_empty(batch, heads, width, head_dim)
+    if need_importance:
+        key_bias = key_bias.expand(batch, heads, 1, width).contiguous()
+        alive = layout.padded(torch.ones(tokens, 1, device=qkv.device)).view(batch, 1, 1, width)
+        query_weight = (alive / (alive.sum(-1, keepdim=True) * heads)).to(qkv.dtype).expand(batch, heads, 1, width)
+        received = torch.empty(batch, 1, width, device=qkv.device)  # fp32
+    for start, end, w in layout.spans:
+        n = end - start
+        q, k, v = (t[start:end, :, :w] for t in (q_all, k_all, v_all))  # (n, H, w, d) views
         if need_importance:
-            bias_rows = bias.expand(n, heads, 1, w).reshape(n * heads, 1, w)
-            probs = torch.baddbmm(bias_rows, q.reshape(n * heads, w, head_dim),
-                                  k.reshape(n * heads, w, head_dim).transpose(1, 2), alpha=scale).softmax(-1)
-            received = attention_received(probs.view(n, heads, w, w), bias.view(n, w) > float("-inf"))
-            received = received.reshape(-1)
-            importance[group.targets] = received if group.slots is None else received.index_select(0, group.slots)
+            bias = key_bias[start:end, :, :, :w].reshape(n * heads, 1, w)
+            probs = torch.baddbmm(bias, q.reshape(n * heads, w, head_dim), k.reshape(n * heads, w, head_dim).transpose(1, 2),
+                                  alpha=scale).softmax(-1)  # (n * H, w, w)
+            weight = query_weight[start:end, :, :, :w].reshape(n, 1, heads * w)  # mean over heads and alive queries
+            received[start:end, :, :w] = torch.bmm(weight, probs.view(n, heads * w, w))
             probs = F.dropout(probs, dropout_p) if dropout_p else probs
-            result = torch.bmm(probs, v.reshape(n * heads, w, head_dim)).view(n, heads, w, head_dim)
+            out[start:end, :, :w] = torch.bmm(probs, v.reshape(n * heads, w, head_dim)).view(n, heads, w, head_dim)
         else:
-            result = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-        group.put(out, result.transpose(1, 2).reshape(n * w, -1))
-    return out, None if importance is None else importance.view(batch, width_all)
+            out[start:end, :, :w] = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias[start:end, ..., :w],
+                                                                    dropout_p=dropout_p, scale=scale)
+    out = layout.packed(out.transpose(1, 2).reshape(batch, width, heads * head_dim))
+    if not need_importance:
+        return out, None
+    importance = layout.packed(received.float().view(batch, width, 1))[:, 0]  # (T,) in packed order
+    return out, torch.zeros(batch * width_all, device=qkv.device).index_copy_(0, packing.index, importance).view(batch, width_all)
