@@ -103,6 +103,7 @@ class ReductionContext:
         self.tokens_mlp: list[torch.Tensor] = []
         self.attention_maps: list[torch.Tensor] = []  # with "probs": every block's (B, H, N, N), gradients kept
         self.layer = 0
+        self._packing: Packing | None = None
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a forward pass on ``x: (B, N, C)`` (after position embedding)."""
@@ -140,10 +141,14 @@ class ReductionContext:
         return None if bias is None else bias[:, None, None, :]
 
     def packing(self) -> Packing | None:
-        """A :class:`Packing` when the batch holds hard padding; None when every token is alive or the mask is soft."""
+        """A :class:`Packing` when the batch holds hard padding; None when every token is alive or the mask is soft.
+        The same object while ``alive`` is, so a block's MLP and the next block's attention share its indices and
+        the packed tokens (:meth:`Packing.pack` of what :meth:`Packing.unpack` returned is free)."""
         if self.alive is None or self.alive.dtype != torch.bool:
             return None
-        return Packing(self.alive)
+        if self._packing is None or self._packing.alive is not self.alive:  # blocks reuse it until alive changes
+            self._packing = Packing(self.alive)
+        return self._packing
 
     def record_attention(self, attn: torch.Tensor) -> None:
         """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""

@@ -104,13 +104,14 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed."""
     batch, tokens, _ = keys.shape
     a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
-    scores = key_similarity(keys, a_pos, b_pos)
+    a_rows, b_rows = slice(num_prefix + 1, None, 2), slice(num_prefix, None, 2)  # the same positions, as views
+    scores = key_similarity(keys, a_rows, b_rows)
     scores.masked_fill_(~(b_pos[None, None, :] < counts[:, None, None]), float("-inf"))
     best_a, match = scores.max(-1)
     best = torch.full((batch, tokens), -2.0, device=keys.device)
-    best[:, a_pos] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
+    best[:, a_rows] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
     dst = torch.zeros((batch, tokens), dtype=torch.long, device=keys.device)
-    dst[:, a_pos] = b_pos[match]
+    dst[:, a_rows] = b_pos[match]
     return best, dst
 
 

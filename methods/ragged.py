@@ -37,30 +37,32 @@ MAX_GROUP_PROBS = {"cpu": 2 ** 20, "cuda": 2 ** 40}
 class GroupLayout:
     """Where the images of a ragged batch sit for grouped attention.
 
-    Images are re-ordered by count (``order: (B,)``, smallest first; ``position: (B,)`` its inverse) and padded
-    to the batch's largest count ``width``, so that every group is a contiguous block of the padded layout:
-    ``spans`` lists ``(start, end, group_width)`` ranges of the re-ordered images, and a group's tensors are views
-    ``[start:end, ..., :group_width]`` (no per-group copies). ``slots: (T,)`` holds each packed token's flat
-    position ``position[image] * width + rank`` in that layout, or None when the layout *is* the packed order
-    (every image full, no re-ordering).
+    Images are re-ordered by count (``order: (B,)``, smallest first) and padded to the batch's largest count
+    ``width``, so that every group is a contiguous block of the padded layout: ``spans`` lists
+    ``(start, end, group_width)`` ranges of the re-ordered images, and a group's tensors are views
+    ``[start:end, ..., :group_width]`` (no per-group copies). ``source: (B * width,)`` is the packed row that
+    fills each slot of the layout (row 0 in the padding, which ``valid: (B, width)`` marks False) and
+    ``slots: (T,)`` each packed token's slot; all three are None when the layout *is* the packed order (every
+    image full, no re-ordering). Both directions are gathers (``index_select``), several times faster on a CPU
+    than the equivalent scatters.
     """
 
     order: torch.Tensor
-    position: torch.Tensor
     spans: list[tuple[int, int, int]]
     width: int
-    slots: torch.Tensor | None
+    source: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
     @property
     def images(self) -> int:
         return len(self.order)
 
-    def padded(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """``packed: (T, F) -> (B, width, F)`` in layout order, ``fill`` in the padding."""
-        if self.slots is None:
-            return packed.view(self.images, self.width, packed.shape[-1])
-        out = packed.new_full((self.images * self.width, packed.shape[-1]), fill)
-        return out.index_copy_(0, self.slots, packed).view(self.images, self.width, packed.shape[-1])
+    def padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """``packed: (T, F) -> (B, width, F)`` in layout order; padded slots hold a copy of some alive row (finite;
+        mask them with :attr:`valid`)."""
+        rows = packed if self.source is None else packed.index_select(0, self.source)
+        return rows.view(self.images, self.width, packed.shape[-1])
 
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded: (B, width, F)`` in layout order ``-> (T, F)`` (the inverse of :meth:`padded`)."""
@@ -109,11 +111,17 @@ class Packing:
         self.dense = bool(alive.all())  # no padding: pack and unpack are reshapes
         self.index = alive.reshape(-1).nonzero().squeeze(1)  # (T,) flat positions b * N + n
         self.counts = alive.sum(1)  # (B,)
+        self._unpacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (last unpack's output, its input)
 
     @cached_property
     def image(self) -> torch.Tensor:
         """(T,) image of each packed token (attention grouping only, so computed on demand)."""
         return self.index // self.shape[1]
+
+    @cached_property
+    def source(self) -> torch.Tensor:
+        """(B * N,) packed row of each padded position (0 in the padding)."""
+        return (self.alive.reshape(-1).long().cumsum(0) - 1).clamp_min(0)
 
     @cached_property
     def rank(self) -> torch.Tensor:
@@ -123,13 +131,17 @@ class Packing:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
             return x.reshape(-1, x.shape[-1])
+        if self._unpacked is not None and self._unpacked[0] is x:  # x came from unpack: its packed form is known
+            return self._unpacked[1]
         return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         if self.dense:
             return packed.view(*self.shape, packed.shape[-1])
-        out = packed.new_zeros(self.shape[0] * self.shape[1], packed.shape[-1])
-        return out.index_copy_(0, self.index, packed).view(*self.shape, packed.shape[-1])
+        out = packed.index_select(0, self.source).view(*self.shape, packed.shape[-1])  # a gather: faster than a scatter
+        out.masked_fill_(~self.alive[..., None], 0.0)
+        self._unpacked = (out, packed)
+        return out
 
     def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> GroupLayout:
         """The attention groups (see :func:`plan_groups`); ``pair_macs``: MACs per (query, key) pair."""
@@ -139,18 +151,22 @@ class Packing:
             width = counts[0]
             per_group = batch if width * width * batch <= max_pairs else max(1, int(max_pairs // (width * width)))
             bounds = np.linspace(0, batch, -(-batch // per_group) + 1).round().astype(int).tolist()
-            identity = torch.arange(batch, device=device)
-            return GroupLayout(identity, identity, [(start, end, width) for start, end in zip(bounds[:-1], bounds[1:])],
-                               width, None)
+            return GroupLayout(torch.arange(batch, device=device),
+                               [(start, end, width) for start, end in zip(bounds[:-1], bounds[1:])], width)
         spans, order, start = [], [], 0
         for images in plan_groups(counts, pair_macs, overhead_macs, max_pairs):
             order += images
             spans.append((start, start + len(images), max(counts[i] for i in images)))
             start += len(images)
         order_t = torch.tensor(order, device=device)
-        position = torch.empty_like(order_t).scatter_(0, order_t, torch.arange(batch, device=device))
         width = spans[-1][2]
-        return GroupLayout(order_t, position, spans, width, position.index_select(0, self.image) * width + self.rank)
+        count = self.counts.index_select(0, order_t)
+        first_row = (self.counts.cumsum(0) - self.counts).index_select(0, order_t)  # of each image in packed order
+        rank = torch.arange(width, device=device)
+        valid = rank[None] < count[:, None]
+        source = torch.where(valid, first_row[:, None] + rank[None], 0).reshape(-1)
+        position = torch.empty_like(order_t).scatter_(0, order_t, torch.arange(batch, device=device))
+        return GroupLayout(order_t, spans, width, source, valid, position.index_select(0, self.image) * width + self.rank)
 
 
 def attention_received(probs: torch.Tensor, query_alive: torch.Tensor) -> torch.Tensor:
@@ -182,12 +198,13 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     width = layout.width
     q_all, k_all, v_all = (layout.padded(qkv.reshape(tokens, -1)).view(batch, width, 3, heads, head_dim)
                            .permute(2, 0, 3, 1, 4).contiguous().unbind(0))  # (B, H, width, d) each
-    key_bias = qkv.new_zeros(tokens, 1) if log_size is None else log_size.to(qkv.dtype)[:, None]
-    key_bias = layout.padded(key_bias, float("-inf")).view(batch, 1, 1, width)  # -inf: padded keys
+    alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
+    key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
+    key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
     out = qkv.new_empty(batch, heads, width, head_dim)
     if need_importance:
         key_bias = key_bias.expand(batch, heads, 1, width).contiguous()
-        alive = layout.padded(torch.ones(tokens, 1, device=qkv.device)).view(batch, 1, 1, width)
+        alive = alive.view(batch, 1, 1, width)
         query_weight = (alive / (alive.sum(-1, keepdim=True) * heads)).to(qkv.dtype).expand(batch, heads, 1, width)
         received = torch.empty(batch, 1, width, device=qkv.device)  # fp32
     for start, end, w in layout.spans:

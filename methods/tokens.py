@@ -21,16 +21,20 @@ def bipartite_positions(tokens: int, num_prefix: int, device: torch.device | Non
     return rest[1::2], rest[0::2]
 
 
-def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of keys: ``keys: (B, N, d)`` -> ``(B, |A|, |B|)``."""
+def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor | slice, b_pos: torch.Tensor | slice) -> torch.Tensor:
+    """Cosine similarity of keys: ``keys: (B, N, d)`` -> ``(B, |A|, |B|)``; positions as index tensors or slices
+    (slices select views, no gather)."""
     keys = F.normalize(keys.float(), dim=-1)
     with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
         return keys[:, a_pos] @ keys[:, b_pos].transpose(1, 2)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x: (B, N, ...)``, ``index: (B, K)`` -> ``(B, K, ...)``."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+    """``x: (B, N, ...)``, ``index: (B, K)`` -> ``(B, K, ...)``: one ``index_select`` of whole rows of the
+    flattened batch (on a CPU ~10x faster than ``gather`` with an index expanded over the channels)."""
+    batch, tokens = x.shape[:2]
+    rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)
+    return x.reshape(batch * tokens, *x.shape[2:]).index_select(0, rows).view(*index.shape, *x.shape[2:])
 
 
 def _scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,9 @@ def test_packing_round_trip_and_order() -> None:
     assert packing.pack(x)[:, 0].tolist() == [0.0, 2.0, 3.0, 6.0]  # image by image, in order
     assert packing.counts.tolist() == [3, 1] and packing.rank.tolist() == [0, 1, 2, 0]
     assert torch.equal(packing.unpack(packing.pack(x)), x * alive[..., None])  # zeros in the padding
+    packed = packing.pack(x) + 1
+    assert packing.pack(packing.unpack(packed)) is packed  # re-packing what unpack gave costs nothing
+    assert torch.equal(packing.pack(x * alive[..., None] + 1), packed)  # any other tensor is gathered
 
 
 def reference_attention(qkv: torch.Tensor, alive: torch.Tensor, scale: float, log_size: torch.Tensor | None):
