@@ -106,7 +106,7 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
     a_rows, b_rows = slice(num_prefix + 1, None, 2), slice(num_prefix, None, 2)  # the same positions, as views
     scores = key_similarity(keys, a_rows, b_rows)
-    scores.masked_fill_(~(b_pos[None, None, :] < counts[:, None, None]), float("-inf"))
+    scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))  # dead B tokens
     best_a, match = scores.max(-1)
     best = torch.full((batch, tokens), -2.0, device=keys.device)
     best[:, a_rows] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
