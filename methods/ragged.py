@@ -64,6 +64,24 @@ class GroupLayout:
         rows = packed if self.source is None else packed.index_select(0, self.source)
         return rows.view(self.images, self.width, packed.shape[-1])
 
+    def heads_first(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv: (T, 3, H, d) -> (3, B, H, width, d)`` in layout order: one gather of d-wide rows (in fp32 on the
+        CPU ~4x faster than gathering tokens and then permuting); padded slots hold copies of an alive token."""
+        tokens, parts, heads, head_dim = qkv.shape
+        source = torch.arange(tokens, device=qkv.device) if self.source is None else self.source  # (B * width,)
+        within = torch.arange(parts * heads, device=qkv.device).view(parts, 1, heads, 1)  # part * H + head
+        rows = (source.view(1, self.images, 1, self.width) * (parts * heads) + within).reshape(-1)
+        return qkv.reshape(-1, head_dim).index_select(0, rows).view(parts, self.images, heads, self.width, head_dim)
+
+    def tokens_first(self, out: torch.Tensor) -> torch.Tensor:
+        """``out: (B, H, width, d)`` in layout order ``-> (T, H * d)`` packed: one gather (the inverse of
+        :meth:`heads_first` for one part)."""
+        batch, heads, width, head_dim = out.shape
+        slots = torch.arange(batch * width, device=out.device) if self.slots is None else self.slots  # (T,)
+        head_rows = torch.arange(heads, device=out.device) * width
+        rows = ((slots // width * heads * width + slots % width)[:, None] + head_rows).reshape(-1)  # (b H + h) W + w
+        return out.reshape(-1, head_dim).index_select(0, rows).view(len(slots), heads * head_dim)
+
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded: (B, width, F)`` in layout order ``-> (T, F)`` (the inverse of :meth:`padded`)."""
         flat = padded.reshape(-1, padded.shape[-1])
@@ -196,8 +214,7 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
     layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
     width = layout.width
-    q_all, k_all, v_all = (layout.padded(qkv.reshape(tokens, -1)).view(batch, width, 3, heads, head_dim)
-                           .permute(2, 0, 3, 1, 4).contiguous().unbind(0))  # (B, H, width, d) each
+    q_all, k_all, v_all = layout.heads_first(qkv).unbind(0)  # (B, H, width, d) each
     alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
     key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
     key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
@@ -221,7 +238,7 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
         else:
             out[start:end, :, :w] = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias[start:end, ..., :w],
                                                                     dropout_p=dropout_p, scale=scale)
-    out = layout.packed(out.transpose(1, 2).reshape(batch, width, heads * head_dim))
+    out = layout.tokens_first(out)
     if not need_importance:
         return out, None
     importance = layout.packed(received.float().view(batch, width, 1))[:, 0]  # (T,) in packed order
