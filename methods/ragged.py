@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Fixed cost of one more attention group, in multiply-adds: ~12 small kernels. On the 2-core CPU this was
-#: measured at ~150 us, the time of ~2e6 attention MACs; a GPU launch costs far more MACs' worth.
+#: Fixed cost of one more attention group, in multiply-adds: its few kernels and views. On the 2-core CPU this was
+#: measured at ~150 us, the time of ~2e6 attention MACs (1e6 and 4e6 measured the same); a GPU launch costs far
+#: more MACs' worth.
 GROUP_OVERHEAD_MACS = {"cpu": 2e6, "cuda": 2e9}
 #: Largest (images x heads x width^2) probability tensor of one group (2 MiB in fp32): what a CPU cache holds.
 #: 2^19 measured 15 % faster than 2^20 for the whole embedded model in fp32 and ~4 % in bf16 (2^18: no better).
@@ -242,5 +243,5 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     out = layout.tokens_first(out)
     if not need_importance:
         return out, None
-    importance = layout.packed(received.float().view(batch, width, 1))[:, 0]  # (T,) in packed order
+    importance = layout.packed(received.view(batch, width, 1))[:, 0]  # (T,) in packed order
     return out, torch.zeros(batch * width_all, device=qkv.device).index_copy_(0, packing.index, importance).view(batch, width_all)
