@@ -216,29 +216,29 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
     layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
     width = layout.width
-    q_all, k_all, v_all = layout.heads_first(qkv).unbind(0)  # (B, H, width, d) each
+    qkv_all = layout.heads_first(qkv)  # (3, B, H, width, d)
     alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
     key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
     key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
     out = qkv.new_empty(batch, heads, width, head_dim)
     if need_importance:
-        key_bias = key_bias.expand(batch, heads, 1, width).contiguous()
+        key_bias = key_bias.expand(batch, heads, 1, width).reshape(batch * heads, 1, width)
         alive = alive.view(batch, 1, 1, width)
         query_weight = (alive / (alive.sum(-1, keepdim=True) * heads)).to(qkv.dtype).expand(batch, heads, 1, width)
         received = torch.empty(batch, 1, width, device=qkv.device)  # fp32
     for start, end, w in layout.spans:
         n = end - start
-        q, k, v = (t[start:end, :, :w] for t in (q_all, k_all, v_all))  # (n, H, w, d) views
+        group = qkv_all[:, start:end, :, :w]  # (3, n, H, w, d), a view
         if need_importance:
-            bias = key_bias[start:end, :, :, :w].reshape(n * heads, 1, w)
-            probs = torch.baddbmm(bias, q.reshape(n * heads, w, head_dim), k.reshape(n * heads, w, head_dim).transpose(1, 2),
-                                  alpha=scale).softmax(-1)  # (n * H, w, w)
+            q, k, v = group.reshape(3, n * heads, w, head_dim).unbind(0)  # views: n and H merge
+            bias = key_bias[start * heads:end * heads, :, :w]
+            probs = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale).softmax(-1)  # (n * H, w, w)
             weight = query_weight[start:end, :, :, :w].reshape(n, 1, heads * w)  # mean over heads and alive queries
             received[start:end, :, :w] = torch.bmm(weight, probs.view(n, heads * w, w))
             probs = F.dropout(probs, dropout_p) if dropout_p else probs
-            out[start:end, :, :w] = torch.bmm(probs, v.reshape(n * heads, w, head_dim)).view(n, heads, w, head_dim)
+            out[start:end, :, :w] = torch.bmm(probs, v).view(n, heads, w, head_dim)
         else:
-            out[start:end, :, :w] = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias[start:end, ..., :w],
+            out[start:end, :, :w] = F.scaled_dot_product_attention(*group.unbind(0), attn_mask=key_bias[start:end, ..., :w],
                                                                     dropout_p=dropout_p, scale=scale)
     out = layout.tokens_first(out)
     if not need_importance:
