@@ -41,8 +41,8 @@ class GroupLayout:
 
     Images are re-ordered by count (``order: (B,)``, smallest first) and padded to the batch's largest count
     ``width``, so that every group is a contiguous block of the padded layout: ``spans`` lists
-    ``(start, end, group_width)`` ranges of the re-ordered images, and a group's tensors are views
-    ``[start:end, ..., :group_width]`` (no per-group copies). ``source: (B * width,)`` is the packed row that
+    ``(start, end, group_width)`` ranges of the re-ordered images, and a group is the slice
+    ``[start:end, ..., :group_width]`` of any per-slot tensor. ``source: (B * width,)`` is the packed row that
     fills each slot of the layout (row 0 in the padding, which ``valid: (B, width)`` marks False) and
     ``slots: (T,)`` each packed token's slot; all three are None when the layout *is* the packed order (every
     image full, no re-ordering). Both directions are gathers (``index_select``), several times faster on a CPU
@@ -66,18 +66,20 @@ class GroupLayout:
         rows = packed if self.source is None else packed.index_select(0, self.source)
         return rows.view(self.images, self.width, packed.shape[-1])
 
-    def heads_first(self, qkv: torch.Tensor) -> torch.Tensor:
-        """``qkv: (T, 3, H, d) -> (3, B, H, width, d)`` in layout order: one gather of d-wide rows (in fp32 on the
-        CPU ~4x faster than gathering tokens and then permuting); padded slots hold copies of an alive token."""
-        tokens, parts, heads, head_dim = qkv.shape
-        source = torch.arange(tokens, device=qkv.device) if self.source is None else self.source  # (B * width,)
-        within = torch.arange(parts * heads, device=qkv.device).view(parts, 1, heads, 1)  # part * H + head
-        rows = (source.view(1, self.images, 1, self.width) * (parts * heads) + within).reshape(-1)
-        return qkv.reshape(-1, head_dim).index_select(0, rows).view(parts, self.images, heads, self.width, head_dim)
+    def head_rows(self, qkv_shape: torch.Size) -> torch.Tensor:
+        """Row ``(t * 3 + part) * H + head`` of ``qkv: (T, 3, H, d)`` seen as (T * 3 * H, d) rows for every slot of the
+        head-first layout ``(3, B, H, width)``. A group's q, k and v are then one gather of d-wide rows,
+        ``index_select(rows[:, start:end, :, :w])``, already in the (n * H, w, d) shape the batched matmuls need (in
+        fp32 on the CPU ~4x faster than gathering tokens and then permuting). Padded slots point at an alive token."""
+        tokens, parts, heads, _ = qkv_shape
+        device = self.order.device
+        source = torch.arange(tokens, device=device) if self.source is None else self.source  # (B * width,)
+        within = torch.arange(parts * heads, device=device).view(parts, 1, heads, 1)  # part * H + head
+        return source.view(1, self.images, 1, self.width) * (parts * heads) + within
 
     def tokens_first(self, out: torch.Tensor) -> torch.Tensor:
         """``out: (B, H, width, d)`` in layout order ``-> (T, H * d)`` packed: one gather (the inverse of
-        :meth:`heads_first` for one part)."""
+        :meth:`head_rows` for one part)."""
         batch, heads, width, head_dim = out.shape
         slots = torch.arange(batch * width, device=out.device) if self.slots is None else self.slots  # (T,)
         head_rows = torch.arange(heads, device=out.device) * width
@@ -208,15 +210,16 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
 
     ``qkv: (T, 3, H, d)`` packed (q/k norms already applied); ``log_size: (T,)`` proportional-attention bias or
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
-    The images are laid out once per call as ``(3, B, H, width, d)`` (:class:`GroupLayout`), so each group's
-    q, k and v are views and a group costs only its attention kernels.
+    Images are sorted by count and grouped (:class:`GroupLayout`); each group's q, k and v are one gather of
+    d-wide rows, made just before its kernels use them (so they are still in cache).
     """
     tokens, _, heads, head_dim = qkv.shape
     batch, width_all = packing.shape
     max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
     layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
     width = layout.width
-    qkv_all = layout.heads_first(qkv)  # (3, B, H, width, d)
+    rows = layout.head_rows(qkv.shape)  # (3, B, H, width)
+    qkv_rows = qkv.reshape(-1, head_dim)
     alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
     key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
     key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
@@ -228,9 +231,9 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
         received = torch.empty(batch, 1, width, device=qkv.device)  # fp32
     for start, end, w in layout.spans:
         n = end - start
-        group = qkv_all[:, start:end, :, :w]  # (3, n, H, w, d), a view
+        group = qkv_rows.index_select(0, rows[:, start:end, :, :w].reshape(-1)).view(3, n, heads, w, head_dim)
         if need_importance:
-            q, k, v = group.reshape(3, n * heads, w, head_dim).unbind(0)  # views: n and H merge
+            q, k, v = group.view(3, n * heads, w, head_dim).unbind(0)
             bias = key_bias[start * heads:end * heads, :, :w]
             probs = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale).softmax(-1)  # (n * H, w, w)
             weight = query_weight[start:end, :, :, :w].reshape(n, 1, heads * w)  # mean over heads and alive queries
