@@ -213,7 +213,7 @@ def _padded(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor) -> torch.
     q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if "keys" in ctx.needs:
-        ctx.stats["keys"] = k.mean(1)
+        ctx.stats["keys"] = head_mean(k)
     bias = ctx.attention_bias()
     if ctx.needs_probabilities or ctx.soft_mask() or not attn.fused_attn:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
@@ -236,7 +236,7 @@ def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: 
         q, k = attn.q_norm(q), attn.k_norm(k)
         qkv = torch.stack([q, k, v], 1)
     if "keys" in ctx.needs:
-        ctx.stats["keys"] = packing.unpack(k.mean(1))
+        ctx.stats["keys"] = packing.unpack(head_mean(k))
     log_size = None
     if ctx.size is not None and ctx.reducer.proportional_attention:
         log_size = packing.pack(ctx.size[..., None].log())[:, 0]
@@ -246,6 +246,15 @@ def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: 
     if importance is not None:
         ctx.stats["importance"] = importance
     return out
+
+
+def head_mean(k: torch.Tensor) -> torch.Tensor:
+    """Mean over heads, ``k: (T, H, d) -> (T, d)`` in fp32, as H - 1 in-place adds: on the CPU 2-3x faster than
+    ``k.mean(1)``, a reduction over a strided middle dimension of size H."""
+    out = k[:, 0].to(torch.float32, copy=True)
+    for head in range(1, k.shape[1]):
+        out += k[:, head]
+    return out.div_(k.shape[1])
 
 
 def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: int,
