@@ -249,8 +249,8 @@ def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: 
 
 
 def head_mean(k: torch.Tensor) -> torch.Tensor:
-    """Mean over heads, ``k: (T, H, d) -> (T, d)`` in fp32, as H - 1 in-place adds: on the CPU 2-3x faster than
-    ``k.mean(1)``, a reduction over a strided middle dimension of size H."""
+    """Mean over the heads at dim 1 in fp32: ``k: (T, H, d) -> (T, d)`` or ``(B, H, N, d) -> (B, N, d)``, as H - 1
+    in-place adds (on the CPU 2-3x faster than ``k.mean(1)``, a reduction over a strided dimension of size H)."""
     out = k[:, 0].to(torch.float32, copy=True)
     for head in range(1, k.shape[1]):
         out += k[:, head]
