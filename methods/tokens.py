@@ -29,16 +29,24 @@ def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor | slice, b_pos: torch
         return keys[:, a_pos] @ keys[:, b_pos].transpose(1, 2)
 
 
+def _flat_rows(index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``index: (B, K)`` positions within each image -> (B * K,) rows of the flattened (B * tokens, ...) batch."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * tokens).reshape(-1)
+
+
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x: (B, N, ...)``, ``index: (B, K)`` -> ``(B, K, ...)``: one ``index_select`` of whole rows of the
     flattened batch (on a CPU ~10x faster than ``gather`` with an index expanded over the channels)."""
     batch, tokens = x.shape[:2]
-    rows = (index + torch.arange(batch, device=index.device)[:, None] * tokens).reshape(-1)
-    return x.reshape(batch * tokens, *x.shape[2:]).index_select(0, rows).view(*index.shape, *x.shape[2:])
+    return x.reshape(batch * tokens, *x.shape[2:]).index_select(0, _flat_rows(index, tokens)).view(*index.shape, *x.shape[2:])
 
 
 def _scatter_add_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return target.scatter_add(1, index.view(*index.shape, *([1] * (target.dim() - 2))).expand_as(values), values)
+    """``target: (B, N, ...)`` plus ``values: (B, K, ...)`` added at rows ``index: (B, K)``, as one ``index_add`` of
+    whole rows of the flattened batch (not ``scatter_add`` with an index expanded over the channels)."""
+    batch, tokens = target.shape[:2]
+    flat = target.reshape(batch * tokens, *target.shape[2:])
+    return flat.index_add(0, _flat_rows(index, tokens), values.reshape(-1, *values.shape[2:])).view(target.shape)
 
 
 def merge_bipartite(x: torch.Tensor, ctx: ReductionContext, a_pos: torch.Tensor, b_pos: torch.Tensor,
