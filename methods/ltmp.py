@@ -44,8 +44,8 @@ from bench.precision import autocast
 from methods.base import FitReport, Knob, TokenReducer, register_reducer
 from methods.blocks import ModelDims, ReductionContext
 from methods.parallel import all_ranks_true, data_parallel
-from methods.tokens import (bipartite_positions, bipartite_similarity_macs, compact, key_similarity,
-                           straight_through_step)
+from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact,
+                           key_similarity, straight_through_step)
 
 LTMP_KNOBS = (
     Knob("r_target", float, default=0.7, low=0.05, high=1.0, sweep=(0.9, 0.8, 0.7, 0.6, 0.5),
@@ -104,7 +104,7 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed."""
     batch, tokens, _ = keys.shape
     a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
-    a_rows, b_rows = slice(num_prefix + 1, None, 2), slice(num_prefix, None, 2)  # the same positions, as views
+    a_rows, b_rows = bipartite_slices(num_prefix)  # the same positions, as views
     scores = key_similarity(keys, a_rows, b_rows)
     scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))  # dead B tokens
     best_a, match = scores.max(-1)

@@ -11,14 +11,21 @@ import torch.nn.functional as F
 from methods.blocks import ReductionContext
 
 
-def bipartite_positions(tokens: int, num_prefix: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bipartite_slices(num_prefix: int) -> tuple[slice, slice]:
     """Alternating split of the non-prefix positions: set A = odd, set B = even offsets after the prefix.
 
     For a CLS-only model this is ToMe's reference split (``a, b = x[..., ::2, :], x[..., 1::2, :]`` with CLS
     in A and excluded from matching); here prefix tokens are in neither set, which also protects registers.
+    As slices of the token dimension (views, no gather).
     """
-    rest = torch.arange(num_prefix, tokens, device=device)
-    return rest[1::2], rest[0::2]
+    return slice(num_prefix + 1, None, 2), slice(num_prefix, None, 2)
+
+
+def bipartite_positions(tokens: int, num_prefix: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bipartite_slices` as index tensors of ``tokens`` positions."""
+    positions = torch.arange(tokens, device=device)
+    a_rows, b_rows = bipartite_slices(num_prefix)
+    return positions[a_rows], positions[b_rows]
 
 
 def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor | slice, b_pos: torch.Tensor | slice) -> torch.Tensor:
