@@ -142,7 +142,7 @@ class Packing:
 
     @cached_property
     def source(self) -> torch.Tensor:
-        """(B * N,) packed row of each padded position (0 in the padding)."""
+        """(B * N,) packed row of each padded position; in the padding some alive row (which :meth:`unpack` zeroes)."""
         return (self.alive.reshape(-1).long().cumsum(0) - 1).clamp_min(0)
 
     @cached_property
@@ -184,9 +184,9 @@ class Packing:
         width = spans[-1][2]
         count = self.counts.index_select(0, order_t)
         first_row = (self.counts.cumsum(0) - self.counts).index_select(0, order_t)  # of each image in packed order
-        rank = torch.arange(width, device=device)
-        valid = rank[None] < count[:, None]
-        source = torch.where(valid, first_row[:, None] + rank[None], 0).reshape(-1)
+        slot = torch.arange(width, device=device)
+        valid = slot[None] < count[:, None]
+        source = torch.where(valid, first_row[:, None] + slot[None], 0).reshape(-1)
         position = torch.empty_like(order_t).scatter_(0, order_t, torch.arange(batch, device=device))
         return GroupLayout(order_t, spans, width, source, valid, position.index_select(0, self.image) * width + self.rank)
 
