@@ -95,15 +95,15 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
     layer by layer, so the benchmark exercises real, image-dependent token counts."""
     original = reducer._decide
 
-    def calibrating(layer, tokens, ctx_):
+    def calibrating(layer, ctx_, shape, device, x=None):
         with torch.no_grad():
             if "keys" in ctx_.needs:
-                alive = torch.ones(tokens.shape[:2], dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
-                best, _ = reducer._matches(ctx_, alive, (torch.arange(tokens.shape[1]) >= ctx_.num_prefix) & alive)
+                alive = torch.ones(shape, dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
+                best, _ = reducer._matches(ctx_, alive, (torch.arange(shape[1]) >= ctx_.num_prefix) & alive)
                 reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
             if "importance" in ctx_.needs:
                 reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][:, ctx_.num_prefix:].float(), prune_q)
-        return original(layer, tokens, ctx_)
+        return original(layer, ctx_, shape, device, x)
 
     reducer._decide = calibrating
     with torch.inference_mode():

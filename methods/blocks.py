@@ -150,6 +150,13 @@ class ReductionContext:
             self._packing = Packing(self.alive)
         return self._packing
 
+    def repack(self, alive: torch.Tensor) -> Packing:
+        """Set ``alive: (B, K)`` bool after a compaction (None when every token is alive) and return its
+        :class:`Packing`, which :meth:`packing` then keeps returning."""
+        self._packing = Packing(alive)
+        self.alive = None if self._packing.dense else alive
+        return self._packing
+
     def record_attention(self, attn: torch.Tensor) -> None:
         """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""
         if "probs" in self.needs:
@@ -262,22 +269,40 @@ def head_mean(k: torch.Tensor) -> torch.Tensor:
 
 
 def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: int,
-              mid: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+              mid: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              mid_packed: Callable[[torch.Tensor, Packing], tuple[torch.Tensor, Packing]] | None = None) -> torch.Tensor:
     """A timm pre-norm block with a mid-block hook; records the token counts. ``x: (B, N, C)``.
 
     Where ``ctx.alive`` holds hard padding, the two residual branches run on the alive tokens only
-    (:class:`Packing`); padded positions come out as zeros.
+    (:class:`Packing`); padded positions come out as zeros. ``mid_packed``, if given, replaces ``mid`` whenever
+    the mask is hard or absent: it maps the alive tokens ``(T, C)`` of a :class:`Packing` to the kept ones
+    ``(T', C)`` and their Packing, so the padded batch is never built between attention and the MLP.
     """
     ctx.layer = layer
     ctx.tokens_attn.append(ctx.count(x))
-    x = _residual(x, ctx.packing(), lambda tokens, packing: block.drop_path1(block.ls1(
-        attention_forward(block.attn, block.norm1(tokens), packing=packing))))
-    if mid is not None:
-        x = mid(x)
-    ctx.tokens_mlp.append(ctx.count(x))
-    x = _residual(x, ctx.packing(), lambda tokens, _: block.drop_path2(block.ls2(block.mlp(block.norm2(tokens)))))
+    packing = ctx.packing()
+    if mid_packed is not None and (packing is not None or ctx.alive is None):
+        packing = packing or Packing(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        tokens = packing.pack(x)
+        tokens, packing = mid_packed(tokens + _attention_branch(block, tokens, packing), packing)
+        ctx.tokens_mlp.append(packing.counts)
+        x = packing.unpack(tokens + _mlp_branch(block, tokens))
+    else:
+        x = _residual(x, packing, lambda tokens, packing: _attention_branch(block, tokens, packing))
+        if mid is not None:
+            x = mid(x)
+        ctx.tokens_mlp.append(ctx.count(x))
+        x = _residual(x, ctx.packing(), lambda tokens, _: _mlp_branch(block, tokens))
     ctx.stats = {}
     return x
+
+
+def _attention_branch(block: nn.Module, tokens: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    return block.drop_path1(block.ls1(attention_forward(block.attn, block.norm1(tokens), packing=packing)))
+
+
+def _mlp_branch(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
 
 
 def _residual(x: torch.Tensor, packing: Packing | None,

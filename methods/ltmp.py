@@ -42,10 +42,11 @@ from tqdm import tqdm
 
 from bench.precision import autocast
 from methods.base import FitReport, Knob, TokenReducer, register_reducer
-from methods.blocks import ModelDims, ReductionContext
+from methods.blocks import ModelDims, ReductionContext, run_block
 from methods.parallel import all_ranks_true, data_parallel
-from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact,
-                           key_similarity, straight_through_step)
+from methods.ragged import Packing
+from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact_packed,
+                           key_similarity, members, straight_through_step)
 
 LTMP_KNOBS = (
     Knob("r_target", float, default=0.7, low=0.05, high=1.0, sweep=(0.9, 0.8, 0.7, 0.6, 0.5),
@@ -70,14 +71,6 @@ def flops_ratio(before: list[torch.Tensor], after: list[torch.Tensor], tokens: i
     dense = 6 * n * d * d + n * n * d
     ratios = [(2 * m0 * n * d * d + (m0 * n) ** 2 * d + 4 * m1 * n * d * d) / dense for m0, m1 in zip(before, after)]
     return torch.stack([torch.as_tensor(r) for r in ratios]).mean()
-
-
-def members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions where ``mask: (B, N)`` holds, in order, padded to the batch's largest count: (B, K) and valid (B, K).
-    Padded entries point at positions outside the set."""
-    count = mask.sum(1)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, : int(count.max())]
-    return order, torch.arange(order.shape[1], device=mask.device)[None] < count[:, None]
 
 
 def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +108,17 @@ def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -
     return best, dst
 
 
-def merge_into_kept(x: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor,
-                    weight: torch.Tensor, new_size: torch.Tensor) -> torch.Tensor:
-    """The size-weighted merge of the inference form, touching only the rows that merge.
+def merge_into_kept(tokens: torch.Tensor, token_rows: torch.Tensor, kept: torch.Tensor, kept_first: torch.Tensor,
+                    keep: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor,
+                    new_size: torch.Tensor) -> torch.Tensor:
+    """The size-weighted merge of the inference form, touching only the rows that merge. Returns ``kept``, updated.
 
-    ``x: (B, N, C)`` before the merge; ``kept: (B, K, C)`` its tokens where ``keep: (B, N)`` holds, compacted (as
-    :func:`compact` returns them); ``merged: (B, N)`` bool A tokens joining the B token at ``dst: (B, N)``,
-    ``weight: (B, N)`` their sizes, ``new_size: (B, N)`` the sizes after the merge. A destination ``d`` becomes
-    ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as ``x_d + sum_a (s_a / s'_d) (x_a - x_d)`` so that it is one
-    ``index_add`` over the M merged rows instead of a scatter over the whole (B, N, C) batch (the training form's
+    ``tokens: (R, C)`` the rows before the merge, ``token_rows: (B, N)`` the row of each alive position;
+    ``kept: (R', C)`` the rows of the positions where ``keep: (B, N)`` holds, image by image in position order,
+    image ``b``'s first one at row ``kept_first[b]``; ``merged: (B, N)`` bool A tokens joining the B token at
+    ``dst: (B, N)``, ``weight: (B, N)`` their sizes, ``new_size: (B, N)`` the sizes after the merge. A destination
+    ``d`` becomes ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as ``x_d + sum_a (s_a / s'_d) (x_a - x_d)`` so that
+    it is one ``index_add`` over the M merged rows instead of a scatter over the whole batch (the training form's
     formula; the two agree to float rounding). Destinations that were pruned after merging are skipped.
     """
     image, source = merged.nonzero(as_tuple=True)  # (M,) each
@@ -133,12 +128,9 @@ def merge_into_kept(x: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor, mer
     if image.numel() == 0:
         return kept
     rank = keep.long().cumsum(1) - 1
-    share = (weight[image, source] / new_size[image, target]).to(x.dtype)
-    delta = (x[image, source] - x[image, target]) * share[:, None]
-    rows = image * kept.shape[1] + rank[image, target]
-    flat = kept.reshape(-1, kept.shape[-1])
-    flat = flat.index_add(0, rows, delta) if kept is x else flat.index_add_(0, rows, delta)
-    return flat.view(kept.shape)
+    share = (weight[image, source] / new_size[image, target]).to(tokens.dtype)
+    delta = (tokens[token_rows[image, source]] - tokens[token_rows[image, target]]) * share[:, None]
+    return kept.index_add_(0, kept_first[image] + rank[image, target], delta)
 
 
 class LearnedThresholds(TokenReducer):
@@ -188,14 +180,18 @@ class LearnedThresholds(TokenReducer):
         rank = candidate.long().cumsum(1) - 1
         return best_matches(ctx.stats["keys"], candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
 
-    def _decide(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        device, prefix = x.device, ctx.num_prefix
+    def _decide(self, layer: int, ctx: ReductionContext, shape: tuple[int, int], device: torch.device,
+                x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Block ``layer``'s merge and prune decisions for a (B, N) batch: sets ``ctx.size`` and ``_last_alive``
+        (B, N), 0/1 with gradients in the training form. In the training form ``x: (B, N, C)`` is merged here and
+        returned; in the inference form the merge waits for the compaction (``_pending_merge``)."""
+        batch, tokens = shape
+        prefix = ctx.num_prefix
         alive_hard = torch.ones(batch, tokens, dtype=torch.bool, device=device) if ctx.alive is None else ctx.alive > 0
         alive = alive_hard.float() if ctx.alive is None else ctx.alive.float()
         is_rest = torch.arange(tokens, device=device) >= prefix
         candidate = alive_hard & is_rest
-        size = ctx.sizes(x)
+        size = torch.ones(shape, device=device) if ctx.size is None else ctx.size
         importance = ctx.stats.get("importance")
         self._pending_merge = None
         if self.merge and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
@@ -224,23 +220,40 @@ class LearnedThresholds(TokenReducer):
         self._last_alive = alive
         return x
 
+    def block_forward(self, layer: int, block, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
+        return run_block(block, x, ctx, layer, mid=lambda y: self.reduce(layer, y, ctx),
+                         mid_packed=None if self.masked else lambda tokens, packing: self.reduce_packed(layer, tokens, packing, ctx))
+
     def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
+        """``x: (B, N, C)``. The training form masks; the inference form runs :meth:`reduce_packed` on the alive tokens."""
+        if not self.masked:
+            packing = ctx.packing() or Packing(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+            tokens, packing = self.reduce_packed(layer, packing.pack(x), packing, ctx)
+            return packing.unpack(tokens)
         before = ctx.alive
-        x = self._decide(layer, x, ctx)
+        x = self._decide(layer, ctx, x.shape[:2], x.device, x)
         alive = self._last_alive
-        if self.masked:
-            tokens = x.shape[1]
-            before_fraction = (torch.ones(()) if before is None else before.float().sum(1).mean() / tokens)
-            self._fractions.append((before_fraction, alive.sum(1).mean() / tokens))
-            ctx.alive = alive
-            return x
-        keep = alive.detach() > 0
+        tokens = x.shape[1]
+        before_fraction = (torch.ones(()) if before is None else before.float().sum(1).mean() / tokens)
+        self._fractions.append((before_fraction, alive.sum(1).mean() / tokens))
+        ctx.alive = alive
+        return x
+
+    def reduce_packed(self, layer: int, tokens: torch.Tensor, packing: Packing,
+                      ctx: ReductionContext) -> tuple[torch.Tensor, Packing]:
+        """The inference form on the alive tokens ``tokens: (T, C)`` of ``packing``'s (B, N) batch: drops and merges
+        tokens and returns the kept ones ``(T', C)`` with their :class:`Packing` (``ctx`` follows)."""
+        self._decide(layer, ctx, packing.shape, tokens.device)
+        keep = self._last_alive > 0
         if ctx.num_prefix == 0:  # never leave an image without tokens
             empty = ~keep.any(1)
             keep[empty, 0] = True
-        ctx.alive = None if ctx.alive is None else ctx.alive > 0
-        out = compact(x, ctx, keep)
-        return out if self._pending_merge is None else merge_into_kept(x, out, keep, *self._pending_merge)
+        kept, kept_packing = compact_packed(tokens, packing, ctx, keep)
+        if self._pending_merge is not None:
+            first = kept_packing.counts.cumsum(0) - kept_packing.counts
+            kept = merge_into_kept(tokens, packing.source.view(packing.shape), kept if kept is not tokens else kept.clone(),
+                                   first, keep, *self._pending_merge)
+        return kept, kept_packing
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         if not self.merge:

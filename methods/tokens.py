@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.blocks import ReductionContext
+from methods.ragged import Packing
 
 
 def bipartite_slices(num_prefix: int) -> tuple[slice, slice]:
@@ -90,6 +91,14 @@ def keep_tokens(x: torch.Tensor, ctx: ReductionContext, keep: torch.Tensor) -> t
     return _gather_rows(x, keep)
 
 
+def members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions where ``mask: (B, N)`` holds, in order, padded to the batch's largest count: (B, K) and valid (B, K).
+    Padded entries point at positions outside the set."""
+    count = mask.sum(1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, : int(count.max())]
+    return order, torch.arange(order.shape[1], device=mask.device)[None] < count[:, None]
+
+
 def compact(x: torch.Tensor, ctx: ReductionContext, keep_mask: torch.Tensor) -> torch.Tensor:
     """Drop tokens where ``keep_mask: (B, N)`` is False, image by image, padding to the batch's largest count.
 
@@ -98,14 +107,27 @@ def compact(x: torch.Tensor, ctx: ReductionContext, keep_mask: torch.Tensor) -> 
     """
     if ctx.alive is None and bool(keep_mask.all()):  # nothing to drop
         return x
-    counts = keep_mask.sum(1)
-    width = int(counts.max())
-    order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    order, padded = members(keep_mask)
     out = keep_tokens(x, ctx, order)
-    padded = torch.arange(width, device=x.device)[None] < counts[:, None]
     alive = padded if ctx.alive is None else (ctx.alive > 0) & padded
     ctx.alive = None if bool(alive.all()) else alive
     return out
+
+
+def compact_packed(tokens: torch.Tensor, packing: Packing, ctx: ReductionContext,
+                   keep_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+    """:func:`compact` on the alive tokens ``tokens: (T, C)`` of ``packing`` (``keep_mask: (B, N)`` a subset of its
+    alive positions) -> the kept tokens ``(T', C)`` and their :class:`Packing`; one gather of the kept rows, the
+    padded batch is never built. ``ctx.size``, ``ctx.source`` and ``ctx.alive`` follow as in :func:`compact`."""
+    if torch.equal(keep_mask, packing.alive):  # nothing to drop
+        return tokens, packing
+    order, padded = members(keep_mask)
+    ctx.size = None if ctx.size is None else ctx.size.gather(1, order)
+    if ctx.source is not None:
+        ctx.source = _gather_rows(ctx.source, order)
+    kept = ctx.repack(padded)
+    rows = packing.source.view(packing.shape).gather(1, order).reshape(-1)  # (B * K,) row of each kept slot
+    return tokens.index_select(0, rows if kept.dense else rows.index_select(0, kept.index)), kept
 
 
 def bipartite_similarity_macs(n_attn: torch.Tensor, num_prefix: int, head_dim: int) -> torch.Tensor:

@@ -153,6 +153,9 @@ def test_inference_merge_touches_merged_rows_only_hand_example() -> None:
     weight = merged * size
     new_size = size.scatter_add(1, dst, weight)
     keep = torch.tensor([[True, False, True, False], [True, False, True, False]])
-    kept = torch.stack([x[0, keep[0]], x[1, keep[1]]])
-    out = merge_into_kept(x, kept.clone(), keep, merged, dst, weight, new_size)
-    assert out[:, :, 0].tolist() == [[0.0, 6.0], [1.0, 5.0]]
+    order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])  # the rows before the merge in any order: row r holds x.flat[order[r]]
+    token_rows = torch.argsort(order).view(2, 4)
+    kept = x[keep]  # (4, 1): image 0's kept rows first
+    out = merge_into_kept(x.reshape(8, 1)[order], token_rows, kept.clone(), torch.tensor([0, 2]), keep, merged, dst,
+                          weight, new_size)
+    assert out[:, 0].tolist() == [0.0, 6.0, 1.0, 5.0]
