@@ -78,15 +78,6 @@ class GroupLayout:
         within = torch.arange(parts * heads, device=device).view(parts, 1, heads, 1)  # part * H + head
         return source.view(1, self.images, 1, self.width) * (parts * heads) + within
 
-    def tokens_first(self, out: torch.Tensor) -> torch.Tensor:
-        """``out: (B, H, width, d)`` in layout order ``-> (T, H * d)`` packed: one gather (the inverse of
-        :meth:`head_rows` for one part)."""
-        batch, heads, width, head_dim = out.shape
-        slots = torch.arange(batch * width, device=out.device) if self.slots is None else self.slots  # (T,)
-        head_rows = torch.arange(heads, device=out.device) * width
-        rows = ((slots // width * heads * width + slots % width)[:, None] + head_rows).reshape(-1)  # (b H + h) W + w
-        return out.reshape(-1, head_dim).index_select(0, rows).view(len(slots), heads * head_dim)
-
     def packed(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded: (B, width, F)`` in layout order ``-> (T, F)`` (the inverse of :meth:`padded`)."""
         flat = padded.reshape(-1, padded.shape[-1])
@@ -213,7 +204,8 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     ``qkv: (T, 3, H, d)`` packed (q/k norms already applied); ``log_size: (T,)`` proportional-attention bias or
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
     Images are sorted by count and grouped (:class:`GroupLayout`); each group's q, k and v are one gather of
-    d-wide rows, made just before its kernels use them (so they are still in cache).
+    d-wide rows, made just before its kernels use them (so they are still in cache); its result is written
+    transposed into a tokens-first (B, width, H, d) buffer, which one row gather (:meth:`GroupLayout.packed`) packs.
     """
     tokens, _, heads, head_dim = qkv.shape
     batch, width_all = packing.shape
@@ -225,7 +217,7 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
     key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
     key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
-    out = qkv.new_empty(batch, heads, width, head_dim)
+    out = qkv.new_empty(batch, width, heads, head_dim)  # tokens first: each group's result is written transposed
     if need_importance:
         key_bias = key_bias.expand(batch, heads, 1, width).reshape(batch * heads, 1, width)
         alive = alive.view(batch, 1, 1, width)
@@ -241,11 +233,11 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
             weight = query_weight[start:end, :, :, :w].reshape(n, 1, heads * w)  # mean over heads and alive queries
             received[start:end, :, :w] = torch.bmm(weight, probs.view(n, heads * w, w))
             probs = F.dropout(probs, dropout_p) if dropout_p else probs
-            out[start:end, :, :w] = torch.bmm(probs, v).view(n, heads, w, head_dim)
+            out[start:end, :w] = torch.bmm(probs, v).view(n, heads, w, head_dim).transpose(1, 2)
         else:
-            out[start:end, :, :w] = F.scaled_dot_product_attention(*group.unbind(0), attn_mask=key_bias[start:end, ..., :w],
-                                                                    dropout_p=dropout_p, scale=scale)
-    out = layout.tokens_first(out)
+            out[start:end, :w] = F.scaled_dot_product_attention(*group.unbind(0), attn_mask=key_bias[start:end, ..., :w],
+                                                                dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    out = layout.packed(out.view(batch, width, heads * head_dim))
     if not need_importance:
         return out, None
     importance = layout.packed(received.view(batch, width, 1))[:, 0]  # (T,) in packed order
