@@ -13,7 +13,9 @@ A plug-in is one class in one file::
 attention or the block). Two kinds of plug-ins fit without special cases:
 
 * **mid-block reducers** override :meth:`TokenReducer.reduce`, called between attention (+ residual) and the
-  MLP with ``x: (B, N, C)``; they return fewer tokens or change ``ctx.alive`` (masked simulation);
+  MLP with ``x: (B, N, C)``; they return fewer tokens or change ``ctx.alive`` (masked simulation). One that
+  drops tokens image by image may also implement :meth:`TokenReducer.reduce_packed`, the same step on the alive
+  tokens of a padded batch as a flat ``(T, C)`` sequence (LTMP's inference form), so the padding is never built;
 * **block-wrapping reducers** override :meth:`TokenReducer.block_forward` and may call
   :func:`methods.blocks.run_block` on whatever token set they want the block to see.
 """
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     from methods.blocks import ModelDims, ReductionContext
+    from methods.ragged import Packing
 
 REGISTRY: dict[str, type["TokenReducer"]] = {}
 
@@ -154,11 +157,22 @@ class TokenReducer:
         """One transformer block. Default: attention, :meth:`reduce`, MLP. ``x: (B, N, C)``."""
         from methods.blocks import run_block
 
-        return run_block(block, x, ctx, layer, mid=lambda y: self.reduce(layer, y, ctx))
+        mid_packed = (lambda tokens, packing: self.reduce_packed(layer, tokens, packing, ctx)) if self.reduces_packed() else None
+        return run_block(block, x, ctx, layer, mid=lambda y: self.reduce(layer, y, ctx), mid_packed=mid_packed)
 
     def reduce(self, layer: int, x: torch.Tensor, ctx: "ReductionContext") -> torch.Tensor:
         """Mid-block hook: ``x: (B, N, C)`` after attention + residual -> ``(B, N', C)``. Default: identity."""
         return x
+
+    def reduces_packed(self) -> bool:
+        """Whether :meth:`reduce_packed` replaces :meth:`reduce` now (where the batch's mask is hard or absent)."""
+        return False
+
+    def reduce_packed(self, layer: int, tokens: torch.Tensor, packing: "Packing",
+                      ctx: "ReductionContext") -> tuple[torch.Tensor, "Packing"]:
+        """Optional mid-block hook on the alive tokens ``tokens: (T, C)`` of ``packing``'s padded (B, N) batch ->
+        the kept tokens ``(T', C)`` and their Packing (see :func:`methods.blocks.run_block`)."""
+        raise NotImplementedError(f"{type(self).__name__} sets reduces_packed() but has no reduce_packed")
 
     def token_groups(self, layer: int, ctx: "ReductionContext") -> torch.Tensor | None:
         """(B, tokens, N) 0/1 map of which input positions each token of block ``layer`` holds, for plots;

@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from bench.precision import autocast
 from methods.base import FitReport, Knob, TokenReducer, register_reducer
-from methods.blocks import ModelDims, ReductionContext, run_block
+from methods.blocks import ModelDims, ReductionContext
 from methods.parallel import all_ranks_true, data_parallel
 from methods.ragged import Packing
-from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact_packed,
+from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact,
                            key_similarity, members, straight_through_step)
 
 LTMP_KNOBS = (
@@ -220,10 +220,6 @@ class LearnedThresholds(TokenReducer):
         self._last_alive = alive
         return x
 
-    def block_forward(self, layer: int, block, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
-        return run_block(block, x, ctx, layer, mid=lambda y: self.reduce(layer, y, ctx),
-                         mid_packed=None if self.masked else lambda tokens, packing: self.reduce_packed(layer, tokens, packing, ctx))
-
     def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
         """``x: (B, N, C)``. The training form masks; the inference form runs :meth:`reduce_packed` on the alive tokens."""
         if not self.masked:
@@ -239,6 +235,9 @@ class LearnedThresholds(TokenReducer):
         ctx.alive = alive
         return x
 
+    def reduces_packed(self) -> bool:
+        return not self.masked  # the inference form
+
     def reduce_packed(self, layer: int, tokens: torch.Tensor, packing: Packing,
                       ctx: ReductionContext) -> tuple[torch.Tensor, Packing]:
         """The inference form on the alive tokens ``tokens: (T, C)`` of ``packing``'s (B, N) batch: drops and merges
@@ -248,7 +247,7 @@ class LearnedThresholds(TokenReducer):
         if ctx.num_prefix == 0:  # never leave an image without tokens
             empty = ~keep.any(1)
             keep[empty, 0] = True
-        kept, kept_packing = compact_packed(tokens, packing, ctx, keep)
+        kept, kept_packing = compact(tokens, packing, ctx, keep)
         if self._pending_merge is not None:
             first = kept_packing.counts.cumsum(0) - kept_packing.counts
             kept = merge_into_kept(tokens, packing.source.view(packing.shape), kept if kept is not tokens else kept.clone(),

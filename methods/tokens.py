@@ -99,26 +99,15 @@ def members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.arange(order.shape[1], device=mask.device)[None] < count[:, None]
 
 
-def compact(x: torch.Tensor, ctx: ReductionContext, keep_mask: torch.Tensor) -> torch.Tensor:
-    """Drop tokens where ``keep_mask: (B, N)`` is False, image by image, padding to the batch's largest count.
+def compact(tokens: torch.Tensor, packing: Packing, ctx: ReductionContext,
+            keep_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+    """Drop tokens where ``keep_mask: (B, N)`` (a subset of ``packing``'s alive positions) is False, image by image.
 
-    Kept tokens keep their order; padded slots are marked dead in ``ctx.alive`` (bool) so attention masks
-    them as keys and pooling ignores them. ``x: (B, N, C) -> (B, K_max, C)``.
+    ``tokens: (T, C)`` are the alive tokens of ``packing``; returns the kept ones ``(T', C)`` (one gather of their
+    rows; the padded batch is never built) and their :class:`Packing`. Kept tokens keep their order and move to the
+    front of their image; ``ctx.size`` and ``ctx.source`` follow, and ``ctx.alive`` marks the padding up to the
+    batch's largest count (None when there is none) so that attention masks it and pooling ignores it.
     """
-    if ctx.alive is None and bool(keep_mask.all()):  # nothing to drop
-        return x
-    order, padded = members(keep_mask)
-    out = keep_tokens(x, ctx, order)
-    alive = padded if ctx.alive is None else (ctx.alive > 0) & padded
-    ctx.alive = None if bool(alive.all()) else alive
-    return out
-
-
-def compact_packed(tokens: torch.Tensor, packing: Packing, ctx: ReductionContext,
-                   keep_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
-    """:func:`compact` on the alive tokens ``tokens: (T, C)`` of ``packing`` (``keep_mask: (B, N)`` a subset of its
-    alive positions) -> the kept tokens ``(T', C)`` and their :class:`Packing`; one gather of the kept rows, the
-    padded batch is never built. ``ctx.size``, ``ctx.source`` and ``ctx.alive`` follow as in :func:`compact`."""
     if torch.equal(keep_mask, packing.alive):  # nothing to drop
         return tokens, packing
     order, padded = members(keep_mask)
