@@ -133,11 +133,6 @@ class Packing:
         """(B * N,) packed row of each padded position; in the padding some alive row (which :meth:`unpack` zeroes)."""
         return (self.alive.reshape(-1).long().cumsum(0) - 1).clamp_min(0)
 
-    @cached_property
-    def rank(self) -> torch.Tensor:
-        """(T,) order of each packed token within its image."""
-        return (self.alive.long().cumsum(1) - 1).reshape(-1).index_select(0, self.index)
-
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
             return x.reshape(-1, x.shape[-1])
@@ -169,7 +164,7 @@ class Packing:
             order += images
         width = spans[-1][2]
         first_row = list(itertools.accumulate(counts, initial=0))  # packed row of each image's first token
-        slot_of = [0] * batch  # layout position of each image
+        slot_of = [0] * batch  # first slot of each image in the layout
         for position, image in enumerate(order):
             slot_of[image] = position * width
         # per-image lists are built in Python (32 numbers); only the per-token tensors are torch ops

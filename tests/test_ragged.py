@@ -56,7 +56,8 @@ def test_packing_round_trip_and_order() -> None:
     x = torch.arange(8.0).view(2, 4, 1)
     packing = Packing(alive)
     assert packing.pack(x)[:, 0].tolist() == [0.0, 2.0, 3.0, 6.0]  # image by image, in order
-    assert packing.counts.tolist() == [3, 1] and packing.rank.tolist() == [0, 1, 2, 0]
+    assert packing.counts.tolist() == [3, 1]
+    assert packing.source.index_select(0, packing.index).tolist() == [0, 1, 2, 3]  # each alive position's packed row
     assert torch.equal(packing.unpack(packing.pack(x)), x * alive[..., None])  # zeros in the padding
     packed = packing.pack(x) + 1
     assert packing.pack(packing.unpack(packed)) is packed  # re-packing what unpack gave costs nothing
