@@ -201,7 +201,7 @@ def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor 
     ragged = ctx.needs <= RAGGED_STATS and (packing is not None or ("importance" in ctx.needs and ctx.alive is None))
     if ragged:  # grouped attention: padding skipped, explicit probabilities kept small enough for the cache
         if packing is None:  # an unpadded batch (B, N, C)
-            dense = Packing(torch.ones(qkv.shape[:2], dtype=torch.bool, device=qkv.device))
+            dense = Packing.full(qkv)
             out = dense.unpack(_ragged(attn, ctx, dense.pack(qkv), dense))
         else:
             out = _ragged(attn, ctx, qkv, packing)
@@ -282,7 +282,7 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: i
     ctx.tokens_attn.append(ctx.count(x))
     packing = ctx.packing()
     if mid_packed is not None and (packing is not None or ctx.alive is None):
-        packing = packing or Packing(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        packing = packing or Packing.full(x)
         tokens = packing.pack(x)
         tokens, packing = mid_packed(tokens + _attention_branch(block, tokens, packing), packing)
         ctx.tokens_mlp.append(packing.counts)

@@ -223,7 +223,7 @@ class LearnedThresholds(TokenReducer):
     def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
         """``x: (B, N, C)``. The training form masks; the inference form runs :meth:`reduce_packed` on the alive tokens."""
         if not self.masked:
-            packing = ctx.packing() or Packing(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+            packing = ctx.packing() or Packing.full(x)
             tokens, packing = self.reduce_packed(layer, packing.pack(x), packing, ctx)
             return packing.unpack(tokens)
         before = ctx.alive

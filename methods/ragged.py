@@ -133,6 +133,11 @@ class Packing:
         """(B * N,) packed row of each padded position; in the padding some alive row (which :meth:`unpack` zeroes)."""
         return (self.alive.reshape(-1).long().cumsum(0) - 1).clamp_min(0)
 
+    @classmethod
+    def full(cls, x: torch.Tensor) -> "Packing":
+        """The Packing of ``x: (B, N, ...)`` with every token alive (pack and unpack are reshapes)."""
+        return cls(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
             return x.reshape(-1, x.shape[-1])
