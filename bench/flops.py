@@ -47,7 +47,7 @@ def image_macs(counts: torch.Tensor, dims: ModelDims, reducer: TokenReducer, emb
     for layer in range(counts.shape[1]):
         n_attn, n_mlp = counts[:, layer, 0].cpu(), counts[:, layer, 1].cpu()
         total += block_macs(n_attn, n_mlp, dims) + reducer.extra_macs(layer, n_attn, n_mlp, dims).double()
-        if "importance" in reducer.needs:  # attention received: (1 x N) @ (N x N) per head
+        if "importance" in reducer.needs_at(layer):  # attention received: (1 x N) @ (N x N) per head
             total += dims.num_heads * n_attn.double() ** 2
     return total
 

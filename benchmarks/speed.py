@@ -99,13 +99,18 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
         with torch.no_grad():
             if "keys" in ctx_.needs:
                 alive = torch.ones(shape, dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
-                best, _ = reducer._matches(ctx_, alive, (torch.arange(shape[1]) >= ctx_.num_prefix) & alive)
+                best, _ = reducer._matches(layer, ctx_, alive, (torch.arange(shape[1]) >= ctx_.num_prefix) & alive)
                 reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
-            if "importance" in ctx_.needs:
-                reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][:, ctx_.num_prefix:].float(), prune_q)
+            if "importance" in ctx_.needs:  # over the alive non-prefix tokens (the padding holds importance 0)
+                alive = torch.ones(shape, dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
+                alive[:, :ctx_.num_prefix] = False
+                reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][alive].float(), prune_q)
         return original(layer, ctx_, shape, device, x)
 
     reducer._decide = calibrating
+    with torch.no_grad():  # every block active while calibrating, so each computes both statistics
+        reducer.theta_merge.fill_(0.5)
+        reducer.theta_prune.fill_(0.5)
     with torch.inference_mode():
         model(x)
     reducer._decide = original

@@ -146,6 +146,11 @@ class TokenReducer:
             raise BenchError(f"method {self.name!r} learns nothing but a learned state was given")
 
     # --- hooks called from the shared block ------------------------------------------------------
+    def needs_at(self, layer: int) -> frozenset[str]:
+        """What block ``layer`` reads of :attr:`needs` in this forward pass (default: all of it). A plug-in whose
+        settings switch a block off returns less, and that block's attention then skips computing it."""
+        return self.needs
+
     def begin(self, ctx: "ReductionContext", x: torch.Tensor) -> None:
         """Called once per forward after position embedding, ``x: (B, N, C)``. Default: nothing."""
 

@@ -83,8 +83,8 @@ class ReductionContext:
 
     @property
     def needs(self) -> frozenset[str]:
-        """What the reducer reads now (a plug-in may change it, e.g. while calibrating)."""
-        return frozenset(self.reducer.needs)
+        """What the reducer reads in the current block (a plug-in may change it, e.g. while calibrating)."""
+        return frozenset(self.reducer.needs_at(self.layer))
 
     @property
     def needs_probabilities(self) -> bool:
@@ -198,7 +198,10 @@ def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor 
     ctx: ReductionContext = attn._reduction_ctx
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)
-    ragged = ctx.needs <= RAGGED_STATS and (packing is not None or ("importance" in ctx.needs and ctx.alive is None))
+    needs = ctx.needs
+    # grouped unless the batch is unpadded and no probabilities are needed (then the one fused call is the fastest)
+    ragged = needs <= RAGGED_STATS and ("importance" in needs and ctx.alive is None
+                                        or packing is not None and not packing.dense)
     if ragged:  # grouped attention: padding skipped, explicit probabilities kept small enough for the cache
         if packing is None:  # an unpadded batch (B, N, C)
             dense = Packing.full(qkv)

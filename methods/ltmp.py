@@ -28,6 +28,10 @@ Differences from the authors' code, all deliberate (tests pin them):
   original order of the remaining tokens (ToMe re-orders to [A, B]) so both forms see the same sequence;
 * importance averages over alive queries only (the reference includes dead ones in training);
 * the inference form is batched (the reference runs batch 1 only);
+* at the bounds of their range the thresholds decide nothing: the best cosine is clamped to 1, so
+  ``theta_merge = 1`` merges nothing, and importance to the smallest positive float, so ``theta_prune = 0``
+  prunes nothing (rounding could otherwise give a cosine of 1 + 1e-7 or an attention of exactly 0). In the
+  inference form such a block then skips computing the statistic (:meth:`LearnedThresholds.needs_at`);
 * ``tau`` defaults to 0.5, the value of the authors' training script that produced the paper's numbers
   (their model code defaults to 0.1); it is a knob.
 """
@@ -86,23 +90,30 @@ def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> 
     with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
         scores = gather(a_index) @ gather(b_index).transpose(1, 2)
     scores = scores.masked_fill(~(a_valid[:, :, None] & b_valid[:, None, :]), float("-inf"))
-    best_a, match = scores.max(-1)
+    best_a, match = scores.amax(-1), scores.argmax(-1)  # ties: the first B token, as in aligned_matches
+    best_a = best_a.clamp_max(1.0)  # a cosine; rounding can give 1 + 1e-7, which theta_merge = 1 must not merge
     best = torch.full(in_a.shape, -2.0, device=keys.device).scatter(1, a_index, torch.where(a_valid, best_a, -2.0))
     dst = torch.zeros(in_a.shape, dtype=torch.long, device=keys.device).scatter(1, a_index, b_index.gather(1, match))
     return best, dst
 
 
-def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor,
+                    threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`best_matches` for images whose alive tokens are their first ``counts: (B,)`` positions (the
-    inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed."""
+    inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed.
+    Only the A tokens whose best similarity exceeds ``threshold`` (those that merge) get their ``dst``; the others
+    point at the first B token (on the CPU the row maxima cost a tenth of their positions, so the argmax runs on the merging rows)."""
     batch, tokens, _ = keys.shape
     a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
     a_rows, b_rows = bipartite_slices(num_prefix)  # the same positions, as views
     scores = key_similarity(keys, a_rows, b_rows)
-    scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))  # dead B tokens
-    best_a, match = scores.max(-1)
+    if int(counts.min()) < tokens:  # dead B tokens
+        scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))
+    best_a = scores.amax(-1).clamp_max(1.0).masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
+    image, row = (best_a > threshold).nonzero(as_tuple=True)
+    match = torch.zeros_like(best_a, dtype=torch.long).index_put_((image, row), scores[image, row].argmax(-1))
     best = torch.full((batch, tokens), -2.0, device=keys.device)
-    best[:, a_rows] = best_a.masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
+    best[:, a_rows] = best_a
     dst = torch.zeros((batch, tokens), dtype=torch.long, device=keys.device)
     dst[:, a_rows] = b_pos[match]
     return best, dst
@@ -143,7 +154,7 @@ class LearnedThresholds(TokenReducer):
     input_dependent = True
     proportional_attention = True
     off = {"init_merge": 1.0, "init_prune": 0.0}
-    monotone_knob = ("init_prune", (0.0, 0.01, 0.02))
+    monotone_knob = ("init_prune", (0.01, 0.015, 0.02))  # from 0, which skips importance, GMACs first rise by its cost
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**values)
@@ -154,6 +165,7 @@ class LearnedThresholds(TokenReducer):
         self.theta_prune = torch.nn.Parameter(torch.zeros(0))
         self._fractions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_merge: tuple[torch.Tensor, ...] | None = None
+        self._active: list[tuple[bool, bool]] = []
 
     def check_model(self, model) -> None:
         depth = len(model.blocks)
@@ -163,6 +175,26 @@ class LearnedThresholds(TokenReducer):
 
     def begin(self, ctx: ReductionContext, x: torch.Tensor) -> None:
         self._fractions = []
+        self._active = self._active_layers()
+
+    def _active_layers(self) -> list[tuple[bool, bool]]:
+        """(merges, prunes) of every block. In the inference form a block whose ``theta_merge`` is 1 merges
+        nothing (cosine similarity is at most 1) and one whose ``theta_prune`` is 0 prunes nothing (importance is
+        positive), so that block computes neither statistic; the training form always needs both for the
+        thresholds' gradients, and its forward pass gives the same decisions (:meth:`_decide` clamps both values)."""
+        if self.masked:
+            return [(self.merge, self.prune)] * self.theta_merge.numel()
+        merges = (self.theta_merge.detach() < 1).tolist() if self.merge else [False] * self.theta_merge.numel()
+        prunes = (self.theta_prune.detach() > 0).tolist() if self.prune else [False] * self.theta_prune.numel()
+        return list(zip(merges, prunes))
+
+    def needs_at(self, layer: int) -> frozenset[str]:
+        """``keys`` where block ``layer`` merges, ``importance`` where it prunes (see :meth:`_active_layers`)."""
+        active = self._active if len(self._active) == self.theta_merge.numel() else self._active_layers()
+        if layer >= len(active):
+            return self.needs
+        merges, prunes = active[layer]
+        return frozenset({"keys"} if merges else set()) | frozenset({"importance"} if prunes else set())
 
     # --- the decision rule, shared by both forms --------------------------------------------------
     def _step(self, value: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -171,12 +203,14 @@ class LearnedThresholds(TokenReducer):
             return straight_through_step(value, threshold, self.values["tau"])
         return (value.float() > threshold.detach()).float()
 
-    def _matches(self, ctx: ReductionContext, alive_hard: torch.Tensor, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best B match of every A token (see :func:`best_matches`)."""
+    def _matches(self, layer: int, ctx: ReductionContext, alive_hard: torch.Tensor,
+                 candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best B match of every A token (see :func:`best_matches`); in the inference form only the merging A tokens
+        get their destination."""
         counts = alive_hard.sum(1)
         positions = torch.arange(alive_hard.shape[1], device=alive_hard.device)
         if not self.masked and bool((alive_hard == (positions[None] < counts[:, None])).all()):
-            return aligned_matches(ctx.stats["keys"], ctx.num_prefix, counts)
+            return aligned_matches(ctx.stats["keys"], ctx.num_prefix, counts, float(self.theta_merge[layer]))
         rank = candidate.long().cumsum(1) - 1
         return best_matches(ctx.stats["keys"], candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
 
@@ -193,9 +227,10 @@ class LearnedThresholds(TokenReducer):
         candidate = alive_hard & is_rest
         size = torch.ones(shape, device=device) if ctx.size is None else ctx.size
         importance = ctx.stats.get("importance")
+        merges, prunes = self._active[layer]
         self._pending_merge = None
-        if self.merge and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
-            best, dst = self._matches(ctx, alive_hard, candidate)
+        if merges and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
+            best, dst = self._matches(layer, ctx, alive_hard, candidate)
             merged = self._step(best, self.theta_merge[layer]) * (best > -2).float()
             weight = merged * size  # (B, N): size moved into the destination
             new_size = size.scatter_add(1, dst, weight)
@@ -213,8 +248,8 @@ class LearnedThresholds(TokenReducer):
             if importance is not None:
                 importance = importance.scatter_reduce(1, dst, torch.where(merged_hard, importance, 0.0), "amax")
             alive = alive * (1 - merged)
-        if self.prune:
-            kept = self._step(importance, self.theta_prune[layer])
+        if prunes:  # softmax probabilities are positive: one that underflowed to 0 still counts as attention
+            kept = self._step(importance.clamp_min(torch.finfo(torch.float32).tiny), self.theta_prune[layer])
             alive = alive * torch.where(is_rest, kept, torch.ones_like(kept))
         ctx.size = size
         self._last_alive = alive
@@ -242,6 +277,8 @@ class LearnedThresholds(TokenReducer):
                       ctx: ReductionContext) -> tuple[torch.Tensor, Packing]:
         """The inference form on the alive tokens ``tokens: (T, C)`` of ``packing``'s (B, N) batch: drops and merges
         tokens and returns the kept ones ``(T', C)`` with their :class:`Packing` (``ctx`` follows)."""
+        if self._active[layer] == (False, False):  # this block's thresholds can drop nothing
+            return tokens, packing
         self._decide(layer, ctx, packing.shape, tokens.device)
         keep = self._last_alive > 0
         if ctx.num_prefix == 0:  # never leave an image without tokens
@@ -255,7 +292,7 @@ class LearnedThresholds(TokenReducer):
         return kept, kept_packing
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
-        if not self.merge:
+        if "keys" not in self.needs_at(layer):  # no similarity computed in this block
             return torch.zeros_like(n_attn, dtype=torch.float64)
         return bipartite_similarity_macs(n_attn, dims.num_prefix, dims.head_dim)
 

@@ -159,3 +159,48 @@ def test_inference_merge_touches_merged_rows_only_hand_example() -> None:
     out = merge_into_kept(x.reshape(8, 1)[order], token_rows, kept.clone(), torch.tensor([0, 2]), keep, merged, dst,
                           weight, new_size)
     assert out[:, 0].tolist() == [0.0, 6.0, 1.0, 5.0]
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_blocks_at_the_threshold_bounds_skip_their_statistics_and_both_forms_agree(name: str) -> None:
+    """theta_merge = 1 merges nothing (a cosine is at most 1) and theta_prune = 0 prunes nothing (attention is
+    positive): the inference form then skips computing keys / importance in that block (and counts no MACs for
+    them), and the training form, which computes them, makes the same decisions."""
+    model, reducer, x = with_thresholds(name, 4)
+    with torch.no_grad():
+        reducer.theta_merge[[0, 2]] = 1.0
+        reducer.theta_prune[[0, 2]] = 0.0
+        reducer.masked = False
+        dropped, counts = model(x), model._reduction_ctx.counts()
+        needs = [reducer.needs_at(layer) for layer in range(4)]
+        dims = model._reduction_ctx.dims
+        similarity = [float(reducer.extra_macs(layer, counts[:, layer, 0], counts[:, layer, 1], dims).sum()) for layer in range(4)]
+        reducer.masked = True
+        masked, masked_counts = model(x), model._reduction_ctx.counts()
+        assert reducer.needs_at(0) == reducer.needs  # the training form needs both everywhere (gradients)
+    assert needs[0] == needs[2] == frozenset()
+    assert needs[1] == needs[3] == reducer.needs
+    assert similarity[0] == similarity[2] == 0.0 and (similarity[1] > 0) == reducer.merge
+    assert torch.equal(counts[:, 0, 0], counts[:, 0, 1]) and torch.equal(counts[:, 2, 0], counts[:, 2, 1])
+    assert int(counts[:, -1, 1].min()) < int(counts[:, 0, 1].min())  # the other blocks still reduce
+    assert torch.equal(counts, masked_counts)
+    assert torch.allclose(dropped, masked, atol=1e-4)
+
+
+def test_identical_keys_do_not_merge_at_theta_one() -> None:
+    """Patches that are all equal (no position embedding) give equal keys, whose computed cosine can round to
+    1 + 1e-7; it counts as 1, so theta_merge = 1 keeps every token in both forms, and 0.999 merges them."""
+    model = tiny_vit(pos_embed="none", class_token=True)
+    reducer = methods.create("ltm", init_merge=1.0)
+    reducer.apply(model)
+    x = torch.ones(2, 3, 32, 32)
+    for masked in (False, True):
+        reducer.masked = masked
+        with torch.no_grad():
+            model(x)
+        assert model._reduction_ctx.counts()[:, :, 1].min() == 65
+    reducer.masked = False
+    with torch.no_grad():
+        reducer.theta_merge.fill_(0.999)
+        model(x)
+    assert int(model._reduction_ctx.counts()[0, 0, 1]) == 1 + 32  # every A token merged in block 0

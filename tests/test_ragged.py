@@ -128,11 +128,15 @@ def test_aligned_matches_equal_general_matches(seed: int) -> None:
     candidate = alive & (torch.arange(11) >= 1)  # one prefix token
     rank = candidate.long().cumsum(1) - 1
     best, dst = best_matches(keys, candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
-    best_aligned, dst_aligned = aligned_matches(keys, 1, counts)
+    threshold = float(best[best > -2].median())
+    best_aligned, dst_aligned = aligned_matches(keys, 1, counts, threshold)
     assert torch.equal(best, best_aligned)
     in_a = best > -2
-    assert torch.equal(dst[in_a], dst_aligned[in_a])
     assert int(in_a.sum()) == sum((int(c) - 1) // 2 for c in counts)
+    merging = best > threshold  # only the merging A tokens get their destination
+    assert 0 < int(merging.sum()) < int(in_a.sum())
+    assert torch.equal(dst[merging], dst_aligned[merging])
+    assert bool((dst_aligned[in_a & ~merging] == 1).all())  # the others: the first B token (after the prefix)
 
 
 @pytest.mark.parametrize("name", ["ltmp", "ltp", "ltm"])
