@@ -93,27 +93,26 @@ def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, pr
 def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor, merge_q: float, prune_q: float) -> None:
     """Random weights have no trained thresholds: pick each block's thresholds as quantiles of its scores on x,
     layer by layer, so the benchmark exercises real, image-dependent token counts."""
-    original = reducer._decide
+    original = reducer._decide_packed
 
-    def calibrating(layer, ctx_, shape, device, x=None):
+    def calibrating(layer, ctx_, packing):
+        rest = packing.alive.clone()  # the alive non-prefix tokens (the padding holds no scores)
+        rest[:, :ctx_.num_prefix] = False
         with torch.no_grad():
             if "keys" in ctx_.needs:
-                alive = torch.ones(shape, dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
-                best, _ = reducer._matches(layer, ctx_, alive, (torch.arange(shape[1]) >= ctx_.num_prefix) & alive)
+                best, _ = reducer._matches(ctx_, rest)
                 reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
-            if "importance" in ctx_.needs:  # over the alive non-prefix tokens (the padding holds importance 0)
-                alive = torch.ones(shape, dtype=torch.bool) if ctx_.alive is None else ctx_.alive > 0
-                alive[:, :ctx_.num_prefix] = False
-                reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][alive].float(), prune_q)
-        return original(layer, ctx_, shape, device, x)
+            if "importance" in ctx_.needs:
+                reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][rest].float(), prune_q)
+        return original(layer, ctx_, packing)
 
-    reducer._decide = calibrating
+    reducer._decide_packed = calibrating
     with torch.no_grad():  # every block active while calibrating, so each computes both statistics
         reducer.theta_merge.fill_(0.5)
         reducer.theta_prune.fill_(0.5)
     with torch.inference_mode():
         model(x)
-    reducer._decide = original
+    del reducer._decide_packed
 
 
 def row(name: str, result: dict, ratio: float, extra: dict | None = None) -> dict:

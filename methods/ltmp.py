@@ -90,58 +90,53 @@ def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> 
     with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
         scores = gather(a_index) @ gather(b_index).transpose(1, 2)
     scores = scores.masked_fill(~(a_valid[:, :, None] & b_valid[:, None, :]), float("-inf"))
-    best_a, match = scores.amax(-1), scores.argmax(-1)  # ties: the first B token, as in aligned_matches
+    best_a, match = scores.amax(-1), scores.argmax(-1)  # ties: the first B token, as in merging_pairs
     best_a = best_a.clamp_max(1.0)  # a cosine; rounding can give 1 + 1e-7, which theta_merge = 1 must not merge
     best = torch.full(in_a.shape, -2.0, device=keys.device).scatter(1, a_index, torch.where(a_valid, best_a, -2.0))
     dst = torch.zeros(in_a.shape, dtype=torch.long, device=keys.device).scatter(1, a_index, b_index.gather(1, match))
     return best, dst
 
 
-def aligned_matches(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor,
-                    threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`best_matches` for images whose alive tokens are their first ``counts: (B,)`` positions (the
-    inference form after compaction): A and B are then strided slices, so no sorting or gathering is needed.
-    Only the A tokens whose best similarity exceeds ``threshold`` (those that merge) get their ``dst``; the others
-    point at the first B token (on the CPU the row maxima cost a tenth of their positions, so the argmax runs on the merging rows)."""
-    batch, tokens, _ = keys.shape
+def merging_pairs(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor,
+                  threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The merges of the inference form: the A tokens whose best cosine similarity to a B token exceeds
+    ``threshold``, as :func:`best_matches` finds them, for images whose alive tokens are their first ``counts: (B,)``
+    positions (after compaction). A and B are then strided slices, so nothing is sorted or gathered.
+
+    ``keys: (B, N, d)``. Returns ``(image, source, target)``, (M,) each: A token ``source`` of image ``image`` joins
+    B token ``target``. Only the merging rows look up their argmax (on the CPU the row maxima cost a tenth of it).
+    """
+    tokens = keys.shape[1]
     a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
     a_rows, b_rows = bipartite_slices(num_prefix)  # the same positions, as views
     scores = key_similarity(keys, a_rows, b_rows)
-    if int(counts.min()) < tokens:  # dead B tokens
+    if int(counts.min()) < tokens:  # dead B tokens never receive, dead A tokens never merge
         scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))
-    best_a = scores.amax(-1).clamp_max(1.0).masked_fill(~(a_pos[None] < counts[:, None]), -2.0)
-    image, row = (best_a > threshold).nonzero(as_tuple=True)
-    match = torch.zeros_like(best_a, dtype=torch.long).index_put_((image, row), scores[image, row].argmax(-1))
-    best = torch.full((batch, tokens), -2.0, device=keys.device)
-    best[:, a_rows] = best_a
-    dst = torch.zeros((batch, tokens), dtype=torch.long, device=keys.device)
-    dst[:, a_rows] = b_pos[match]
-    return best, dst
+        scores.masked_fill_((a_pos[None] >= counts[:, None])[..., None], float("-inf"))
+    image, row = (scores.amax(-1).clamp_max(1.0) > threshold).nonzero(as_tuple=True)
+    return image, a_pos[row], b_pos[scores[image, row].argmax(-1)]
 
 
 def merge_into_kept(tokens: torch.Tensor, token_rows: torch.Tensor, kept: torch.Tensor, kept_first: torch.Tensor,
-                    keep: torch.Tensor, merged: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor,
-                    new_size: torch.Tensor) -> torch.Tensor:
+                    keep: torch.Tensor, image: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                    share: torch.Tensor) -> torch.Tensor:
     """The size-weighted merge of the inference form, touching only the rows that merge. Returns ``kept``, updated.
 
     ``tokens: (R, C)`` the rows before the merge, ``token_rows: (B, N)`` the row of each alive position;
     ``kept: (R', C)`` the rows of the positions where ``keep: (B, N)`` holds, image by image in position order,
-    image ``b``'s first one at row ``kept_first[b]``; ``merged: (B, N)`` bool A tokens joining the B token at
-    ``dst: (B, N)``, ``weight: (B, N)`` their sizes, ``new_size: (B, N)`` the sizes after the merge. A destination
-    ``d`` becomes ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as ``x_d + sum_a (s_a / s'_d) (x_a - x_d)`` so that
-    it is one ``index_add`` over the M merged rows instead of a scatter over the whole batch (the training form's
-    formula; the two agree to float rounding). Destinations that were pruned after merging are skipped.
+    image ``b``'s first one at row ``kept_first[b]``; A token ``source`` of image ``image`` joins B token ``target``
+    ((M,) each) with ``share = s_a / s'_d`` (M,), its size over the destination's size after the merge. A
+    destination ``d`` becomes ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as ``x_d + sum_a (s_a / s'_d) (x_a - x_d)``
+    so that it is one ``index_add`` over the M merged rows instead of a scatter over the whole batch (the training
+    form's formula; the two agree to float rounding). Destinations that were pruned after merging get nothing.
     """
-    image, source = merged.nonzero(as_tuple=True)  # (M,) each
-    target = dst[image, source]
-    survives = keep[image, target]
-    image, source, target = image[survives], source[survives], target[survives]
     if image.numel() == 0:
         return kept
+    survives = keep[image, target]
     rank = keep.long().cumsum(1) - 1
-    share = (weight[image, source] / new_size[image, target]).to(tokens.dtype)
+    share = torch.where(survives, share, 0.0).to(tokens.dtype)  # a pruned destination: add 0 to some kept row
     delta = (tokens[token_rows[image, source]] - tokens[token_rows[image, target]]) * share[:, None]
-    return kept.index_add_(0, kept_first[image] + rank[image, target], delta)
+    return kept.index_add_(0, (kept_first[image] + rank[image, target]).clamp_min_(0), delta)
 
 
 class LearnedThresholds(TokenReducer):
@@ -164,7 +159,6 @@ class LearnedThresholds(TokenReducer):
         self.theta_merge = torch.nn.Parameter(torch.zeros(0))
         self.theta_prune = torch.nn.Parameter(torch.zeros(0))
         self._fractions: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._pending_merge: tuple[torch.Tensor, ...] | None = None
         self._active: list[tuple[bool, bool]] = []
 
     def check_model(self, model) -> None:
@@ -198,49 +192,34 @@ class LearnedThresholds(TokenReducer):
 
     # --- the decision rule, shared by both forms --------------------------------------------------
     def _step(self, value: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """0/1 decision ``value > threshold``: straight-through in the training form, a plain comparison otherwise."""
-        if self.masked:
-            return straight_through_step(value, threshold, self.values["tau"])
-        return (value.float() > threshold.detach()).float()
+        """0/1 decision ``value > threshold``, straight-through (the training form)."""
+        return straight_through_step(value, threshold, self.values["tau"])
 
-    def _matches(self, layer: int, ctx: ReductionContext, alive_hard: torch.Tensor,
-                 candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best B match of every A token (see :func:`best_matches`); in the inference form only the merging A tokens
-        get their destination."""
-        counts = alive_hard.sum(1)
-        positions = torch.arange(alive_hard.shape[1], device=alive_hard.device)
-        if not self.masked and bool((alive_hard == (positions[None] < counts[:, None])).all()):
-            return aligned_matches(ctx.stats["keys"], ctx.num_prefix, counts, float(self.theta_merge[layer]))
+    def _matches(self, ctx: ReductionContext, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best B match of every A token among the ``candidate: (B, N)`` tokens (see :func:`best_matches`)."""
         rank = candidate.long().cumsum(1) - 1
         return best_matches(ctx.stats["keys"], candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
 
-    def _decide(self, layer: int, ctx: ReductionContext, shape: tuple[int, int], device: torch.device,
-                x: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Block ``layer``'s merge and prune decisions for a (B, N) batch: sets ``ctx.size`` and ``_last_alive``
-        (B, N), 0/1 with gradients in the training form. In the training form ``x: (B, N, C)`` is merged here and
-        returned; in the inference form the merge waits for the compaction (``_pending_merge``)."""
-        batch, tokens = shape
+    def _decide(self, layer: int, ctx: ReductionContext, x: torch.Tensor) -> torch.Tensor:
+        """The training form's decisions in block ``layer`` on ``x: (B, N, C)``: merges ``x`` (returned), sets
+        ``ctx.size`` and ``ctx.alive`` (B, N), 0/1 with the straight-through gradients."""
+        batch, tokens = x.shape[:2]
         prefix = ctx.num_prefix
-        alive_hard = torch.ones(batch, tokens, dtype=torch.bool, device=device) if ctx.alive is None else ctx.alive > 0
+        alive_hard = torch.ones(batch, tokens, dtype=torch.bool, device=x.device) if ctx.alive is None else ctx.alive > 0
         alive = alive_hard.float() if ctx.alive is None else ctx.alive.float()
-        is_rest = torch.arange(tokens, device=device) >= prefix
+        is_rest = torch.arange(tokens, device=x.device) >= prefix
         candidate = alive_hard & is_rest
-        size = torch.ones(shape, device=device) if ctx.size is None else ctx.size
+        size = ctx.sizes(x)
         importance = ctx.stats.get("importance")
-        merges, prunes = self._active[layer]
-        self._pending_merge = None
-        if merges and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
-            best, dst = self._matches(layer, ctx, alive_hard, candidate)
+        if self.merge and bool((candidate.sum(1) >= 2).any()):  # some image has an A and a B token
+            best, dst = self._matches(ctx, candidate)
             merged = self._step(best, self.theta_merge[layer]) * (best > -2).float()
             weight = merged * size  # (B, N): size moved into the destination
             new_size = size.scatter_add(1, dst, weight)
             merged_hard = merged.detach() > 0
-            if self.masked:
-                numerator = x * size[..., None].to(x.dtype)
-                numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
-                x = numerator / new_size[..., None].to(x.dtype)
-            else:  # applied to the merged rows only, after compaction (see merge_into_kept)
-                self._pending_merge = (merged_hard, dst, weight, new_size)
+            numerator = x * size[..., None].to(x.dtype)
+            numerator = numerator.scatter_add(1, dst[..., None].expand_as(x), (weight[..., None] * x.float()).to(x.dtype))
+            x = numerator / new_size[..., None].to(x.dtype)
             size = new_size
             if ctx.source is not None:
                 ctx.source = ctx.source.scatter_add(1, dst[..., None].expand_as(ctx.source),
@@ -248,12 +227,42 @@ class LearnedThresholds(TokenReducer):
             if importance is not None:
                 importance = importance.scatter_reduce(1, dst, torch.where(merged_hard, importance, 0.0), "amax")
             alive = alive * (1 - merged)
-        if prunes:  # softmax probabilities are positive: one that underflowed to 0 still counts as attention
+        if self.prune:  # softmax probabilities are positive: one that underflowed to 0 still counts as attention
             kept = self._step(importance.clamp_min(torch.finfo(torch.float32).tiny), self.theta_prune[layer])
             alive = alive * torch.where(is_rest, kept, torch.ones_like(kept))
         ctx.size = size
-        self._last_alive = alive
+        ctx.alive = alive
         return x
+
+    def _decide_packed(self, layer: int, ctx: ReductionContext,
+                       packing: Packing) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The inference form's decisions in block ``layer`` (the same rule as :meth:`_decide`, on hard masks):
+        ``keep: (B, N)`` bool and the merges ``(image, source, target, share)`` ((M,) each, see
+        :func:`merge_into_kept`) or None. The alive tokens of ``packing`` are the first of each image (compaction
+        keeps them there). Sets ``ctx.size`` (and ``ctx.source``)."""
+        merges, prunes = self._active[layer]
+        keep = packing.alive.clone()
+        size = torch.ones(packing.shape, device=keep.device) if ctx.size is None else ctx.size
+        importance = ctx.stats.get("importance")
+        pairs = None
+        if merges and max(packing.count_list) - ctx.num_prefix >= 2:  # some image has an A and a B token
+            image, source, target = merging_pairs(ctx.stats["keys"], ctx.num_prefix, packing.counts,
+                                                  float(self.theta_merge[layer]))
+            moved = size[image, source]
+            size = size.index_put((image, target), moved, accumulate=True)
+            pairs = (image, source, target, moved / size[image, target])
+            if ctx.source is not None:
+                ctx.source = ctx.source.index_put((image, target), ctx.source[image, source], accumulate=True)
+            if importance is not None:  # a merged B token keeps the largest importance of its members
+                flat = image * importance.shape[1]
+                importance = importance.view(-1).scatter_reduce(0, flat + target, importance.view(-1)[flat + source],
+                                                                "amax").view(importance.shape)
+            keep[image, source] = False
+        if prunes:  # as in _decide: importance is positive
+            rest = slice(ctx.num_prefix, None)
+            keep[:, rest] &= importance[:, rest].clamp_min(torch.finfo(torch.float32).tiny) > self.theta_prune[layer]
+        ctx.size = size
+        return keep, pairs
 
     def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
         """``x: (B, N, C)``. The training form masks; the inference form runs :meth:`reduce_packed` on the alive tokens."""
@@ -262,12 +271,10 @@ class LearnedThresholds(TokenReducer):
             tokens, packing = self.reduce_packed(layer, packing.pack(x), packing, ctx)
             return packing.unpack(tokens)
         before = ctx.alive
-        x = self._decide(layer, ctx, x.shape[:2], x.device, x)
-        alive = self._last_alive
+        x = self._decide(layer, ctx, x)
         tokens = x.shape[1]
         before_fraction = (torch.ones(()) if before is None else before.float().sum(1).mean() / tokens)
-        self._fractions.append((before_fraction, alive.sum(1).mean() / tokens))
-        ctx.alive = alive
+        self._fractions.append((before_fraction, ctx.alive.sum(1).mean() / tokens))
         return x
 
     def reduces_packed(self) -> bool:
@@ -279,16 +286,15 @@ class LearnedThresholds(TokenReducer):
         tokens and returns the kept ones ``(T', C)`` with their :class:`Packing` (``ctx`` follows)."""
         if self._active[layer] == (False, False):  # this block's thresholds can drop nothing
             return tokens, packing
-        self._decide(layer, ctx, packing.shape, tokens.device)
-        keep = self._last_alive > 0
+        keep, pairs = self._decide_packed(layer, ctx, packing)
         if ctx.num_prefix == 0:  # never leave an image without tokens
             empty = ~keep.any(1)
             keep[empty, 0] = True
         kept, kept_packing = compact(tokens, packing, ctx, keep)
-        if self._pending_merge is not None:
+        if pairs is not None:
             first = kept_packing.counts.cumsum(0) - kept_packing.counts
             kept = merge_into_kept(tokens, packing.source.view(packing.shape), kept if kept is not tokens else kept.clone(),
-                                   first, keep, *self._pending_merge)
+                                   first, keep, *pairs)
         return kept, kept_packing
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:

@@ -133,6 +133,11 @@ class Packing:
         """(B * N,) packed row of each padded position; in the padding some alive row (which :meth:`unpack` zeroes)."""
         return (self.alive.reshape(-1).long().cumsum(0) - 1).clamp_min(0)
 
+    @cached_property
+    def count_list(self) -> list[int]:
+        """``counts`` as Python ints (one device sync, shared by the plug-in and the attention groups)."""
+        return self.counts.tolist()
+
     @classmethod
     def full(cls, x: torch.Tensor) -> "Packing":
         """The Packing of ``x: (B, N, ...)`` with every token alive (pack and unpack are reshapes)."""
@@ -155,7 +160,7 @@ class Packing:
 
     def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> GroupLayout:
         """The attention groups (see :func:`plan_groups`); ``pair_macs``: MACs per (query, key) pair."""
-        counts = self.counts.tolist()
+        counts = self.count_list
         batch, device = len(counts), self.index.device
         if min(counts) == max(counts):  # no padding: consecutive images, as evenly split as the cap allows
             width = counts[0]

@@ -9,7 +9,7 @@ import torch
 import methods
 from methods import ragged
 from methods.blocks import head_mean
-from methods.ltmp import aligned_matches, best_matches
+from methods.ltmp import best_matches, merging_pairs
 from methods.ragged import Packing, plan_groups, ragged_attention
 from tests.test_ltmp import peaked_vit, with_thresholds
 
@@ -120,7 +120,8 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_aligned_matches_equal_general_matches(seed: int) -> None:
+def test_merging_pairs_equal_general_matches(seed: int) -> None:
+    """The inference form's strided matching gives the merges best_matches gives, and only those above threshold."""
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(5, 11, 6, generator=generator)
     counts = torch.tensor([11, 1, 2, 6, 9])
@@ -128,15 +129,15 @@ def test_aligned_matches_equal_general_matches(seed: int) -> None:
     candidate = alive & (torch.arange(11) >= 1)  # one prefix token
     rank = candidate.long().cumsum(1) - 1
     best, dst = best_matches(keys, candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
-    threshold = float(best[best > -2].median())
-    best_aligned, dst_aligned = aligned_matches(keys, 1, counts, threshold)
-    assert torch.equal(best, best_aligned)
     in_a = best > -2
     assert int(in_a.sum()) == sum((int(c) - 1) // 2 for c in counts)
-    merging = best > threshold  # only the merging A tokens get their destination
+    threshold = float(best[in_a].median())
+    merging = best > threshold
     assert 0 < int(merging.sum()) < int(in_a.sum())
-    assert torch.equal(dst[merging], dst_aligned[merging])
-    assert bool((dst_aligned[in_a & ~merging] == 1).all())  # the others: the first B token (after the prefix)
+    image, source, target = merging_pairs(keys, 1, counts, threshold)
+    expected_image, expected_source = merging.nonzero(as_tuple=True)
+    assert torch.equal(image, expected_image) and torch.equal(source, expected_source)
+    assert torch.equal(target, dst[merging])
 
 
 @pytest.mark.parametrize("name", ["ltmp", "ltp", "ltm"])
