@@ -29,8 +29,9 @@ Differences from the authors' code, all deliberate (tests pin them):
 * importance averages over alive queries only (the reference includes dead ones in training);
 * the inference form is batched (the reference runs batch 1 only);
 * at the bounds of their range the thresholds decide nothing: the best cosine is clamped to 1, so
-  ``theta_merge = 1`` merges nothing, and importance to the smallest positive float, so ``theta_prune = 0``
-  prunes nothing (rounding could otherwise give a cosine of 1 + 1e-7 or an attention of exactly 0). In the
+  ``theta_merge = 1`` merges nothing, and an alive token's importance to the smallest positive float, so
+  ``theta_prune = 0`` prunes nothing (rounding could otherwise give a cosine of 1 + 1e-7 or an attention of
+  exactly 0; dead tokens keep importance 0, so the training form's gradients are the reference's). In the
   inference form such a block then skips computing the statistic (:meth:`LearnedThresholds.needs_at`);
 * ``tau`` defaults to 0.5, the value of the authors' training script that produced the paper's numbers
   (their model code defaults to 0.1); it is a knob.
@@ -227,8 +228,12 @@ class LearnedThresholds(TokenReducer):
             if importance is not None:
                 importance = importance.scatter_reduce(1, dst, torch.where(merged_hard, importance, 0.0), "amax")
             alive = alive * (1 - merged)
-        if self.prune:  # softmax probabilities are positive: one that underflowed to 0 still counts as attention
-            kept = self._step(importance.clamp_min(torch.finfo(torch.float32).tiny), self.theta_prune[layer])
+        if self.prune:
+            # an alive token's attention is positive: one that underflowed to 0 still counts as attention. Dead tokens
+            # keep their 0, so at theta 0 their step stays 0 and, as in the reference, passes no gradient back
+            # through their earlier masks (alive * kept).
+            importance = torch.where(alive_hard, importance.clamp_min(torch.finfo(torch.float32).tiny), importance)
+            kept = self._step(importance, self.theta_prune[layer])
             alive = alive * torch.where(is_rest, kept, torch.ones_like(kept))
         ctx.size = size
         ctx.alive = alive
@@ -258,7 +263,7 @@ class LearnedThresholds(TokenReducer):
                 importance = importance.view(-1).scatter_reduce(0, flat + target, importance.view(-1)[flat + source],
                                                                 "amax").view(importance.shape)
             keep[image, source] = False
-        if prunes:  # as in _decide: importance is positive
+        if prunes:  # as in _decide: an alive token's importance is positive
             rest = slice(ctx.num_prefix, None)
             keep[:, rest] &= importance[:, rest].clamp_min(torch.finfo(torch.float32).tiny) > self.theta_prune[layer]
         ctx.size = size

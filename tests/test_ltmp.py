@@ -201,3 +201,31 @@ def test_identical_keys_do_not_merge_at_theta_one() -> None:
         reducer.theta_merge.fill_(0.999)
         model(x)
     assert int(model._reduction_ctx.counts()[0, 0, 1]) == 1 + 32  # every A token merged in block 0
+
+
+def test_training_form_prune_step_sees_zero_importance_for_dead_tokens_only() -> None:
+    """Dead tokens keep importance 0 (so at theta_prune 0 their step is 0 and, as in the reference, no gradient goes
+    back through their earlier masks); alive tokens' importance is at least the smallest positive float (so theta 0
+    prunes none of them, as the inference form assumes when it skips the block)."""
+    model, reducer, x = with_thresholds("ltmp", 5)
+    with torch.no_grad():
+        reducer.theta_prune.zero_()
+    seen = []
+    original = reducer._step
+
+    def recording(value: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        seen.append((value.detach().clone(), None if model._reduction_ctx.alive is None else model._reduction_ctx.alive.detach() > 0))
+        return original(value, threshold)
+
+    reducer._step = recording
+    reducer.masked = True
+    with torch.no_grad():
+        model(x)
+    prune_steps = seen[1::2]  # each block: the merge step, then the prune step
+    assert len(prune_steps) == 4
+    dead_seen = 0
+    for importance, alive_before in prune_steps[1:]:
+        assert bool((importance[alive_before] >= torch.finfo(torch.float32).tiny).all())
+        assert bool((importance[~alive_before] == 0).all())
+        dead_seen += int((~alive_before).sum())
+    assert dead_seen > 0
