@@ -191,7 +191,7 @@ class LearnedThresholds(TokenReducer):
         merges, prunes = active[layer]
         return frozenset({"keys"} if merges else set()) | frozenset({"importance"} if prunes else set())
 
-    # --- the decision rule, shared by both forms --------------------------------------------------
+    # --- the decision rule: the training form (_decide) and the inference form (_decide_packed) ----
     def _step(self, value: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """0/1 decision ``value > threshold``, straight-through (the training form)."""
         return straight_through_step(value, threshold, self.values["tau"])
