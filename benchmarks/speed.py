@@ -3,7 +3,8 @@
     python benchmarks/speed.py tome   # DeiT-S random weights, batch 32: ToMe r=8/13/16 realisation >= 0.9,
                                       # and the patched model at r=0 within 3 % of the unpatched one
     python benchmarks/speed.py ltmp   # LTMP batched inference, embedded model (learned and quantile thresholds)
-                                      # and DeiT-S, batch 32: realisation >= 0.8, >= 5x faster per image than batch 1
+                                      # and DeiT-S, batch 32: realisation >= 0.8, >= 5x faster per image than batch 1;
+                                      # then the embedded model with nothing reduced (LTMP's fixed machinery cost)
     python benchmarks/speed.py pm     # Prune-and-Merge keep_rate 0.6, batch 32: realisation >= 0.9
     python benchmarks/speed.py all --device cuda --precision fp16 --batch 256   # the GPU table (issue #8)
 
@@ -200,6 +201,23 @@ def bench_ltmp(args: argparse.Namespace) -> None:
               f"{single['base_ms'] * len(x) / batched['base_ms']:.1f}x; at realisation 1: {gain_at_full_realisation:.1f}x); "
               f"a plainly padded batch would execute {100 * (padding - 1):.0f} % extra MACs, the ragged one executes "
               f"{100 * (executed - 1):.1f} %")
+    bench_ltmp_machinery(embedded, images, args)
+
+
+def bench_ltmp_machinery(base: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """What LTMP's machinery costs when it reduces nothing: both decisions active in every block (keys, importance,
+    matching, compaction) with thresholds just inside their bounds, so no token is merged or pruned. The speedup
+    is then the fixed cost alone (its GMACs ratio is below 1 only by the similarity and importance MACs)."""
+    model = copy.deepcopy(base)
+    reducer = methods.create("ltmp")
+    reducer.apply(model)
+    depth = len(model.blocks)
+    reducer.load_learned_state({"theta_merge": torch.full((depth,), 1.0 - 1e-6), "theta_prune": torch.full((depth,), 1e-30)})
+    ratio = gmacs_ratio(model, x)
+    counts = model._reduction_ctx.counts()
+    if not bool((counts == model._reduction_ctx.dims.tokens).all()):
+        raise RuntimeError("the machinery-cost case reduced tokens: its thresholds are not inert on these images")
+    row(f"ltmp embedded machinery only (nothing reduced) b{len(x)}", compare(base, model, x, args.precision, args.min_time), ratio)
 
 
 def bench_pm(args: argparse.Namespace) -> None:
