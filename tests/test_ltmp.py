@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import methods
+from bench.flops import block_macs, image_macs
 from methods.ltmp import flops_ratio, merge_into_kept
 from methods.tokens import straight_through_step
 from tests.conftest import tiny_vit
@@ -177,6 +178,14 @@ def test_blocks_at_the_threshold_bounds_skip_their_statistics_and_both_forms_agr
         assert reducer.needs_at(0) == reducer.needs  # the training form needs both everywhere (gradients)
     assert needs[0] == needs[2] == frozenset()
     assert needs[1] == needs[3] == reducer.needs
+    reducer.masked = False  # GMACs: importance (H * n^2) is counted in blocks 1 and 3 only
+    with torch.no_grad():
+        model(x)
+    expected = sum(block_macs(counts[:, layer, 0], counts[:, layer, 1], dims)
+                   + reducer.extra_macs(layer, counts[:, layer, 0], counts[:, layer, 1], dims) for layer in range(4))
+    if reducer.prune:
+        expected = expected + dims.num_heads * (counts[:, 1, 0].double() ** 2 + counts[:, 3, 0].double() ** 2)
+    assert torch.allclose(image_macs(counts, dims, reducer, 0) - dims.head_macs, expected)
     assert similarity[0] == similarity[2] == 0.0 and (similarity[1] > 0) == reducer.merge
     assert torch.equal(counts[:, 0, 0], counts[:, 0, 1]) and torch.equal(counts[:, 2, 0], counts[:, 2, 1])
     assert int(counts[:, -1, 1].min()) < int(counts[:, 0, 1].min())  # the other blocks still reduce
