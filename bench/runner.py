@@ -26,6 +26,7 @@ from bench.flops import dense_macs, embed_macs
 from bench.latency import paired_ratio, time_interleaved
 from bench.precision import autocast
 from bench.store import Store, cell_key, pack_state
+from methods.ltmp import flops_ratio
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +194,14 @@ def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str
     return cells
 
 
+def evaluation_r_flops(tokens_mean: torch.Tensor, dims) -> float:
+    """The paper's r_FLOPs (:func:`methods.ltmp.flops_ratio`, what LTMP's budget loss drives toward r_target) on the
+    evaluation set: ``tokens_mean: (depth, 2)`` mean tokens per image entering each block's attention and MLP, as
+    fractions of the unreduced count."""
+    fractions = tokens_mean.double() / dims.tokens
+    return float(flops_ratio(list(fractions[:, 0]), list(fractions[:, 1]), dims.tokens, dims.dim))
+
+
 def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], store: Store | None,
                  progress: bool) -> dict[str, Any]:
     """Fit (if the method trains), evaluate, time, and write one cell in one transaction.
@@ -244,7 +253,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
            "device": work.device, "eval_precision": config["eval_precision"],
            "top1": result.top1, "top1_low": low, "top1_high": high, "top5": result.top5, "top1_correct": result.top1_correct,
            "gmacs": macs_mean / 1e9, "gmacs_min": macs_min / 1e9, "gmacs_max": macs_max / 1e9,
-           "gmacs_dense": dense / 1e9, "gmacs_ratio": dense / macs_mean,
+           "gmacs_dense": dense / 1e9, "gmacs_ratio": dense / macs_mean, "r_flops": evaluation_r_flops(tokens, dims),
            "tokens_attn": tokens[:, 0].tolist(), "tokens_mlp": tokens[:, 1].tolist(),
            "tokens_attn_min": result.token_min[:, 0].tolist(), "tokens_attn_max": result.token_max[:, 0].tolist(),
            "ft_images": fit_report.images_seen, "ft_epochs": fit_report.epochs, "ft_wall_s": fit_report.wall_time_s,

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS cells (
     model TEXT NOT NULL, checkpoint_sha TEXT NOT NULL, dataset TEXT NOT NULL, eval_images INTEGER NOT NULL,
     method TEXT NOT NULL, knobs TEXT NOT NULL, label TEXT NOT NULL, device TEXT NOT NULL, eval_precision TEXT NOT NULL,
     top1 REAL, top1_low REAL, top1_high REAL, top5 REAL, top1_correct INTEGER,
-    gmacs REAL, gmacs_min REAL, gmacs_max REAL, gmacs_dense REAL, gmacs_ratio REAL,
+    gmacs REAL, gmacs_min REAL, gmacs_max REAL, gmacs_dense REAL, gmacs_ratio REAL, r_flops REAL,
     tokens_attn TEXT, tokens_mlp TEXT, tokens_attn_min TEXT, tokens_attn_max TEXT,
     ft_images INTEGER, ft_epochs REAL, ft_wall_s REAL, ft_device TEXT, ft_extra TEXT,
     learned_state BLOB, env TEXT, git_commit TEXT, created TEXT
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS timings (
 """
 
 #: Columns added to schema 1 after its first release: stores written before get them (empty) when opened.
-ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL"}}
+ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL"}, "cells": {"r_flops": "REAL"}}
 
 
 def cell_key(identity: dict[str, Any]) -> str:

@@ -20,15 +20,18 @@ def non_default_knobs(method: str, knobs_json: str) -> str:
 
 
 def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: method, knobs, top-1 ± interval, GMACs, speedup per device/precision/batch, fine-tune cost."""
+    """One row per cell: method, knobs, top-1 ± interval, GMACs (mean, min and max per image), the FLOPs kept (GMACs
+    fraction, and the paper's r_FLOPs beside the knobs' r_target), speedup per device/precision/batch, fine-tune cost."""
     if cells.empty:
         raise BenchError("the store holds no results yet: run `python run_bench.py` first")
     table = pd.DataFrame({
         "model": cells["model"], "dataset": cells["dataset"], "method": cells["label"],
         "knobs": [non_default_knobs(m, k) for m, k in zip(cells["method"], cells["knobs"])],
         "top1": 100 * cells["top1"], "top1_pm": 100 * (cells["top1_high"] - cells["top1_low"]) / 2,
-        "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_ratio": cells["gmacs_ratio"],
+        "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_min": cells["gmacs_min"],
+        "gmacs_max": cells["gmacs_max"], "gmacs_ratio": cells["gmacs_ratio"],
         "flops_kept": cells["gmacs"] / cells["gmacs_dense"],
+        "r_flops": cells["r_flops"] if "r_flops" in cells else float("nan"),  # the paper's measure, beside r_target
         "ft_images": cells["ft_images"].fillna(0).astype(int), "ft_wall_s": cells["ft_wall_s"].fillna(0.0),
         "cell_key": cells["cell_key"],
     })
@@ -56,7 +59,7 @@ def to_latex(table: pd.DataFrame) -> str:
 
     def fmt(column: str, value: object) -> str:
         if isinstance(value, float):
-            text = f"{value:.2f}" if column != "gmacs" else f"{value:.3f}"
+            text = f"{value:.3f}" if column.startswith("gmacs") and column != "gmacs_ratio" else f"{value:.2f}"
             return f"\\textbf{{{text}}}" if column in best and value == best[column] else text
         return str(value).replace("_", "\\_")
 

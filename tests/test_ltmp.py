@@ -1,11 +1,14 @@
 """LTMP / LTP / LTM: straight-through masks, the FLOPs ratio, masked == dropping, batch == single, training."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import methods
 from bench.flops import block_macs, image_macs
+from bench.runner import evaluation_r_flops
 from methods.ltmp import flops_ratio, merge_into_kept
 from methods.tokens import straight_through_step
 from tests.conftest import tiny_vit
@@ -56,6 +59,14 @@ def test_flops_ratio_hand_values() -> None:
     # two layers: (1, 0.5) -> (2*10*4 + 100*2 + 4*.5*10*4)/440 = 360/440; (0.5, 0.5) -> 170/440; mean
     value = flops_ratio([torch.tensor(1.0), torch.tensor(0.5)], [torch.tensor(0.5), torch.tensor(0.5)], 10, 2)
     assert float(value) == pytest.approx((360 / 440 + 170 / 440) / 2)
+
+
+def test_evaluation_r_flops_is_the_papers_ratio_of_the_mean_token_fractions() -> None:
+    """10 tokens, width 2: block 1 keeps 10 for attention and 5 for the MLP -> 360/440; block 2 sees 5 and 5 ->
+    170/440 (see test_flops_ratio_hand_values); the mean of the two."""
+    dims = SimpleNamespace(tokens=10, dim=2)
+    tokens_mean = torch.tensor([[10.0, 5.0], [5.0, 5.0]])
+    assert evaluation_r_flops(tokens_mean, dims) == pytest.approx((360 / 440 + 170 / 440) / 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

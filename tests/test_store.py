@@ -24,6 +24,7 @@ def fake_row(key: str, method: str = "tome", top1: float = 0.9, gmacs: float = 1
             "method": method, "knobs": {"r": 8}, "label": method, "device": "cpu", "eval_precision": "fp32",
             "top1": top1, "top1_low": top1 - 0.05, "top1_high": top1 + 0.05, "top5": 1.0, "top1_correct": int(top1 * 100),
             "gmacs": gmacs, "gmacs_min": gmacs, "gmacs_max": gmacs, "gmacs_dense": 2.0, "gmacs_ratio": 2.0 / gmacs,
+            "r_flops": gmacs / 2.0,
             "tokens_attn": [197, 189], "tokens_mlp": [189, 181], "ft_images": 0, "ft_epochs": 0.0, "ft_wall_s": 0.0,
             "learned_state": pack_state({"theta": torch.tensor([0.5, 0.25])}), "created": "2026-01-01T00:00:00"}
 
@@ -76,6 +77,8 @@ def test_export_round_trips(tmp_path: Path) -> None:
     assert sorted(csv["cell_key"]) == ["k1", "k2"]
     assert csv.set_index("cell_key").loc["k2", "top1"] == pytest.approx(88.0)
     assert csv.set_index("cell_key").loc["k2", "speedup cpu bf16 b32"] == pytest.approx(1.5)
+    assert csv.set_index("cell_key").loc["k2", "gmacs_max"] == pytest.approx(1.0)  # per-image range beside the mean
+    assert csv.set_index("cell_key").loc["k2", "r_flops"] == pytest.approx(0.5)
     markdown, latex = paths[1].read_text(), paths[2].read_text()
     assert markdown.count("| tome") == 1 and markdown.count("| none") == 1
     assert "\\toprule" in latex and "\\textbf{91.00}" in latex and "\\textbf{1.000}" in latex
@@ -141,20 +144,24 @@ methods:
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
-    """A schema-1 store from before ``speedup_q1/q3`` existed opens, keeps its rows, and takes new rows with them."""
+    """A schema-1 store from before ``speedup_q1/q3`` and ``r_flops`` existed opens, keeps its rows, and takes new
+    rows with them."""
     from bench.store import APP, SCHEMA, SCHEMA_SQL
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
-    old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "")
-    assert old_schema != SCHEMA_SQL
+    old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "").replace(" r_flops REAL,", "")
+    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 3
     conn.executescript(old_schema)
     conn.execute("INSERT INTO meta VALUES ('app', ?), ('schema', ?)", (APP, SCHEMA))
     conn.commit()
     conn.close()
     store = Store(path)
-    store.write_cell(fake_row("old"), [fake_timing()])  # a writer that does not know the quartiles
+    old_row = {k: v for k, v in fake_row("old").items() if k != "r_flops"}
+    store.write_cell(old_row, [fake_timing()])  # a writer that does not know the quartiles or r_flops
     store.write_cell(fake_row("new"), [{**fake_timing(), "speedup_q1": 1.4, "speedup_q3": 1.7}])
     store.close()
     timings = Store(path).timings().set_index("cell_key")
     assert pd.isna(timings.loc["old", "speedup_q1"]) and timings.loc["old", "speedup"] == 1.5
     assert (timings.loc["new", "speedup_q1"], timings.loc["new", "speedup_q3"]) == (1.4, 1.7)
+    cells = Store(path).cells().set_index("cell_key")
+    assert pd.isna(cells.loc["old", "r_flops"]) and cells.loc["new", "r_flops"] == 0.5
