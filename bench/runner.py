@@ -26,6 +26,7 @@ from bench.flops import dense_macs, embed_macs
 from bench.latency import paired_ratio, time_interleaved
 from bench.precision import autocast
 from bench.store import Store, cell_key, pack_state
+from methods.blocks import ModelDims
 from methods.ltmp import flops_ratio
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -194,7 +195,7 @@ def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str
     return cells
 
 
-def evaluation_r_flops(tokens_mean: torch.Tensor, dims) -> float:
+def evaluation_r_flops(tokens_mean: torch.Tensor, dims: ModelDims) -> float:
     """The paper's r_FLOPs (:func:`methods.ltmp.flops_ratio`, what LTMP's budget loss drives toward r_target) on the
     evaluation set: ``tokens_mean: (depth, 2)`` mean tokens per image entering each block's attention and MLP, as
     fractions of the unreduced count."""
