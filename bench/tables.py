@@ -31,7 +31,7 @@ def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
         "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_min": cells["gmacs_min"],
         "gmacs_max": cells["gmacs_max"], "gmacs_ratio": cells["gmacs_ratio"],
         "flops_kept": cells["gmacs"] / cells["gmacs_dense"],
-        "r_flops": cells["r_flops"] if "r_flops" in cells else float("nan"),  # the paper's measure, beside r_target
+        "r_flops": cells["r_flops"],  # the paper's measure, beside r_target (empty for cells stored before it)
         "ft_images": cells["ft_images"].fillna(0).astype(int), "ft_wall_s": cells["ft_wall_s"].fillna(0.0),
         "cell_key": cells["cell_key"],
     })

@@ -298,8 +298,8 @@ class LearnedThresholds(TokenReducer):
         kept, kept_packing = compact(tokens, packing, ctx, keep)
         if pairs is not None:
             first = kept_packing.counts.cumsum(0) - kept_packing.counts
-            kept = merge_into_kept(tokens, packing.source.view(packing.shape), kept if kept is not tokens else kept.clone(),
-                                   first, keep, *pairs)
+            # in place is safe even where nothing was dropped (kept is tokens): the deltas are read before the add
+            kept = merge_into_kept(tokens, packing.source.view(packing.shape), kept, first, keep, *pairs)
         return kept, kept_packing
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
