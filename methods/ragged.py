@@ -44,18 +44,25 @@ class GroupLayout:
     ``width``, so that every group is a contiguous block of the padded layout: ``spans`` lists
     ``(start, end, group_width)`` ranges of the re-ordered images, and a group is the slice
     ``[start:end, ..., :group_width]`` of any per-slot tensor. ``source: (B * width,)`` is the packed row that
-    fills each slot of the layout (row 0 in the padding, which ``valid: (B, width)`` marks False) and
-    ``slots: (T,)`` each packed token's slot; all three are None when the layout *is* the packed order (every
-    image full, no re-ordering). Both directions are gathers (``index_select``), several times faster on a CPU
-    than the equivalent scatters.
+    fills each slot of the layout (row 0 in the padding, which ``valid: (B, width)`` marks False); both are None
+    when the layout *is* the packed order (every image full, no re-ordering).
+
+    Results go the other way through a *compact* buffer, where group g is stored whole as ``(n_g, ..., w_g)``
+    right after group g - 1 (so a batched matmul writes it with ``out=``, contiguous, no transposing copy):
+    ``image_base[b]`` is image b's first slot there and ``image_width[b]`` its group's width;
+    :meth:`compact_rows` turns them into each packed token's rows. Both directions are gathers
+    (``index_select``), several times faster on a CPU than the equivalent scatters.
     """
 
     order: torch.Tensor
     spans: list[tuple[int, int, int]]
     width: int
+    counts: torch.Tensor
+    first_row: list[int]
+    image_base: list[int]
+    image_width: list[int]
     source: torch.Tensor | None = None
     valid: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
 
     @property
     def images(self) -> int:
@@ -78,10 +85,23 @@ class GroupLayout:
         within = torch.arange(parts * heads, device=device).view(parts, 1, heads, 1)  # part * H + head
         return source.view(1, self.images, 1, self.width) * (parts * heads) + within
 
-    def packed(self, padded: torch.Tensor) -> torch.Tensor:
-        """``padded: (B, width, F)`` in layout order ``-> (T, F)`` (the inverse of :meth:`padded`)."""
-        flat = padded.reshape(-1, padded.shape[-1])
-        return flat if self.slots is None else flat.index_select(0, self.slots)
+    @cached_property
+    def group_starts(self) -> list[int]:
+        """First slot of each group (``spans`` order) in the compact buffer; the last entry is its size."""
+        return list(itertools.accumulate(((end - start) * w for start, end, w in self.spans), initial=0))
+
+    def compact_rows(self, heads: int) -> torch.Tensor:
+        """``(T, heads)``: the row of packed token t, head h, in a compact buffer of rows that holds group g as
+        ``(n_g, heads, w_g)`` rows from row ``heads * group_starts[g]`` (``heads = 1``: one row per slot).
+
+        Token t is image b's token ``t - first_b`` (packed order is image by image), so its head-h row is
+        ``heads * image_base[b] + h * image_width[b] + t - first_row[b]``."""
+        device = self.order.device
+        table = torch.tensor([(heads * base - first, width) for base, width, first
+                              in zip(self.image_base, self.image_width, self.first_row)], device=device)  # (B, 2)
+        per_token = table.repeat_interleave(self.counts, dim=0, output_size=self.first_row[-1])  # (T, 2)
+        tokens = torch.arange(self.first_row[-1], device=device)
+        return (per_token[:, :1] + tokens[:, None]) + per_token[:, 1:] * torch.arange(heads, device=device)
 
 
 def plan_groups(counts: list[int], pair_macs: float, overhead_macs: float,
@@ -162,31 +182,31 @@ class Packing:
         """The attention groups (see :func:`plan_groups`); ``pair_macs``: MACs per (query, key) pair."""
         counts = self.count_list
         batch, device = len(counts), self.index.device
+        first_row = list(itertools.accumulate(counts, initial=0))  # packed row of each image's first token
         if min(counts) == max(counts):  # no padding: consecutive images, as evenly split as the cap allows
             width = counts[0]
             per_group = batch if width * width * batch <= max_pairs else max(1, int(max_pairs // (width * width)))
             bounds = np.linspace(0, batch, -(-batch // per_group) + 1).round().astype(int).tolist()
             return GroupLayout(torch.arange(batch, device=device),
-                               [(start, end, width) for start, end in zip(bounds[:-1], bounds[1:])], width)
+                               [(start, end, width) for start, end in zip(bounds[:-1], bounds[1:])], width,
+                               self.counts, first_row, first_row[:-1], [width] * batch)
         spans, order = [], []
         for images in plan_groups(counts, pair_macs, overhead_macs, max_pairs):
             spans.append((len(order), len(order) + len(images), max(counts[i] for i in images)))
             order += images
         width = spans[-1][2]
-        first_row = list(itertools.accumulate(counts, initial=0))  # packed row of each image's first token
-        slot_of = [0] * batch  # first slot of each image in the layout
-        for position, image in enumerate(order):
-            slot_of[image] = position * width
+        image_base, image_width, slot = [0] * batch, [0] * batch, 0  # compact layout: each group at its own width
+        for start, end, group_width in spans:
+            for image in order[start:end]:
+                image_base[image], image_width[image] = slot, group_width
+                slot += group_width
         # per-image lists are built in Python (32 numbers); only the per-token tensors are torch ops
         count, first = (torch.tensor([values[i] for i in order], device=device) for values in (counts, first_row))
         slot = torch.arange(width, device=device)
         valid = slot[None] < count[:, None]
         source = torch.where(valid, first[:, None] + slot[None], 0).reshape(-1)
-        # packed token t of image b (its rank t - first_row[b]) sits in slot slot_of[b] + t - first_row[b]
-        shift = torch.tensor([slot_of[b] - first_row[b] for b in range(batch)], device=device)
-        tokens = first_row[-1]
-        slots = shift.repeat_interleave(self.counts, output_size=tokens) + torch.arange(tokens, device=device)
-        return GroupLayout(torch.tensor(order, device=device), spans, width, source, valid, slots)
+        return GroupLayout(torch.tensor(order, device=device), spans, width, self.counts, first_row, image_base,
+                           image_width, source, valid)
 
 
 def attention_received(probs: torch.Tensor, query_alive: torch.Tensor) -> torch.Tensor:
@@ -209,41 +229,42 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     ``qkv: (T, 3, H, d)`` packed (q/k norms already applied); ``log_size: (T,)`` proportional-attention bias or
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
     Images are sorted by count and grouped (:class:`GroupLayout`); each group's q, k and v are one gather of
-    d-wide rows, made just before its kernels use them (so they are still in cache); its result is written
-    transposed into a tokens-first (B, width, H, d) buffer, which one row gather (:meth:`GroupLayout.packed`) packs.
+    d-wide rows, made just before its kernels use them (so they are still in cache); its result is written whole
+    into a compact head-first buffer (:meth:`GroupLayout.compact_rows`), which one gather of d-wide rows packs.
     """
     tokens, _, heads, head_dim = qkv.shape
     batch, width_all = packing.shape
     max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
     layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
-    width = layout.width
+    width, starts = layout.width, layout.group_starts
     rows = layout.head_rows(qkv.shape)  # (3, B, H, width)
     qkv_rows = qkv.reshape(-1, head_dim)
     alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
     key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
     key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
-    out = qkv.new_empty(batch, width, heads, head_dim)  # tokens first: each group's result is written transposed
+    out = qkv.new_empty(starts[-1] * heads, head_dim)  # compact: group g is (n_g, H, w_g, d) from row H * starts[g]
     if need_importance:
         key_bias = key_bias.expand(batch, heads, 1, width).reshape(batch * heads, 1, width)
         alive = alive.view(batch, 1, 1, width)
         query_weight = (alive / (alive.sum(-1, keepdim=True) * heads)).to(qkv.dtype).expand(batch, heads, 1, width)
-        received = torch.empty(batch, 1, width, device=qkv.device)  # fp32
-    for start, end, w in layout.spans:
+        received = qkv.new_empty(starts[-1])  # compact: group g is (n_g, 1, w_g) from starts[g]
+    for (start, end, w), first in zip(layout.spans, starts):
         n = end - start
         group = qkv_rows.index_select(0, rows[:, start:end, :, :w].reshape(-1)).view(3, n, heads, w, head_dim)
+        group_out = out[first * heads:(first + n * w) * heads].view(n * heads, w, head_dim)
         if need_importance:
             q, k, v = group.view(3, n * heads, w, head_dim).unbind(0)
             bias = key_bias[start * heads:end * heads, :, :w]
             probs = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale).softmax(-1)  # (n * H, w, w)
             weight = query_weight[start:end, :, :, :w].reshape(n, 1, heads * w)  # mean over heads and alive queries
-            received[start:end, :, :w] = torch.bmm(weight, probs.view(n, heads * w, w))
+            torch.bmm(weight, probs.view(n, heads * w, w), out=received[first:first + n * w].view(n, 1, w))
             probs = F.dropout(probs, dropout_p) if dropout_p else probs
-            out[start:end, :w] = torch.bmm(probs, v).view(n, heads, w, head_dim).transpose(1, 2)
+            torch.bmm(probs, v, out=group_out)
         else:
-            out[start:end, :w] = F.scaled_dot_product_attention(*group.unbind(0), attn_mask=key_bias[start:end, ..., :w],
-                                                                dropout_p=dropout_p, scale=scale).transpose(1, 2)
-    out = layout.packed(out.view(batch, width, heads * head_dim))
+            group_out.view(n, heads, w, head_dim).copy_(F.scaled_dot_product_attention(
+                *group.unbind(0), attn_mask=key_bias[start:end, ..., :w], dropout_p=dropout_p, scale=scale))
+    out = out.index_select(0, layout.compact_rows(heads).view(-1)).view(tokens, heads * head_dim)
     if not need_importance:
         return out, None
-    importance = layout.packed(received.view(batch, width, 1))[:, 0]  # (T,) in packed order
+    importance = received.index_select(0, layout.compact_rows(1).view(-1)).float()  # (T,) in packed order
     return out, torch.zeros(batch * width_all, device=qkv.device).index_copy_(0, packing.index, importance).view(batch, width_all)
