@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from bench.errors import BenchError
 from methods.ragged import Packing, attention_received, ragged_attention
@@ -281,23 +282,34 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, layer: i
     the mask is hard or absent: it maps the alive tokens ``(T, C)`` of a :class:`Packing` to the kept ones
     ``(T', C)`` and their Packing, so the padded batch is never built between attention and the MLP.
     """
-    ctx.layer = layer
-    ctx.tokens_attn.append(ctx.count(x))
     packing = ctx.packing()
     if mid_packed is not None and (packing is not None or ctx.alive is None):
         packing = packing or Packing.full(x)
-        tokens = packing.pack(x)
-        tokens, packing = mid_packed(tokens + _attention_branch(block, tokens, packing), packing)
-        ctx.tokens_mlp.append(packing.counts)
-        x = packing.unpack(tokens + _mlp_branch(block, tokens))
-    else:
-        x = _residual(x, packing, lambda tokens, packing: _attention_branch(block, tokens, packing))
-        if mid is not None:
-            x = mid(x)
-        ctx.tokens_mlp.append(ctx.count(x))
-        x = _residual(x, ctx.packing(), lambda tokens, _: _mlp_branch(block, tokens))
+        tokens, packing = run_block_packed(block, packing.pack(x), packing, ctx, layer, mid_packed)
+        return packing.unpack(tokens)
+    ctx.layer = layer
+    ctx.tokens_attn.append(ctx.count(x))
+    x = _residual(x, packing, lambda tokens, packing: _attention_branch(block, tokens, packing))
+    if mid is not None:
+        x = mid(x)
+    ctx.tokens_mlp.append(ctx.count(x))
+    x = _residual(x, ctx.packing(), lambda tokens, _: _mlp_branch(block, tokens))
     ctx.stats = {}
     return x
+
+
+def run_block_packed(block: nn.Module, tokens: torch.Tensor, packing: Packing, ctx: ReductionContext, layer: int,
+                     mid_packed: Callable[[torch.Tensor, Packing], tuple[torch.Tensor, Packing]]
+                     ) -> tuple[torch.Tensor, Packing]:
+    """:func:`run_block` on the alive tokens ``tokens: (T, C)`` of ``packing`` (``ctx.alive`` is its mask, or None
+    when every token is alive): returns the block's output tokens ``(T', C)`` and their Packing, never padded."""
+    ctx.layer = layer
+    ctx.tokens_attn.append(packing.counts)
+    tokens, packing = mid_packed(tokens + _attention_branch(block, tokens, packing), packing)
+    ctx.tokens_mlp.append(packing.counts)
+    tokens = tokens + _mlp_branch(block, tokens)
+    ctx.stats = {}
+    return tokens, packing
 
 
 def _attention_branch(block: nn.Module, tokens: torch.Tensor, packing: Packing | None) -> torch.Tensor:
@@ -338,9 +350,20 @@ class _ReducedVisionTransformer:
         ctx: ReductionContext = self._reduction_ctx
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         ctx.begin(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(ctx.reducer.finish(x, ctx))
+        reducer = ctx.reducer
+        if reducer.reduces_packed() and reducer.is_mid_block() and ctx.alive is None and not _hooked(self.blocks):
+            # the alive tokens go from block to block packed; the padded batch is built once, at the end (the same
+            # result as calling the blocks, which each pad their output for the next one to pack again)
+            packing = Packing.full(x)
+            tokens = packing.pack(x)
+            for layer, block in enumerate(self.blocks):
+                tokens, packing = run_block_packed(block, tokens, packing, ctx, layer, lambda kept, kept_packing:
+                                                   reducer.reduce_packed(layer, kept, kept_packing, ctx))
+            x = packing.unpack(tokens)
+        else:  # through the blocks' own forward, so that their hooks see every block's output
+            for block in self.blocks:
+                x = block(x)
+        return self.norm(reducer.finish(x, ctx))
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         """Token pooling reads position 0; average pooling is size-weighted over alive non-prefix tokens."""
@@ -353,6 +376,12 @@ class _ReducedVisionTransformer:
             weight = weight[:, self.num_prefix_tokens:, None].to(x.dtype)
             return (x[:, self.num_prefix_tokens:] * weight).sum(1) / weight.sum(1)
         return super().pool(x, pool_type)
+
+
+def _hooked(blocks: nn.Module) -> bool:
+    """Whether a forward hook (on a block or global, e.g. a module tracker) would read the blocks' outputs."""
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                or any(block._forward_hooks or block._forward_pre_hooks for block in blocks))
 
 
 def _swap_class(module: nn.Module, mixin: type) -> None:

@@ -104,14 +104,17 @@ def merging_pairs(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor,
     ``threshold``, as :func:`best_matches` finds them, for images whose alive tokens are their first ``counts: (B,)``
     positions (after compaction). A and B are then strided slices, so nothing is sorted or gathered.
 
-    ``keys: (B, N, d)``. Returns ``(image, source, target)``, (M,) each: A token ``source`` of image ``image`` joins
-    B token ``target``. Only the merging rows look up their argmax (on the CPU the row maxima cost a tenth of it).
+    ``keys: (B, N, d)``, zero in the padding (as :meth:`Packing.unpack` leaves it). A zero key's cosines are all 0,
+    which no ``threshold >= 0`` (every threshold LTMP learns) exceeds, so then dead A tokens never merge and dead B
+    tokens never win an argmax without being masked; a negative ``threshold`` masks them. Returns ``(image, source,
+    target)``, (M,) each: A token ``source`` of image ``image`` joins B token ``target``. Only the merging rows look
+    up their argmax (on the CPU the row maxima cost a tenth of it).
     """
     tokens = keys.shape[1]
     a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
     a_rows, b_rows = bipartite_slices(num_prefix)  # the same positions, as views
     scores = key_similarity(keys, a_rows, b_rows)
-    if int(counts.min()) < tokens:  # dead B tokens never receive, dead A tokens never merge
+    if threshold < 0 and int(counts.min()) < tokens:  # dead B tokens never receive, dead A tokens never merge
         scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))
         scores.masked_fill_((a_pos[None] >= counts[:, None])[..., None], float("-inf"))
     image, row = (scores.amax(-1).clamp_max(1.0) > threshold).nonzero(as_tuple=True)

@@ -119,21 +119,24 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
         assert importance is None
 
 
+@pytest.mark.parametrize("negative_threshold", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_merging_pairs_equal_general_matches(seed: int) -> None:
-    """The inference form's strided matching gives the merges best_matches gives, and only those above threshold."""
+def test_merging_pairs_equal_general_matches(seed: int, negative_threshold: bool) -> None:
+    """The inference form's strided matching gives the merges best_matches gives, and only those above threshold;
+    dead tokens (zero keys, as unpacked) take part in none, also below a threshold of 0, where they are masked."""
     generator = torch.Generator().manual_seed(seed)
-    keys = torch.randn(5, 11, 6, generator=generator)
     counts = torch.tensor([11, 1, 2, 6, 9])
     alive = torch.arange(11)[None] < counts[:, None]
+    keys = torch.randn(5, 11, 6, generator=generator) * alive[..., None]
     candidate = alive & (torch.arange(11) >= 1)  # one prefix token
     rank = candidate.long().cumsum(1) - 1
     best, dst = best_matches(keys, candidate & (rank % 2 == 1), candidate & (rank % 2 == 0))
     in_a = best > -2
     assert int(in_a.sum()) == sum((int(c) - 1) // 2 for c in counts)
-    threshold = float(best[in_a].median())
+    threshold = -1.0 if negative_threshold else float(best[in_a].median())
+    assert (threshold < 0) == negative_threshold
     merging = best > threshold
-    assert 0 < int(merging.sum()) < int(in_a.sum())
+    assert 0 < int(merging.sum()) <= int(in_a.sum())
     image, source, target = merging_pairs(keys, 1, counts, threshold)
     expected_image, expected_source = merging.nonzero(as_tuple=True)
     assert torch.equal(image, expected_image) and torch.equal(source, expected_source)
@@ -181,3 +184,25 @@ def test_qk_norm_models_run_ragged_batches_like_single_images() -> None:
         single = torch.cat([model(x[i:i + 1]) for i in range(4)])
     assert len(set(counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
     assert torch.allclose(batched, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ltmp", "ltp", "ltm"])
+def test_blocks_carry_packed_tokens_exactly_like_the_hooked_block_calls(monkeypatch, name: str) -> None:
+    """Without block hooks the alive tokens go packed from block to block; with one, every block is called and
+    pads its output. Both give the same logits, counts and source maps, and the hook sees each block's output."""
+    model, reducer, x = with_thresholds(name, 3)
+    ctx = model._reduction_ctx
+    calls = []
+    run_block = methods.blocks.run_block
+    monkeypatch.setattr(methods.blocks, "run_block", lambda *args, **kwargs: calls.append(1) or run_block(*args, **kwargs))
+    with torch.no_grad():
+        carried, carried_counts, carried_source = model(x), ctx.counts(), ctx.source.clone()
+        assert not calls  # the blocks' own forward was not called
+        seen = []
+        handle = model.blocks[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+        called, called_counts = model(x), ctx.counts()
+        handle.remove()
+    assert len(set(carried_counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
+    assert seen == [(4, int(called_counts[:, 1, 1].max()), model.embed_dim)] and len(calls) == len(model.blocks)
+    assert torch.equal(carried, called)
+    assert torch.equal(carried_counts, called_counts) and torch.equal(carried_source, ctx.source)
