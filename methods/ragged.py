@@ -90,18 +90,21 @@ class GroupLayout:
         """First slot of each group (``spans`` order) in the compact buffer; the last entry is its size."""
         return list(itertools.accumulate(((end - start) * w for start, end, w in self.spans), initial=0))
 
-    def compact_rows(self, heads: int) -> torch.Tensor:
-        """``(T, heads)``: the row of packed token t, head h, in a compact buffer of rows that holds group g as
-        ``(n_g, heads, w_g)`` rows from row ``heads * group_starts[g]`` (``heads = 1``: one row per slot).
+    def compact_rows(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each packed token's results sit in compact buffers: ``slot: (T,)`` its slot (group g's slots start
+        at ``group_starts[g]``) and ``head_rows: (T, heads)`` its head-h row in a buffer of rows that holds group g as
+        ``(n_g, heads, w_g)`` rows from row ``heads * group_starts[g]``.
 
-        Token t is image b's token ``t - first_b`` (packed order is image by image), so its head-h row is
-        ``heads * image_base[b] + h * image_width[b] + t - first_row[b]``."""
+        Token t is image b's token ``t - first_row[b]`` (packed order is image by image), so its slot is
+        ``image_base[b] + t - first_row[b]`` and its head-h row ``heads * image_base[b] + h * image_width[b] +
+        t - first_row[b]``."""
         device = self.order.device
-        table = torch.tensor([(heads * base - first, width) for base, width, first
-                              in zip(self.image_base, self.image_width, self.first_row)], device=device)  # (B, 2)
-        per_token = table.repeat_interleave(self.counts, dim=0, output_size=self.first_row[-1])  # (T, 2)
+        table = torch.tensor([(base - first, heads * base - first, width) for base, width, first
+                              in zip(self.image_base, self.image_width, self.first_row)], device=device)  # (B, 3)
+        per_token = table.repeat_interleave(self.counts, dim=0, output_size=self.first_row[-1])  # (T, 3)
         tokens = torch.arange(self.first_row[-1], device=device)
-        return (per_token[:, :1] + tokens[:, None]) + per_token[:, 1:] * torch.arange(heads, device=device)
+        head_rows = (per_token[:, 1:2] + tokens[:, None]) + per_token[:, 2:] * torch.arange(heads, device=device)
+        return per_token[:, 0] + tokens, head_rows
 
 
 def plan_groups(counts: list[int], pair_macs: float, overhead_macs: float,
@@ -230,7 +233,7 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
     Images are sorted by count and grouped (:class:`GroupLayout`); each group's q, k and v are one gather of
     d-wide rows, made just before its kernels use them (so they are still in cache); its result is written whole
-    into a compact head-first buffer (:meth:`GroupLayout.compact_rows`), which one gather of d-wide rows packs.
+    into a compact head-first buffer, which one gather of d-wide rows packs (:meth:`GroupLayout.compact_rows`).
     """
     tokens, _, heads, head_dim = qkv.shape
     batch, width_all = packing.shape
@@ -263,8 +266,9 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
         else:
             group_out.view(n, heads, w, head_dim).copy_(F.scaled_dot_product_attention(
                 *group.unbind(0), attn_mask=key_bias[start:end, ..., :w], dropout_p=dropout_p, scale=scale))
-    out = out.index_select(0, layout.compact_rows(heads).view(-1)).view(tokens, heads * head_dim)
+    slot, head_rows = layout.compact_rows(heads)
+    out = out.index_select(0, head_rows.view(-1)).view(tokens, heads * head_dim)
     if not need_importance:
         return out, None
-    importance = received.index_select(0, layout.compact_rows(1).view(-1)).float()  # (T,) in packed order
+    importance = received.index_select(0, slot).float()  # (T,) in packed order
     return out, torch.zeros(batch * width_all, device=qkv.device).index_copy_(0, packing.index, importance).view(batch, width_all)
