@@ -224,6 +224,15 @@ def attention_received(probs: torch.Tensor, query_alive: torch.Tensor) -> torch.
     return (weight @ probs.reshape(batch, heads * queries, keys)).float()[:, 0]
 
 
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[:] = a @ b`` (batched, ``out`` contiguous): written by the matmul itself, or copied in where autograd
+    has to see it (``out=`` does not record gradients)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        out.copy_(torch.bmm(a, b))
+    else:
+        torch.bmm(a, b, out=out)
+
+
 def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale: float,
                      log_size: torch.Tensor | None, need_importance: bool, dropout_p: float = 0.0,
                      device_type: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -260,9 +269,9 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
             bias = key_bias[start * heads:end * heads, :, :w]
             probs = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale).softmax(-1)  # (n * H, w, w)
             weight = query_weight[start:end, :, :, :w].reshape(n, 1, heads * w)  # mean over heads and alive queries
-            torch.bmm(weight, probs.view(n, heads * w, w), out=received[first:first + n * w].view(n, 1, w))
+            _bmm_into(received[first:first + n * w].view(n, 1, w), weight, probs.view(n, heads * w, w))
             probs = F.dropout(probs, dropout_p) if dropout_p else probs
-            torch.bmm(probs, v, out=group_out)
+            _bmm_into(group_out, probs, v)
         else:
             group_out.view(n, heads, w, head_dim).copy_(F.scaled_dot_product_attention(
                 *group.unbind(0), attn_mask=key_bias[start:end, ..., :w], dropout_p=dropout_p, scale=scale))

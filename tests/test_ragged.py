@@ -106,7 +106,7 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
         alive[:, 5] = True
     packing = Packing(alive)
     tokens = int(alive.sum())
-    qkv = torch.randn(tokens, 3, 3, 4, generator=generator)
+    qkv = torch.randn(tokens, 3, 3, 4, generator=generator, requires_grad=True)
     log_size = torch.rand(tokens, generator=generator).mul(3).add(1).log() if proportional else None
     assert len(packing.groups(24.0, 50.0, 2 * 12 * 12).spans) > 1
     out, importance = ragged_attention(qkv, packing, 3, 0.5, log_size, need_importance)
@@ -117,6 +117,13 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
         assert torch.equal(importance[~alive], torch.zeros(int((~alive).sum())))
     else:
         assert importance is None
+    # gradients flow as through the image-by-image reference (a random linear read-out of both results)
+    out_weight, importance_weight = torch.randn(out.shape, generator=generator), torch.randn(alive.shape, generator=generator)
+    def readout(out: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        return (out * out_weight).sum() + (0.0 if importance is None else (importance * importance_weight).sum())
+    grad, = torch.autograd.grad(readout(out, importance), qkv)
+    expected_grad, = torch.autograd.grad(readout(expected_out, expected_importance if need_importance else None), qkv)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("negative_threshold", [False, True])
