@@ -119,6 +119,7 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
         assert importance is None
     # gradients flow as through the image-by-image reference (a random linear read-out of both results)
     out_weight, importance_weight = torch.randn(out.shape, generator=generator), torch.randn(alive.shape, generator=generator)
+
     def readout(out: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         return (out * out_weight).sum() + (0.0 if importance is None else (importance * importance_weight).sum())
     grad, = torch.autograd.grad(readout(out, importance), qkv)
