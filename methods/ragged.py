@@ -198,11 +198,11 @@ class Packing:
             spans.append((len(order), len(order) + len(images), max(counts[i] for i in images)))
             order += images
         width = spans[-1][2]
-        image_base, image_width, slot = [0] * batch, [0] * batch, 0  # compact layout: each group at its own width
+        image_base, image_width, next_slot = [0] * batch, [0] * batch, 0  # compact layout: each group at its own width
         for start, end, group_width in spans:
             for image in order[start:end]:
-                image_base[image], image_width[image] = slot, group_width
-                slot += group_width
+                image_base[image], image_width[image] = next_slot, group_width
+                next_slot += group_width
         # per-image lists are built in Python (32 numbers); only the per-token tensors are torch ops
         count, first = (torch.tensor([values[i] for i in order], device=device) for values in (counts, first_row))
         slot = torch.arange(width, device=device)
