@@ -18,7 +18,7 @@ import functools
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,9 +29,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 @dataclass
 class Timing:
-    """Per-iteration times in milliseconds of one callable."""
+    """Per-iteration times in milliseconds of one callable, and the process's minor page faults during each."""
 
     times_ms: list[float]
+    page_faults: list[int] = field(default_factory=list)
 
     @property
     def median_ms(self) -> float:
@@ -46,6 +47,11 @@ class Timing:
 
     def images_per_s(self, batch: int) -> float:
         return batch / (self.median_ms / 1000.0)
+
+    @property
+    def page_faults_per_call(self) -> float | None:
+        """Median minor page faults of one timed call (0 for a warm model on a kept heap); None where not counted."""
+        return statistics.median(self.page_faults) if self.page_faults else None
 
 
 def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
@@ -73,6 +79,15 @@ def steady_heap() -> str:
     return "glibc, freed memory kept (no mmap, no trim)"
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (all threads); 0 where ``resource`` is unavailable."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """A function that runs ``fn`` once and returns its duration in ms (CUDA events on GPU)."""
     if device.type == "cuda":
@@ -97,7 +112,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", 
                      max_iters: int = 1000) -> dict[str, Timing]:
     """Time several callables round-robin. Warm-up lasts >= ``warmup_iters`` rounds and >= ``warmup_s``;
     timing lasts >= ``min_iters`` rounds and >= ``min_time_s`` (at most ``max_iters`` rounds). The warm-up then
-    also settles the heap (:func:`steady_heap`)."""
+    also settles the heap (:func:`steady_heap`); the page faults of each timed call are counted, so a stored
+    timing shows whether it was free of them."""
     steady_heap()
     run = _timer(torch.device(device))
     names = list(fns)
@@ -107,10 +123,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", 
             for name in names:
                 run(fns[name])
             rounds += 1
-        times: dict[str, list[float]] = {name: [] for name in names}
+        timings = {name: Timing([], []) for name in names}
         start, rounds = time.perf_counter(), 0
         while rounds < max_iters and (rounds < min_iters or time.perf_counter() - start < min_time_s):
             for name in names:
-                times[name].append(run(fns[name]))
+                faults = _minor_faults()
+                timings[name].times_ms.append(run(fns[name]))
+                timings[name].page_faults.append(_minor_faults() - faults)
             rounds += 1
-    return {name: Timing(values) for name, values in times.items()}
+    return timings

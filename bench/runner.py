@@ -247,6 +247,8 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
                             "speedup_q1": speedup_q1, "speedup_q3": speedup_q3,
                             "realisation": speedup / (dense / macs_mean),
                             "iterations": len(measured["method"].times_ms),
+                            "page_faults_per_call": measured["method"].page_faults_per_call,
+                            "baseline_page_faults_per_call": measured["baseline"].page_faults_per_call,
                             "tf32": str(torch.backends.cuda.matmul.allow_tf32) if work.device.startswith("cuda") else None})
     tokens = result.tokens_mean()
     row = {"cell_key": key, "model": config["model"], "checkpoint_sha": work.checkpoint_sha, "dataset": work.dataset,

@@ -40,13 +40,15 @@ CREATE TABLE IF NOT EXISTS timings (
     precision TEXT NOT NULL, batch INTEGER NOT NULL, threads INTEGER,
     median_ms REAL, iqr_ms REAL, images_per_s REAL,
     baseline_median_ms REAL, baseline_iqr_ms REAL, speedup REAL, realisation REAL, iterations INTEGER,
-    tf32 TEXT, speedup_q1 REAL, speedup_q3 REAL,
+    tf32 TEXT, speedup_q1 REAL, speedup_q3 REAL, page_faults_per_call REAL, baseline_page_faults_per_call REAL,
     PRIMARY KEY (cell_key, precision, batch)
 );
 """
 
 #: Columns added to schema 1 after its first release: stores written before get them (empty) when opened.
-ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL"}, "cells": {"r_flops": "REAL"}}
+ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL", "page_faults_per_call": "REAL",
+                             "baseline_page_faults_per_call": "REAL"},
+                 "cells": {"r_flops": "REAL"}}
 
 
 def cell_key(identity: dict[str, Any]) -> str:

@@ -88,7 +88,8 @@ def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, pr
             "base_iqr_ms": timing["base"].iqr_ms, "method_iqr_ms": timing["method"].iqr_ms,
             "speedup": timing["base"].median_ms / timing["method"].median_ms,
             "speedup_paired_median": paired, "speedup_paired_q1": low, "speedup_paired_q3": high,
-            "rounds": len(timing["base"].times_ms)}
+            "rounds": len(timing["base"].times_ms), "base_page_faults_per_call": timing["base"].page_faults_per_call,
+            "method_page_faults_per_call": timing["method"].page_faults_per_call}
 
 
 def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor, merge_q: float, prune_q: float) -> None:

@@ -144,13 +144,14 @@ methods:
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
-    """A schema-1 store from before ``speedup_q1/q3`` and ``r_flops`` existed opens, keeps its rows, and takes new
-    rows with them."""
+    """A schema-1 store from before ``speedup_q1/q3``, the page-fault counts and ``r_flops`` existed opens, keeps
+    its rows, and takes new rows with them."""
     from bench.store import APP, SCHEMA, SCHEMA_SQL
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
-    old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "").replace(" r_flops REAL,", "")
-    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 3
+    old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "").replace(" r_flops REAL,", "").replace(
+        " page_faults_per_call REAL, baseline_page_faults_per_call REAL,", "")
+    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 5
     conn.executescript(old_schema)
     conn.execute("INSERT INTO meta VALUES ('app', ?), ('schema', ?)", (APP, SCHEMA))
     conn.commit()
@@ -158,10 +159,12 @@ def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: 
     store = Store(path)
     old_row = {k: v for k, v in fake_row("old").items() if k != "r_flops"}
     store.write_cell(old_row, [fake_timing()])  # a writer that does not know the quartiles or r_flops
-    store.write_cell(fake_row("new"), [{**fake_timing(), "speedup_q1": 1.4, "speedup_q3": 1.7}])
+    store.write_cell(fake_row("new"), [{**fake_timing(), "speedup_q1": 1.4, "speedup_q3": 1.7,
+                                        "page_faults_per_call": 0.0, "baseline_page_faults_per_call": 3.0}])
     store.close()
     timings = Store(path).timings().set_index("cell_key")
     assert pd.isna(timings.loc["old", "speedup_q1"]) and timings.loc["old", "speedup"] == 1.5
     assert (timings.loc["new", "speedup_q1"], timings.loc["new", "speedup_q3"]) == (1.4, 1.7)
+    assert pd.isna(timings.loc["old", "page_faults_per_call"]) and timings.loc["new", "baseline_page_faults_per_call"] == 3.0
     cells = Store(path).cells().set_index("cell_key")
     assert pd.isna(cells.loc["old", "r_flops"]) and cells.loc["new", "r_flops"] == 0.5
