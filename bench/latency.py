@@ -23,6 +23,11 @@ from typing import Callable
 
 import torch
 
+try:
+    import resource
+except ImportError:  # not a Unix: page faults are not counted
+    resource = None
+
 #: glibc ``mallopt`` parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -81,11 +86,7 @@ def steady_heap() -> str:
 
 def _minor_faults() -> int:
     """Minor page faults of this process so far (all threads); 0 where ``resource`` is unavailable."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

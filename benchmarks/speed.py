@@ -84,7 +84,8 @@ def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, pr
         timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, device=DEVICE,
                                   warmup_iters=5, warmup_s=2.0, min_iters=5, min_time_s=min_time)
     low, paired, high = paired_ratio(timing["base"], timing["method"])
-    return {"precision": precision, "batch": len(x), "base_ms": timing["base"].median_ms, "method_ms": timing["method"].median_ms,
+    return {"precision": precision, "batch": len(x),
+            "base_ms": timing["base"].median_ms, "method_ms": timing["method"].median_ms,
             "base_iqr_ms": timing["base"].iqr_ms, "method_iqr_ms": timing["method"].iqr_ms,
             "speedup": timing["base"].median_ms / timing["method"].median_ms,
             "speedup_paired_median": paired, "speedup_paired_q1": low, "speedup_paired_q3": high,
