@@ -187,10 +187,13 @@ class PruneAndMerge(TokenReducer):
             return run_block(block, x, ctx, layer)
         if self.M[layer].shape[1] != x.shape[1]:
             raise BenchError(f"Prune-and-Merge was calibrated for {self.M[layer].shape[1]} tokens, got {x.shape[1]}")
+        # batched matmuls against the matrices broadcast over the batch (stride 0, no copy): torch.matmul(M, x) folds
+        # x's batch into a transposed (B * C, N) copy and returns a transposed result, 10 % slower for DeiT-S at batch 32
+        batch = x.shape[0]
         merge, rebuild = self.M[layer].to(x.dtype), self.R[layer].to(x.dtype)
-        inner = run_block(block, torch.matmul(merge, x), ctx, layer)
+        inner = run_block(block, torch.bmm(merge.expand(batch, -1, -1), x), ctx, layer)  # (B, c_l, C)
         shortcut = self.pruned[layer].to(device=x.device, dtype=x.dtype)[None, :, None] * x
-        return torch.matmul(rebuild, inner) + shortcut
+        return torch.baddbmm(shortcut, rebuild.expand(batch, -1, -1), inner)  # (B, N, C)
 
     def token_groups(self, layer: int, ctx: ReductionContext) -> torch.Tensor | None:
         """The tokens block ``layer`` sees: M's rows (nonzero pattern); pruned positions belong to none."""

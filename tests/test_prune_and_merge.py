@@ -96,6 +96,28 @@ def test_full_keep_is_the_identity_and_reproduces_logits() -> None:
         assert torch.allclose(model(x), reference, atol=1e-5)
 
 
+def test_reduced_forward_is_the_papers_formula_image_by_image() -> None:
+    """x_out = R_l · Block_l(M_l · x) + p_l ⊙ x, computed here one image at a time with the unpatched timm blocks
+    and plain matrix products, equals the plug-in's batched forward."""
+    import copy
+    model = tiny_vit()
+    plain = copy.deepcopy(model)
+    reducer = methods.create("pm", keep_rate=0.5)
+    reducer.apply(model)
+    reducer.prepare_for_test(model)
+    assert not any(reducer.identity)
+    x = image_batch(model, batch=3)
+    with torch.no_grad():
+        tokens = plain.norm_pre(plain._pos_embed(plain.patch_embed(x)))  # (B, N, C)
+        images = []
+        for image in tokens:  # (N, C)
+            for block, merge, rebuild, pruned in zip(plain.blocks, reducer.M, reducer.R, reducer.pruned):
+                image = rebuild @ block((merge @ image)[None])[0] + pruned[:, None].float() * image
+            images.append(image)
+        reference = plain.forward_head(plain.norm(torch.stack(images)))
+        assert torch.allclose(model(x), reference, atol=1e-5)
+
+
 def test_static_counts_state_round_trip_and_impossible_rates() -> None:
     model = tiny_vit()
     reducer = methods.create("pm", keep_rate=0.5)
