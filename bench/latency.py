@@ -75,13 +75,19 @@ def steady_heap() -> str:
     """Make glibc keep freed memory in the heap for the rest of the process: no ``mmap`` for large blocks
     (``M_MMAP_MAX`` 0) and no returning the heap's top to the system (``M_TRIM_THRESHOLD`` at its maximum), so
     repeated forward passes reuse the same pages instead of faulting in new ones. Idempotent; returns the policy
-    in force, recorded with every timing (``environment()['heap']``). Elsewhere than glibc it changes nothing."""
+    in force (see :func:`heap_policy`). Elsewhere than glibc it changes nothing."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "system default"
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1:
         return "glibc default (mallopt refused)"
     return "glibc, freed memory kept (no mmap, no trim)"
+
+
+def heap_policy() -> str:
+    """The heap policy in force, as recorded with every timing (``environment()['heap']``): what :func:`steady_heap`
+    set, or the system's default in a process that has timed nothing (reading it changes nothing)."""
+    return steady_heap() if steady_heap.cache_info().currsize else "system default"
 
 
 def _minor_faults() -> int:
@@ -112,9 +118,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", 
                      warmup_s: float = 2.0, min_iters: int = 10, min_time_s: float = 2.0,
                      max_iters: int = 1000) -> dict[str, Timing]:
     """Time several callables round-robin. Warm-up lasts >= ``warmup_iters`` rounds and >= ``warmup_s``;
-    timing lasts >= ``min_iters`` rounds and >= ``min_time_s`` (at most ``max_iters`` rounds). The warm-up then
-    also settles the heap (:func:`steady_heap`); the page faults of each timed call are counted, so a stored
-    timing shows whether it was free of them."""
+    timing lasts >= ``min_iters`` rounds and >= ``min_time_s`` (at most ``max_iters`` rounds). The heap is made
+    steady first (:func:`steady_heap`), so the warm-up also settles it; the page faults of each timed call are
+    counted, so a stored timing shows whether it was free of them."""
     steady_heap()
     run = _timer(torch.device(device))
     names = list(fns)

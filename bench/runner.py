@@ -23,7 +23,7 @@ from bench import models
 from bench.accuracy import evaluate
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
-from bench.latency import paired_ratio, steady_heap, time_interleaved
+from bench.latency import heap_policy, paired_ratio, time_interleaved
 from bench.precision import autocast
 from bench.store import Store, cell_key, pack_state
 from methods.blocks import ModelDims
@@ -91,7 +91,7 @@ def environment(device: str) -> dict[str, Any]:
         pass
     return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "cpu": cpu,
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-            "threads": torch.get_num_threads(), "heap": steady_heap()}
+            "threads": torch.get_num_threads(), "heap": heap_policy()}
 
 
 def git_commit() -> str:
