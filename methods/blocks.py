@@ -151,12 +151,12 @@ class ReductionContext:
             self._packing = Packing(self.alive)
         return self._packing
 
-    def repack(self, alive: torch.Tensor) -> Packing:
-        """Set ``alive: (B, K)`` bool after a compaction (None when every token is alive) and return its
-        :class:`Packing`, which :meth:`packing` then keeps returning."""
-        self._packing = Packing(alive)
-        self.alive = None if self._packing.dense else alive
-        return self._packing
+    def repack(self, packing: Packing) -> Packing:
+        """Set ``alive`` to ``packing``'s mask after a compaction (None when every token is alive) and return
+        ``packing``, which :meth:`packing` then keeps returning."""
+        self._packing = packing
+        self.alive = None if packing.dense else packing.alive
+        return packing
 
     def record_attention(self, attn: torch.Tensor) -> None:
         """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""

@@ -50,7 +50,7 @@ from methods.base import FitReport, Knob, TokenReducer, register_reducer
 from methods.blocks import ModelDims, ReductionContext
 from methods.parallel import all_ranks_true, data_parallel
 from methods.ragged import Packing
-from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact,
+from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact, fp32_region,
                            key_similarity, members, straight_through_step)
 
 LTMP_KNOBS = (
@@ -88,7 +88,7 @@ def best_matches(keys: torch.Tensor, in_a: torch.Tensor, in_b: torch.Tensor) -> 
     b_index, b_valid = members(in_b)
     keys = F.normalize(keys.float(), dim=-1)
     gather = lambda index: keys.gather(1, index[..., None].expand(-1, -1, keys.shape[2]))
-    with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
+    with fp32_region(keys.device.type):  # similarities in fp32 under any autocast
         scores = gather(a_index) @ gather(b_index).transpose(1, 2)
     scores = scores.masked_fill(~(a_valid[:, :, None] & b_valid[:, None, :]), float("-inf"))
     best_a, match = scores.amax(-1), scores.argmax(-1)  # ties: the first B token, as in merging_pairs
@@ -111,36 +111,36 @@ def merging_pairs(keys: torch.Tensor, num_prefix: int, counts: torch.Tensor,
     up their argmax (on the CPU the row maxima cost a tenth of it).
     """
     tokens = keys.shape[1]
-    a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
-    a_rows, b_rows = bipartite_slices(num_prefix)  # the same positions, as views
+    a_rows, b_rows = bipartite_slices(num_prefix)  # A: positions num_prefix + 1 + 2i, B: num_prefix + 2j (views)
     scores = key_similarity(keys, a_rows, b_rows)
     if threshold < 0 and int(counts.min()) < tokens:  # dead B tokens never receive, dead A tokens never merge
+        a_pos, b_pos = bipartite_positions(tokens, num_prefix, keys.device)
         scores += torch.where(b_pos[None, None, :] < counts[:, None, None], 0.0, float("-inf"))
         scores.masked_fill_((a_pos[None] >= counts[:, None])[..., None], float("-inf"))
     image, row = (scores.amax(-1).clamp_max(1.0) > threshold).nonzero(as_tuple=True)
-    return image, a_pos[row], b_pos[scores[image, row].argmax(-1)]
+    column = scores[image, row].argmax(-1)
+    return image, row * 2 + (num_prefix + 1), column * 2 + num_prefix  # a_pos[row], b_pos[column]
 
 
-def merge_into_kept(tokens: torch.Tensor, token_rows: torch.Tensor, kept: torch.Tensor, kept_first: torch.Tensor,
-                    keep: torch.Tensor, image: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
-                    share: torch.Tensor) -> torch.Tensor:
+def merge_into_kept(tokens: torch.Tensor, token_rows: torch.Tensor, kept: torch.Tensor, keep_rows: torch.Tensor,
+                    source: torch.Tensor, target: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
     """The size-weighted merge of the inference form, touching only the rows that merge. Returns ``kept``, updated.
 
-    ``tokens: (R, C)`` the rows before the merge, ``token_rows: (B, N)`` the row of each alive position;
-    ``kept: (R', C)`` the rows of the positions where ``keep: (B, N)`` holds, image by image in position order,
-    image ``b``'s first one at row ``kept_first[b]``; A token ``source`` of image ``image`` joins B token ``target``
-    ((M,) each) with ``share = s_a / s'_d`` (M,), its size over the destination's size after the merge. A
-    destination ``d`` becomes ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as ``x_d + sum_a (s_a / s'_d) (x_a - x_d)``
-    so that it is one ``index_add`` over the M merged rows instead of a scatter over the whole batch (the training
-    form's formula; the two agree to float rounding). Destinations that were pruned after merging get nothing.
+    ``tokens: (R, C)`` the rows before the merge, ``token_rows: (P,)`` the row of each (flat) position;
+    ``keep_rows: (R,)`` bool, which rows were kept; ``kept: (R', C)`` those rows, in row order. The token at
+    position ``source`` joins the one at ``target`` ((M,) each) with ``share = s_a / s'_d`` (M,), its size over the
+    destination's size after the merge. A destination ``d`` becomes ``(s_d x_d + sum_a s_a x_a) / s'_d``, written as
+    ``x_d + sum_a (s_a / s'_d) (x_a - x_d)`` so that it is one ``index_add`` over the M merged rows instead of a
+    scatter over the whole batch (the training form's formula; the two agree to float rounding). Destinations that
+    were pruned after merging get nothing.
     """
-    if image.numel() == 0:
+    if source.numel() == 0:
         return kept
-    survives = keep[image, target]
-    rank = keep.long().cumsum(1) - 1
-    share = torch.where(survives, share, 0.0).to(tokens.dtype)  # a pruned destination: add 0 to some kept row
-    delta = (tokens[token_rows[image, source]] - tokens[token_rows[image, target]]) * share[:, None]
-    return kept.index_add_(0, (kept_first[image] + rank[image, target]).clamp_min_(0), delta)
+    source_row, target_row = token_rows.index_select(0, source), token_rows.index_select(0, target)
+    share = torch.where(keep_rows.index_select(0, target_row), share, 0.0).to(tokens.dtype)  # pruned: add 0 somewhere
+    delta = (tokens.index_select(0, source_row) - tokens.index_select(0, target_row)).mul_(share[:, None])
+    kept_row = keep_rows.cumsum(0).sub_(1)  # (R,) the row in kept of each kept row of tokens
+    return kept.index_add_(0, kept_row.index_select(0, target_row).clamp_min_(0), delta)
 
 
 class LearnedThresholds(TokenReducer):
@@ -245,31 +245,33 @@ class LearnedThresholds(TokenReducer):
     def _decide_packed(self, layer: int, ctx: ReductionContext,
                        packing: Packing) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The inference form's decisions in block ``layer`` (the same rule as :meth:`_decide`, on hard masks):
-        ``keep: (B, N)`` bool and the merges ``(image, source, target, share)`` ((M,) each, see
-        :func:`merge_into_kept`) or None. The alive tokens of ``packing`` are the first of each image (compaction
-        keeps them there). Sets ``ctx.size`` (and ``ctx.source``)."""
+        ``keep: (B, N)`` bool and the merges ``(source, target, share)`` ((M,) each: flat positions ``b * N + n`` in
+        ``packing``'s layout, see :func:`merge_into_kept`) or None. The alive tokens of ``packing`` are the first of
+        each image (compaction keeps them there). Updates ``ctx.size`` (and ``ctx.source``) where tokens merge."""
         merges, prunes = self._active[layer]
         keep = packing.alive.clone()
-        size = torch.ones(packing.shape, device=keep.device) if ctx.size is None else ctx.size
         importance = ctx.stats.get("importance")
         pairs = None
         if merges and max(packing.count_list) - ctx.num_prefix >= 2:  # some image has an A and a B token
             image, source, target = merging_pairs(ctx.stats["keys"], ctx.num_prefix, packing.counts,
                                                   float(self.theta_merge[layer]))
-            moved = size[image, source]
-            size = size.index_put((image, target), moved, accumulate=True)
-            pairs = (image, source, target, moved / size[image, target])
+            image_start = image * packing.shape[1]
+            source, target = image_start + source, image_start + target  # flat positions
+            size = torch.ones(keep.numel(), device=keep.device) if ctx.size is None else ctx.size.reshape(-1)
+            moved = size.index_select(0, source)
+            size = size.index_add(0, target, moved)
+            pairs = (source, target, moved / size.index_select(0, target))
+            ctx.size = size.view(packing.shape)
             if ctx.source is not None:
-                ctx.source = ctx.source.index_put((image, target), ctx.source[image, source], accumulate=True)
+                flat = ctx.source.flatten(0, 1)
+                ctx.source = flat.index_add(0, target, flat.index_select(0, source)).view(ctx.source.shape)
             if importance is not None:  # a merged B token keeps the largest importance of its members
-                flat = image * importance.shape[1]
-                importance = importance.view(-1).scatter_reduce(0, flat + target, importance.view(-1)[flat + source],
-                                                                "amax").view(importance.shape)
-            keep[image, source] = False
+                flat = importance.view(-1)
+                importance = flat.scatter_reduce(0, target, flat.index_select(0, source), "amax").view(importance.shape)
+            keep.view(-1).index_fill_(0, source, False)
         if prunes:  # as in _decide: an alive token's importance is positive
             rest = slice(ctx.num_prefix, None)
             keep[:, rest] &= importance[:, rest].clamp_min(torch.finfo(torch.float32).tiny) > self.theta_prune[layer]
-        ctx.size = size
         return keep, pairs
 
     def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
@@ -298,11 +300,9 @@ class LearnedThresholds(TokenReducer):
         if ctx.num_prefix == 0:  # never leave an image without tokens
             empty = ~keep.any(1)
             keep[empty, 0] = True
-        kept, kept_packing = compact(tokens, packing, ctx, keep)
-        if pairs is not None:
-            first = kept_packing.counts.cumsum(0) - kept_packing.counts
-            # in place is safe even where nothing was dropped (kept is tokens): the deltas are read before the add
-            kept = merge_into_kept(tokens, packing.source.view(packing.shape), kept, first, keep, *pairs)
+        kept, kept_packing, keep_rows = compact(tokens, packing, ctx, keep)
+        if pairs is not None:  # merges drop their sources, so kept is a new tensor: adding into it in place is safe
+            kept = merge_into_kept(tokens, packing.source, kept, keep_rows, *pairs)
         return kept, kept_packing
 
     def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:

@@ -143,13 +143,27 @@ class Packing:
     ``unpack: (T, C) -> (B, N, C)`` puts them back with zeros in the padding (so dead keys hold finite values).
     """
 
-    def __init__(self, alive: torch.Tensor) -> None:
+    def __init__(self, alive: torch.Tensor, counts: torch.Tensor | None = None,
+                 count_list: list[int] | None = None) -> None:
+        """``counts: (B,)`` and ``count_list`` (the same as Python ints), when the caller knows them, spare their
+        reductions and a device sync."""
         self.alive = alive
         self.shape = tuple(alive.shape)
-        self.dense = bool(alive.all())  # no padding: pack and unpack are reshapes
+        self.counts = alive.sum(1) if counts is None else counts  # (B,)
+        if count_list is not None:
+            self.count_list = count_list
+            self.dense = min(count_list) == self.shape[1]
+        else:
+            self.dense = bool(alive.all())  # no padding: pack and unpack are reshapes
         self.index = alive.reshape(-1).nonzero().squeeze(1)  # (T,) flat positions b * N + n
-        self.counts = alive.sum(1)  # (B,)
         self._unpacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (last unpack's output, its input)
+
+    @classmethod
+    def of_counts(cls, counts: torch.Tensor, count_list: list[int]) -> "Packing":
+        """The Packing whose image ``b`` holds its first ``counts[b]`` positions of ``max(counts)`` (what compaction
+        leaves)."""
+        alive = torch.arange(max(count_list), device=counts.device)[None] < counts[:, None]
+        return cls(alive, counts, count_list)
 
     @cached_property
     def source(self) -> torch.Tensor:
@@ -173,12 +187,15 @@ class Packing:
             return self._unpacked[1]
         return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
 
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+    def unpack(self, packed: torch.Tensor, zero_padding: bool = True) -> torch.Tensor:
+        """``packed: (T, F) -> (B, N, F)``; the padding holds zeros, or with ``zero_padding=False`` a copy of some
+        alive row (finite, and positive where the rows are)."""
         if self.dense:
             return packed.view(*self.shape, packed.shape[-1])
         out = packed.index_select(0, self.source).view(*self.shape, packed.shape[-1])  # a gather: faster than a scatter
-        out.mul_(self.alive[..., None].to(out.dtype))  # zero the padding (6x faster than a broadcast masked_fill_)
-        self._unpacked = (out, packed)
+        if zero_padding:
+            out.mul_(self.alive[..., None].to(out.dtype))  # zero the padding (6x faster than a broadcast masked_fill_)
+            self._unpacked = (out, packed)
         return out
 
     def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> GroupLayout:

@@ -5,6 +5,8 @@ update ``ctx.size`` / ``ctx.alive`` / ``ctx.source`` consistently with ``x``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -33,8 +35,14 @@ def key_similarity(keys: torch.Tensor, a_pos: torch.Tensor | slice, b_pos: torch
     """Cosine similarity of keys: ``keys: (B, N, d)`` -> ``(B, |A|, |B|)``; positions as index tensors or slices
     (slices select views, no gather)."""
     keys = F.normalize(keys.float(), dim=-1)
-    with torch.autocast(keys.device.type, enabled=False):  # similarities in fp32 under any autocast
+    with fp32_region(keys.device.type):
         return keys[:, a_pos] @ keys[:, b_pos].transpose(1, 2)
+
+
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off (similarities stay fp32 under any autocast); a no-op one where autocast is
+    not on, since entering ``torch.autocast`` costs tens of microseconds, paid in every block."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def _flat_rows(index: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -100,23 +108,28 @@ def members(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compact(tokens: torch.Tensor, packing: Packing, ctx: ReductionContext,
-            keep_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+            keep_mask: torch.Tensor) -> tuple[torch.Tensor, Packing, torch.Tensor]:
     """Drop tokens where ``keep_mask: (B, N)`` (a subset of ``packing``'s alive positions) is False, image by image.
 
     ``tokens: (T, C)`` are the alive tokens of ``packing``; returns the kept ones ``(T', C)`` (one gather of their
-    rows; the padded batch is never built) and their :class:`Packing`. Kept tokens keep their order and move to the
-    front of their image; ``ctx.size`` and ``ctx.source`` follow, and ``ctx.alive`` marks the padding up to the
-    batch's largest count (None when there is none) so that attention masks it and pooling ignores it.
+    rows; the padded batch is never built), their :class:`Packing` and ``keep_rows: (T,)`` bool, the decision of
+    each row of ``tokens``. Kept tokens keep their order and move to the front of their image; ``ctx.size`` and
+    ``ctx.source`` follow, and ``ctx.alive`` marks the padding up to the batch's largest count (None when there is
+    none) so that attention masks it and pooling ignores it.
     """
-    if torch.equal(keep_mask, packing.alive):  # nothing to drop
-        return tokens, packing
-    order, padded = members(keep_mask)
-    ctx.size = None if ctx.size is None else ctx.size.gather(1, order)
+    flat_keep = keep_mask.reshape(-1)
+    keep_rows = flat_keep if packing.dense else flat_keep.index_select(0, packing.index)  # (T,)
+    rows = keep_rows.nonzero().squeeze(1)  # (T',) the kept rows of tokens
+    if rows.numel() == keep_rows.numel():  # nothing to drop
+        return tokens, packing, keep_rows
+    counts = keep_mask.sum(1)
+    kept = ctx.repack(Packing.of_counts(counts, counts.tolist()))
+    positions = rows if packing.dense else packing.index.index_select(0, rows)  # (T',) old flat positions b * N + n
+    if ctx.size is not None:  # the padding holds some kept token's size (positive: its log is finite)
+        ctx.size = kept.unpack(ctx.size.reshape(-1, 1).index_select(0, positions), zero_padding=False)[..., 0]
     if ctx.source is not None:
-        ctx.source = _gather_rows(ctx.source, order)
-    kept = ctx.repack(padded)
-    rows = packing.source.view(packing.shape).gather(1, order).reshape(-1)  # (B * K,) row of each kept slot
-    return tokens.index_select(0, rows if kept.dense else rows.index_select(0, kept.index)), kept
+        ctx.source = kept.unpack(ctx.source.flatten(0, 1).index_select(0, positions))
+    return tokens.index_select(0, rows), kept, keep_rows
 
 
 def bipartite_similarity_macs(n_attn: torch.Tensor, num_prefix: int, head_dim: int) -> torch.Tensor:

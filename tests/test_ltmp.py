@@ -159,15 +159,15 @@ def test_inference_merge_touches_merged_rows_only_hand_example() -> None:
     """Image 0: token 3 (size 1, value 10) joins token 2 (size 2, value 4) -> (2 * 4 + 10) / 3 = 6; token 1 is
     pruned. Image 1: token 1 joins token 3, which is pruned, so nothing is written. Kept rows stay as they were."""
     x = torch.tensor([[[0.0], [2.0], [4.0], [10.0]], [[1.0], [3.0], [5.0], [7.0]]])
-    image, source, target = torch.tensor([0, 1]), torch.tensor([3, 1]), torch.tensor([2, 3])
+    source, target = torch.tensor([3, 5]), torch.tensor([2, 7])  # flat positions b * 4 + n
     share = torch.tensor([1 / 3, 1 / 2])  # size of the source over the destination's size after the merge
-    keep = torch.tensor([[True, False, True, False], [True, False, True, False]])
+    keep = torch.tensor([True, False, True, False, True, False, True, False])  # by flat position
     order = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])  # the rows before the merge in any order: row r holds x.flat[order[r]]
-    token_rows = torch.argsort(order).view(2, 4)
-    kept = x[keep]  # (4, 1): image 0's kept rows first
-    out = merge_into_kept(x.reshape(8, 1)[order], token_rows, kept.clone(), torch.tensor([0, 2]), keep, image, source,
-                          target, share)
-    assert out[:, 0].tolist() == pytest.approx([0.0, 6.0, 1.0, 5.0], abs=1e-6)
+    token_rows = torch.argsort(order)
+    keep_rows = keep[order]
+    kept = x.reshape(8, 1)[order][keep_rows]  # (4, 1) in row order: positions 2, 0, 6, 4
+    out = merge_into_kept(x.reshape(8, 1)[order], token_rows, kept.clone(), keep_rows, source, target, share)
+    assert out[:, 0].tolist() == pytest.approx([6.0, 0.0, 5.0, 1.0], abs=1e-6)
 
 
 @pytest.mark.parametrize("name", LEARNED)
