@@ -19,7 +19,7 @@ Every image's result is the one it gets alone (batch-1 equivalence holds up to f
 """
 from __future__ import annotations
 
-import itertools
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -38,73 +38,76 @@ MAX_GROUP_PROBS = {"cpu": 2 ** 19, "cuda": 2 ** 40}
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Where the images of a ragged batch sit for grouped attention.
+    """Where the images of a ragged batch sit for grouped attention (index arrays built in NumPy: for a batch of
+    32 images they cost a fraction of the equivalent dozens of small torch operations, paid in every block).
 
-    Images are re-ordered by count (``order: (B,)``, smallest first) and padded to the batch's largest count
-    ``width``, so that every group is a contiguous block of the padded layout: ``spans`` lists
-    ``(start, end, group_width)`` ranges of the re-ordered images, and a group is the slice
-    ``[start:end, ..., :group_width]`` of any per-slot tensor. ``source: (B * width,)`` is the packed row that
-    fills each slot of the layout (row 0 in the padding, which ``valid: (B, width)`` marks False); both are None
-    when the layout *is* the packed order (every image full, no re-ordering).
+    Images are re-ordered by count (smallest first) and padded to the batch's largest count ``width``, so that
+    every group is a contiguous block of the padded layout: ``spans`` lists ``(start, end, group_width)`` ranges of
+    the re-ordered images. ``source: (B * width,)`` is the packed row that fills each slot of that layout (the
+    image's first row in its padding, which ``valid: (B, width)`` marks False).
 
-    Results go the other way through a *compact* buffer, where group g is stored whole as ``(n_g, ..., w_g)``
-    right after group g - 1 (so a batched matmul writes it with ``out=``, contiguous, no transposing copy):
-    ``image_base[b]`` is image b's first slot there and ``image_width[b]`` its group's width;
-    :meth:`compact_rows` turns them into each packed token's rows. Both directions are gathers
-    (``index_select``), several times faster on a CPU than the equivalent scatters.
+    Group g's q, k and v are gathered from *compact* slots, where it is stored whole as ``(n_g, H, w_g)`` right
+    after group g - 1 (``group_starts[g]`` is its first slot): ``qkv_index`` holds, from ``3 * H * group_starts[g]``,
+    the rows of ``qkv: (T, 3, H, d)`` seen as (T * 3 * H, d) rows that fill its ``(3, n_g, H, w_g)`` block, so a
+    group is one contiguous slice, one ``index_select`` of d-wide rows, already in the (n * H, w, d) shape the
+    batched matmuls need (in fp32 on the CPU ~4x faster than gathering tokens and then permuting). Results go back
+    through the same compact layout: ``token_slot: (T,)`` is each packed token's slot and ``token_head_rows: (T, H)``
+    its head-h row in a buffer of rows holding group g as ``(n_g, H, w_g)`` from row ``H * group_starts[g]``. Both
+    directions are gathers, several times faster on a CPU than the equivalent scatters.
     """
 
-    order: torch.Tensor
     spans: list[tuple[int, int, int]]
     width: int
-    counts: torch.Tensor
-    first_row: list[int]
-    image_base: list[int]
-    image_width: list[int]
-    source: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
+    group_starts: list[int]
+    source: torch.Tensor
+    valid: torch.Tensor
+    qkv_index: torch.Tensor
+    token_slot: torch.Tensor
+    token_head_rows: torch.Tensor
+
+    @classmethod
+    def build(cls, counts: list[int], order: list[int], spans: list[tuple[int, int, int]], heads: int,
+              device: torch.device) -> "GroupLayout":
+        """The layout of images with ``counts`` tokens (packed image by image), re-ordered as ``order``, grouped as
+        ``spans``."""
+        parts = 3  # q, k, v
+        count = np.asarray(counts)
+        first = np.concatenate(([0], np.cumsum(count)))  # packed row of each image's first token
+        layout_order = np.asarray(order)
+        sizes = [end - start for start, end, _ in spans]
+        group_width = np.repeat([w for _, _, w in spans], sizes)  # (B,) per image in layout order
+        group_starts = [0, *np.cumsum([n * w for n, (_, _, w) in zip(sizes, spans)]).tolist()]
+        width = spans[-1][2]
+        slot = np.arange(width)
+        layout_first = first[layout_order][:, None]
+        valid = slot < count[layout_order][:, None]  # (B, width)
+        source = np.where(valid, layout_first + slot, layout_first)  # padding: the image's first row (alive)
+        within = np.arange(parts * heads).reshape(parts, 1, heads, 1)  # part * H + head
+        qkv_index = np.concatenate([(source[start:end, None, :w] * (parts * heads) + within).ravel()
+                                    for start, end, w in spans])  # group g: (3, n_g, H, w_g)
+        image_base, image_width = np.empty_like(count), np.empty_like(count)  # compact slots, by original image
+        image_base[layout_order] = np.concatenate(([0], np.cumsum(group_width)[:-1]))
+        image_width[layout_order] = group_width
+        image = np.repeat(np.arange(len(count)), count)  # (T,) image of each packed token
+        position = np.arange(first[-1]) - first[image]
+        token_head_rows = (heads * image_base[image] + position)[:, None] + image_width[image][:, None] * np.arange(heads)
+        as_tensor = lambda array: torch.from_numpy(array).to(device)
+        return cls(spans, width, group_starts, as_tensor(source.ravel()), as_tensor(valid), as_tensor(qkv_index),
+                   as_tensor(image_base[image] + position), as_tensor(token_head_rows))
 
     @property
     def images(self) -> int:
-        return len(self.order)
+        return self.valid.shape[0]
 
     def padded(self, packed: torch.Tensor) -> torch.Tensor:
-        """``packed: (T, F) -> (B, width, F)`` in layout order; padded slots hold a copy of some alive row (finite;
-        mask them with :attr:`valid`)."""
-        rows = packed if self.source is None else packed.index_select(0, self.source)
-        return rows.view(self.images, self.width, packed.shape[-1])
+        """``packed: (T, F) -> (B, width, F)`` in layout order; padded slots hold a copy of the image's first row
+        (finite; mask them with :attr:`valid`)."""
+        return packed.index_select(0, self.source).view(self.images, self.width, packed.shape[-1])
 
-    def head_rows(self, qkv_shape: torch.Size) -> torch.Tensor:
-        """Row ``(t * 3 + part) * H + head`` of ``qkv: (T, 3, H, d)`` seen as (T * 3 * H, d) rows for every slot of the
-        head-first layout ``(3, B, H, width)``. A group's q, k and v are then one gather of d-wide rows,
-        ``index_select(rows[:, start:end, :, :w])``, already in the (n * H, w, d) shape the batched matmuls need (in
-        fp32 on the CPU ~4x faster than gathering tokens and then permuting). Padded slots point at an alive token."""
-        tokens, parts, heads, _ = qkv_shape
-        device = self.order.device
-        source = torch.arange(tokens, device=device) if self.source is None else self.source  # (B * width,)
-        within = torch.arange(parts * heads, device=device).view(parts, 1, heads, 1)  # part * H + head
-        return source.view(1, self.images, 1, self.width) * (parts * heads) + within
-
-    @cached_property
-    def group_starts(self) -> list[int]:
-        """First slot of each group (``spans`` order) in the compact buffer; the last entry is its size."""
-        return list(itertools.accumulate(((end - start) * w for start, end, w in self.spans), initial=0))
-
-    def compact_rows(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each packed token's results sit in compact buffers: ``slot: (T,)`` its slot (group g's slots start
-        at ``group_starts[g]``) and ``head_rows: (T, heads)`` its head-h row in a buffer of rows that holds group g as
-        ``(n_g, heads, w_g)`` rows from row ``heads * group_starts[g]``.
-
-        Token t is image b's token ``t - first_row[b]`` (packed order is image by image), so its slot is
-        ``image_base[b] + t - first_row[b]`` and its head-h row ``heads * image_base[b] + h * image_width[b] +
-        t - first_row[b]``."""
-        device = self.order.device
-        table = torch.tensor([(base - first, heads * base - first, width) for base, width, first
-                              in zip(self.image_base, self.image_width, self.first_row)], device=device)  # (B, 3)
-        per_token = table.repeat_interleave(self.counts, dim=0, output_size=self.first_row[-1])  # (T, 3)
-        tokens = torch.arange(self.first_row[-1], device=device)
-        head_rows = (per_token[:, 1:2] + tokens[:, None]) + per_token[:, 2:] * torch.arange(heads, device=device)
-        return per_token[:, 0] + tokens, head_rows
+    def group_qkv_rows(self, group: int) -> torch.Tensor:
+        """The ``qkv_index`` slice of group ``group`` (a view): its ``(3, n, H, w)`` rows, flat."""
+        parts_heads = self.qkv_index.numel() // self.group_starts[-1]
+        return self.qkv_index[parts_heads * self.group_starts[group]:parts_heads * self.group_starts[group + 1]]
 
 
 def plan_groups(counts: list[int], pair_macs: float, overhead_macs: float,
@@ -198,35 +201,29 @@ class Packing:
             self._unpacked = (out, packed)
         return out
 
-    def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf")) -> GroupLayout:
-        """The attention groups (see :func:`plan_groups`); ``pair_macs``: MACs per (query, key) pair."""
+    def groups(self, pair_macs: float, overhead_macs: float, max_pairs: float = float("inf"),
+               heads: int = 1) -> GroupLayout:
+        """The attention groups (see :func:`plan_groups`) of ``heads`` heads; ``pair_macs``: MACs per (query, key)
+        pair."""
         counts = self.count_list
-        batch, device = len(counts), self.index.device
-        first_row = list(itertools.accumulate(counts, initial=0))  # packed row of each image's first token
+        batch = len(counts)
         if min(counts) == max(counts):  # no padding: consecutive images, as evenly split as the cap allows
             width = counts[0]
             per_group = batch if width * width * batch <= max_pairs else max(1, int(max_pairs // (width * width)))
             bounds = np.linspace(0, batch, -(-batch // per_group) + 1).round().astype(int).tolist()
-            return GroupLayout(torch.arange(batch, device=device),
-                               [(start, end, width) for start, end in zip(bounds[:-1], bounds[1:])], width,
-                               self.counts, first_row, first_row[:-1], [width] * batch)
+            spans = tuple((start, end, width) for start, end in zip(bounds[:-1], bounds[1:]))
+            return _dense_layout(batch, spans, heads, self.index.device)  # the same in every block: built once
         spans, order = [], []
         for images in plan_groups(counts, pair_macs, overhead_macs, max_pairs):
             spans.append((len(order), len(order) + len(images), max(counts[i] for i in images)))
             order += images
-        width = spans[-1][2]
-        image_base, image_width, next_slot = [0] * batch, [0] * batch, 0  # compact layout: each group at its own width
-        for start, end, group_width in spans:
-            for image in order[start:end]:
-                image_base[image], image_width[image] = next_slot, group_width
-                next_slot += group_width
-        # per-image lists are built in Python (32 numbers); only the per-token tensors are torch ops
-        count, first = (torch.tensor([values[i] for i in order], device=device) for values in (counts, first_row))
-        slot = torch.arange(width, device=device)
-        valid = slot[None] < count[:, None]
-        source = torch.where(valid, first[:, None] + slot[None], 0).reshape(-1)
-        return GroupLayout(torch.tensor(order, device=device), spans, width, self.counts, first_row, image_base,
-                           image_width, source, valid)
+        return GroupLayout.build(counts, order, spans, heads, self.index.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_layout(batch: int, spans: tuple[tuple[int, int, int], ...], heads: int, device: torch.device) -> GroupLayout:
+    """The :class:`GroupLayout` of ``batch`` images of one count (its tensors are only read, never written)."""
+    return GroupLayout.build([spans[0][2]] * batch, list(range(batch)), list(spans), heads, device)
 
 
 def attention_received(probs: torch.Tensor, query_alive: torch.Tensor) -> torch.Tensor:
@@ -259,16 +256,15 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
     None. Returns ``out: (T, H * d)`` and, if asked, ``importance: (B, N)`` (0 in the padding).
     Images are sorted by count and grouped (:class:`GroupLayout`); each group's q, k and v are one gather of
     d-wide rows, made just before its kernels use them (so they are still in cache); its result is written whole
-    into a compact head-first buffer, which one gather of d-wide rows packs (:meth:`GroupLayout.compact_rows`).
+    into a compact head-first buffer, which one gather of d-wide rows packs (:attr:`GroupLayout.token_head_rows`).
     """
     tokens, _, heads, head_dim = qkv.shape
     batch, width_all = packing.shape
     max_pairs = MAX_GROUP_PROBS[device_type] / heads if need_importance else float("inf")
-    layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs)
+    layout = packing.groups(2 * heads * head_dim, GROUP_OVERHEAD_MACS[device_type], max_pairs, heads)
     width, starts = layout.width, layout.group_starts
-    rows = layout.head_rows(qkv.shape)  # (3, B, H, width)
     qkv_rows = qkv.reshape(-1, head_dim)
-    alive = torch.ones(batch, width, device=qkv.device) if layout.valid is None else layout.valid.float()
+    alive = layout.valid.float()
     key_bias = torch.zeros_like(alive) if log_size is None else layout.padded(log_size[:, None]).view(batch, width)
     key_bias = key_bias.masked_fill(alive == 0, float("-inf")).to(qkv.dtype).view(batch, 1, 1, width)  # padded keys
     out = qkv.new_empty(starts[-1] * heads, head_dim)  # compact: group g is (n_g, H, w_g, d) from row H * starts[g]
@@ -277,9 +273,9 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
         alive = alive.view(batch, 1, 1, width)
         query_weight = (alive / (alive.sum(-1, keepdim=True) * heads)).to(qkv.dtype).expand(batch, heads, 1, width)
         received = qkv.new_empty(starts[-1])  # compact: group g is (n_g, 1, w_g) from starts[g]
-    for (start, end, w), first in zip(layout.spans, starts):
+    for index, ((start, end, w), first) in enumerate(zip(layout.spans, starts)):
         n = end - start
-        group = qkv_rows.index_select(0, rows[:, start:end, :, :w].reshape(-1)).view(3, n, heads, w, head_dim)
+        group = qkv_rows.index_select(0, layout.group_qkv_rows(index)).view(3, n, heads, w, head_dim)
         group_out = out[first * heads:(first + n * w) * heads].view(n * heads, w, head_dim)
         if need_importance:
             q, k, v = group.view(3, n * heads, w, head_dim).unbind(0)
@@ -292,9 +288,8 @@ def ragged_attention(qkv: torch.Tensor, packing: Packing, num_heads: int, scale:
         else:
             group_out.view(n, heads, w, head_dim).copy_(F.scaled_dot_product_attention(
                 *group.unbind(0), attn_mask=key_bias[start:end, ..., :w], dropout_p=dropout_p, scale=scale))
-    slot, head_rows = layout.compact_rows(heads)
-    out = out.index_select(0, head_rows.view(-1)).view(tokens, heads * head_dim)
+    out = out.index_select(0, layout.token_head_rows.view(-1)).view(tokens, heads * head_dim)
     if not need_importance:
         return out, None
-    importance = received.index_select(0, slot).float()  # (T,) in packed order
+    importance = received.index_select(0, layout.token_slot).float()  # (T,) in packed order
     return out, torch.zeros(batch * width_all, device=qkv.device).index_copy_(0, packing.index, importance).view(batch, width_all)
