@@ -19,9 +19,8 @@ Every image's result is the one it gets alone (batch-1 equivalence holds up to f
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -89,11 +88,12 @@ class GroupLayout:
         image_base[layout_order] = np.concatenate(([0], np.cumsum(group_width)[:-1]))
         image_width[layout_order] = group_width
         image = np.repeat(np.arange(len(count)), count)  # (T,) image of each packed token
-        position = np.arange(first[-1]) - first[image]
-        token_head_rows = (heads * image_base[image] + position)[:, None] + image_width[image][:, None] * np.arange(heads)
+        token_slot = image_base[image] + np.arange(first[-1]) - first[image]  # image's first slot + token's position
+        token_head_rows = (token_slot + (heads - 1) * image_base[image])[:, None] \
+            + image_width[image][:, None] * np.arange(heads)  # head h: heads * image_base + position + h * width
         as_tensor = lambda array: torch.from_numpy(array).to(device)
         return cls(spans, width, group_starts, as_tensor(source.ravel()), as_tensor(valid), as_tensor(qkv_index),
-                   as_tensor(image_base[image] + position), as_tensor(token_head_rows))
+                   as_tensor(token_slot), as_tensor(token_head_rows))
 
     @property
     def images(self) -> int:
@@ -220,7 +220,7 @@ class Packing:
         return GroupLayout.build(counts, order, spans, heads, self.index.device)
 
 
-@functools.lru_cache(maxsize=16)
+@lru_cache(maxsize=16)
 def _dense_layout(batch: int, spans: tuple[tuple[int, int, int], ...], heads: int, device: torch.device) -> GroupLayout:
     """The :class:`GroupLayout` of ``batch`` images of one count (its tensors are only read, never written)."""
     return GroupLayout.build([spans[0][2]] * batch, list(range(batch)), list(spans), heads, device)
