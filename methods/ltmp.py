@@ -53,17 +53,23 @@ from methods.ragged import Packing
 from methods.tokens import (bipartite_positions, bipartite_similarity_macs, bipartite_slices, compact, fp32_region,
                            key_similarity, members, straight_through_step)
 
-LTMP_KNOBS = (
+COMMON_KNOBS = (
     Knob("r_target", float, default=0.7, low=0.05, high=1.0, sweep=(0.9, 0.8, 0.7, 0.6, 0.5),
          help="target FLOPs ratio kept (budget-aware loss)"),
     Knob("tau", float, default=0.5, low=1e-4, high=10.0, help="temperature of the straight-through sigmoid"),
     Knob("lambda_budget", float, default=10.0, low=0.0, help="weight of the FLOPs budget term"),
-    Knob("lr_merge", float, default=5e-3, low=0.0, help="SGD learning rate of the merge thresholds"),
-    Knob("lr_prune", float, default=5e-6, low=0.0, help="SGD learning rate of the prune thresholds"),
-    Knob("init_merge", float, default=0.9, low=0.0, high=1.0, help="initial merge threshold"),
-    Knob("init_prune", float, default=0.0, low=0.0, high=1.0, help="initial prune threshold"),
-    Knob("trace_source", bool, default=False, help="track which patches each token holds (for plots)"),
 )
+LR_MERGE = Knob("lr_merge", float, default=5e-3, low=0.0, help="SGD learning rate of the merge thresholds")
+LR_PRUNE = Knob("lr_prune", float, default=5e-6, low=0.0, help="SGD learning rate of the prune thresholds")
+INIT_MERGE = Knob("init_merge", float, default=0.9, low=0.0, high=1.0, help="initial merge threshold")
+INIT_PRUNE = Knob("init_prune", float, default=0.0, low=0.0, high=1.0, help="initial prune threshold")
+TRACE_KNOB = Knob("trace_source", bool, default=False, help="track which patches each token holds (for plots)")
+#: LTMP's knobs; LTP has no merge knobs and LTM no prune knobs (setting one is an error, not a silent no-op)
+LTMP_KNOBS = (*COMMON_KNOBS, LR_MERGE, LR_PRUNE, INIT_MERGE, INIT_PRUNE, TRACE_KNOB)
+LTP_KNOBS = (*COMMON_KNOBS, LR_PRUNE, INIT_PRUNE, TRACE_KNOB)
+LTM_KNOBS = (*COMMON_KNOBS, LR_MERGE, INIT_MERGE, TRACE_KNOB)
+#: where a method lacks a decision, its threshold sits at the bound that decides nothing (see _active_layers)
+INERT_INIT = {"init_merge": 1.0, "init_prune": 0.0}
 
 
 def flops_ratio(before: list[torch.Tensor], after: list[torch.Tensor], tokens: int, dim: int) -> torch.Tensor:
@@ -168,8 +174,9 @@ class LearnedThresholds(TokenReducer):
     def check_model(self, model) -> None:
         depth = len(model.blocks)
         if self.theta_merge.numel() != depth:
-            self.theta_merge = torch.nn.Parameter(torch.full((depth,), self.values["init_merge"]))
-            self.theta_prune = torch.nn.Parameter(torch.full((depth,), self.values["init_prune"]))
+            init = {**INERT_INIT, **self.values}
+            self.theta_merge = torch.nn.Parameter(torch.full((depth,), init["init_merge"]))
+            self.theta_prune = torch.nn.Parameter(torch.full((depth,), init["init_prune"]))
 
     def begin(self, ctx: ReductionContext, x: torch.Tensor) -> None:
         self._fractions = []
@@ -388,13 +395,16 @@ class LTMP(LearnedThresholds):
 class LTP(LearnedThresholds):
     """Learned-threshold pruning only (the suite's pure learned pruning)."""
 
+    knobs = LTP_KNOBS
     merge = False
+    off = {"init_prune": 0.0}
 
 
 @register_reducer("ltm")
 class LTM(LearnedThresholds):
     """Learned-threshold merging only (the paper's ablation)."""
 
+    knobs = LTM_KNOBS
     prune = False
     off = {"init_merge": 1.0}
     monotone_knob = ("init_merge", (1.0, 0.6, 0.2))

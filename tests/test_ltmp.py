@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import methods
+from bench.errors import BenchError
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
 from methods.ltmp import flops_ratio, merge_into_kept
@@ -103,7 +104,7 @@ def test_batched_inference_equals_batch_one(name: str) -> None:
 @pytest.mark.parametrize("name", ["ltmp", "ltp"])
 def test_only_prefix_tokens_left_does_not_crash(name: str) -> None:
     model = peaked_vit(reg_tokens=2)
-    reducer = methods.create(name, init_prune=1.0, init_merge=0.0)
+    reducer = methods.create(name, init_prune=1.0, **({"init_merge": 0.0} if name == "ltmp" else {}))
     reducer.apply(model)
     with torch.no_grad():
         logits = model(torch.randn(3, 3, 32, 32))
@@ -249,3 +250,16 @@ def test_training_form_prune_step_sees_zero_importance_for_dead_tokens_only() ->
         assert bool((importance[~alive_before] == 0).all())
         dead_seen += int((~alive_before).sum())
     assert dead_seen > 0
+
+
+@pytest.mark.parametrize("name, foreign", [("ltp", "lr_merge"), ("ltp", "init_merge"), ("ltm", "lr_prune"),
+                                           ("ltm", "init_prune")])
+def test_knobs_of_the_missing_decision_are_rejected(name: str, foreign: str) -> None:
+    """LTP has no merge thresholds and LTM no prune thresholds: their knobs would change nothing, so naming one is
+    an error (one line, naming the knob), and the absent decision's thresholds sit at the bound that decides nothing."""
+    with pytest.raises(BenchError, match=f"no knob '{foreign}'"):
+        methods.create(name, **{foreign: 0.5})
+    reducer = methods.create(name)
+    reducer.apply(tiny_vit())
+    absent = reducer.theta_merge if name == "ltp" else reducer.theta_prune
+    assert torch.equal(absent, torch.full_like(absent, 1.0 if name == "ltp" else 0.0))
