@@ -269,6 +269,13 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     return row
 
 
+def planned_keys(work: Workload, config: dict[str, Any]) -> list[str]:
+    """The store keys of every cell that ``config`` plans on ``work``'s model and data (``config`` may list more
+    methods than ``work.config``, e.g. the whole config of a ``--methods`` subset run)."""
+    return [cell_key(cell_identity(work, entry, methods.create(entry["method"], **knobs)))
+            for entry, knobs in planned_cells(config)]
+
+
 def run(work: Workload, store: Store | None, force: bool = False, progress: bool = True,
         echo: Callable[[str], None] = print) -> tuple[dict[str, int], list[str]]:
     """Measure every planned cell of ``work.config`` that the store does not hold yet.

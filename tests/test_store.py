@@ -16,7 +16,7 @@ import torch
 from bench import tables
 from bench.errors import BenchError
 from bench.store import Store, cell_key, pack_state
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 
 def fake_row(key: str, method: str = "tome", top1: float = 0.9, gmacs: float = 1.0) -> dict:
@@ -141,6 +141,35 @@ methods:
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert "0 cells measured, 4 already" in again.stdout
     assert len(Store(store).cells()) == 4
+
+
+def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """``run --methods X --force`` re-measures X only, and its tables still hold the config's other cells."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+model: test_tiny_vit
+dataset: imagefolder
+data: {tiny_imagefolder}
+eval_precision: fp32
+eval_batch_size: 8
+latency: {{precisions: [fp32], batch_sizes: [2], warmup_iters: 1, warmup_s: 0.0, min_iters: 2, min_time_s: 0.0}}
+methods:
+  - method: none
+  - method: tome
+    sweep: {{r: [2, 4]}}
+""")
+    store, reports = tmp_path / "s.sqlite", tmp_path / "r"
+    common = ("run", "--config", str(config), "--store", str(store), "--reports", str(reports), "--quiet")
+    env = {"TOKENBENCH_PLUGINS": "tests.tiny_model"}
+    first = run_cli(*common, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = pd.read_csv(reports / "results.csv")
+    subset = run_cli(*common, "--methods", "tome", "--force", env=env)
+    assert subset.returncode == 0, subset.stderr[-2000:]
+    assert "2 cells measured, 0 already" in subset.stdout
+    after = pd.read_csv(reports / "results.csv")
+    assert sorted(after["method"]) == sorted(before["method"]) == ["none", "tome", "tome"]
+    assert len(Store(store).cells()) == 3
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
