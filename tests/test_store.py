@@ -108,21 +108,27 @@ sys.exit(main(['run', '--config', sys.argv[1], '--store', sys.argv[3], '--report
 """
 
 
-@pytest.mark.slow
-def test_resume_after_kill_recomputes_nothing(tmp_path: Path, tiny_imagefolder: Path) -> None:
-    config = tmp_path / "c.yaml"
+def tiny_config(folder: Path, images: Path, tome_r: list[int]) -> Path:
+    """A config file in ``folder``: the tiny test ViT on the ImageFolder ``images``, the baseline and ToMe at each r."""
+    config = folder / "c.yaml"
     config.write_text(f"""
 model: test_tiny_vit
 dataset: imagefolder
-data: {tiny_imagefolder}
+data: {images}
 eval_precision: fp32
 eval_batch_size: 8
 latency: {{precisions: [fp32], batch_sizes: [2], warmup_iters: 1, warmup_s: 0.0, min_iters: 2, min_time_s: 0.0}}
 methods:
   - method: none
   - method: tome
-    sweep: {{r: [2, 4, 6]}}
+    sweep: {{r: {tome_r}}}
 """)
+    return config
+
+
+@pytest.mark.slow
+def test_resume_after_kill_recomputes_nothing(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    config = tiny_config(tmp_path, tiny_imagefolder, [2, 4, 6])
     store, reports = tmp_path / "s.sqlite", tmp_path / "r"
     script = tmp_path / "resume.py"
     script.write_text("import tests.tiny_model\n" + RESUME_SCRIPT)
@@ -145,19 +151,7 @@ methods:
 
 def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, tiny_imagefolder: Path) -> None:
     """``run --methods X --force`` re-measures X only, and its tables still hold the config's other cells."""
-    config = tmp_path / "c.yaml"
-    config.write_text(f"""
-model: test_tiny_vit
-dataset: imagefolder
-data: {tiny_imagefolder}
-eval_precision: fp32
-eval_batch_size: 8
-latency: {{precisions: [fp32], batch_sizes: [2], warmup_iters: 1, warmup_s: 0.0, min_iters: 2, min_time_s: 0.0}}
-methods:
-  - method: none
-  - method: tome
-    sweep: {{r: [2, 4]}}
-""")
+    config = tiny_config(tmp_path, tiny_imagefolder, [2, 4])
     store, reports = tmp_path / "s.sqlite", tmp_path / "r"
     common = ("run", "--config", str(config), "--store", str(store), "--reports", str(reports), "--quiet")
     env = {"TOKENBENCH_PLUGINS": "tests.tiny_model"}
