@@ -68,7 +68,8 @@ TRACE_KNOB = Knob("trace_source", bool, default=False, help="track which patches
 LTMP_KNOBS = (*COMMON_KNOBS, LR_MERGE, LR_PRUNE, INIT_MERGE, INIT_PRUNE, TRACE_KNOB)
 LTP_KNOBS = (*COMMON_KNOBS, LR_PRUNE, INIT_PRUNE, TRACE_KNOB)
 LTM_KNOBS = (*COMMON_KNOBS, LR_MERGE, INIT_MERGE, TRACE_KNOB)
-#: where a method lacks a decision, its threshold sits at the bound that decides nothing (see _active_layers)
+#: the thresholds' bounds that decide nothing (see _active_layers): a method's ``off`` knobs, and where it lacks a
+#: decision, that decision's thresholds
 INERT_INIT = {"init_merge": 1.0, "init_prune": 0.0}
 
 
@@ -158,7 +159,7 @@ class LearnedThresholds(TokenReducer):
     trains = True
     input_dependent = True
     proportional_attention = True
-    off = {"init_merge": 1.0, "init_prune": 0.0}
+    off = dict(INERT_INIT)
     monotone_knob = ("init_prune", (0.01, 0.015, 0.02))  # from 0, which skips importance, GMACs first rise by its cost
 
     def __init__(self, **values: Any) -> None:
@@ -397,7 +398,7 @@ class LTP(LearnedThresholds):
 
     knobs = LTP_KNOBS
     merge = False
-    off = {"init_prune": 0.0}
+    off = {"init_prune": INERT_INIT["init_prune"]}
 
 
 @register_reducer("ltm")
@@ -406,5 +407,5 @@ class LTM(LearnedThresholds):
 
     knobs = LTM_KNOBS
     prune = False
-    off = {"init_merge": 1.0}
+    off = {"init_merge": INERT_INIT["init_merge"]}
     monotone_knob = ("init_merge", (1.0, 0.6, 0.2))
