@@ -76,6 +76,7 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True) -> plt.Figure:
         labels = list(cells["label"].unique())
         pareto = pareto_front(cells["gmacs"], cells["top1"])
         cells = cells.assign(pareto=pareto)
+        knob_labels: list[matplotlib.text.Annotation] = []
         for label, group in cells.groupby("label", sort=True):
             colour, marker = style_of(label, labels)
             group = group.sort_values("gmacs")
@@ -91,15 +92,38 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True) -> plt.Figure:
             ax.plot(front["gmacs"], 100 * front["top1"], linestyle="none", marker=marker, color=colour, zorder=4,
                     gid=f"pareto:{label}")
             if labels_on:
-                for _, row in group.iterrows():
-                    ax.annotate(knob_text(row["knobs"]), (row["gmacs"], 100 * row["top1"]), fontsize=5,
-                                xytext=(3, -6), textcoords="offset points", color=colour)
+                knob_labels += [ax.annotate(knob_text(row["knobs"]), (row["gmacs"], 100 * row["top1"]), fontsize=5,
+                                            xytext=(3, -6), textcoords="offset points", color=colour)
+                                for _, row in group.iterrows()]
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3, linewidth=0.5)
         ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         ax.set_title(f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
+        separate_labels(fig, knob_labels)
         return fig
+
+
+def separate_labels(fig: plt.Figure, labels: list[matplotlib.text.Annotation], step_points: float = 5.0,
+                    max_steps: int = 12) -> None:
+    """Move point labels that overlap an earlier one down by ``step_points`` at a time (then up, if down runs out
+    of tries), so that two methods' knob labels at nearby points stay readable. Labels are placed in order of
+    their points' x; the point each label names does not move."""
+    fig.canvas.draw()  # lays the axes out: before it, their limits are not final and unplaced labels have no extent
+    renderer = fig.canvas.get_renderer()
+    placed: list[matplotlib.transforms.Bbox] = []
+    for label in sorted(labels, key=lambda text: text.xy[0]):
+        x_offset, y_offset = label.get_position()
+        for shift in [-step * step_points for step in range(max_steps)] + \
+                     [step * step_points for step in range(1, max_steps)]:
+            label.set_position((x_offset, y_offset + shift))
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        else:
+            label.set_position((x_offset, y_offset))
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def _throughput_rows(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:

@@ -59,6 +59,23 @@ def test_every_figure_is_written_with_the_expected_series(tmp_path: Path) -> Non
     assert len(through.axes) == 1 and len(through.axes[0].get_lines()) == 3
 
 
+
+def test_knob_labels_of_nearby_points_do_not_overlap(tmp_path: Path) -> None:
+    """Two methods at almost the same (GMACs, top-1) with the same knob text: the labels would sit on each other."""
+    store = Store(tmp_path / "s.sqlite")
+    for key, method, top1, gmacs in [("b", "none", 0.92, 2.0), ("l", "ltmp", 0.900, 1.00), ("p", "ltp", 0.9005, 1.002)]:
+        store.write_cell(fake_row(key, method, top1, gmacs), [])
+    store.close()
+    fig = plots.frontier(Store(tmp_path / "s.sqlite").cells())
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [text for text in fig.axes[0].texts if text.get_text()]
+    assert len(labels) == 2 and labels[0].get_text() == labels[1].get_text()
+    first, second = (text.get_window_extent(renderer) for text in labels)
+    assert first.width > 1 and second.width > 1  # drawn labels, not matplotlib's placeholder unit box
+    assert not first.overlaps(second)
+    assert {text.xy for text in labels} == {(1.0, 90.0), (1.002, 90.05)}  # the labelled points stay where they are
+
 def test_empty_store_and_missing_throughput_give_one_line_messages(tmp_path: Path) -> None:
     Store(tmp_path / "empty.sqlite").close()
     with pytest.raises(BenchError, match="no results"):
