@@ -109,6 +109,8 @@ def separate_labels(fig: plt.Figure, labels: list[matplotlib.text.Annotation], s
     """Move point labels that overlap an earlier one down by ``step_points`` at a time (then up, if down runs out
     of tries), so that two methods' knob labels at nearby points stay readable. Labels are placed in order of
     their points' x; the point each label names does not move."""
+    if not labels:  # labels_on=False: nothing to place, so no extra draw
+        return
     fig.canvas.draw()  # lays the axes out: before it, their limits are not final and unplaced labels have no extent
     renderer = fig.canvas.get_renderer()
     placed: list[matplotlib.transforms.Bbox] = []

@@ -59,7 +59,6 @@ def test_every_figure_is_written_with_the_expected_series(tmp_path: Path) -> Non
     assert len(through.axes) == 1 and len(through.axes[0].get_lines()) == 3
 
 
-
 def test_knob_labels_of_nearby_points_do_not_overlap(tmp_path: Path) -> None:
     """Two methods at almost the same (GMACs, top-1) with the same knob text: the labels would sit on each other."""
     store = Store(tmp_path / "s.sqlite")
@@ -75,6 +74,7 @@ def test_knob_labels_of_nearby_points_do_not_overlap(tmp_path: Path) -> None:
     assert first.width > 1 and second.width > 1  # drawn labels, not matplotlib's placeholder unit box
     assert not first.overlaps(second)
     assert {text.xy for text in labels} == {(1.0, 90.0), (1.002, 90.05)}  # the labelled points stay where they are
+
 
 def test_empty_store_and_missing_throughput_give_one_line_messages(tmp_path: Path) -> None:
     Store(tmp_path / "empty.sqlite").close()
