@@ -1,7 +1,9 @@
 """Top-1 of a classifier whose predictions we control; the Wilson interval; the latency timer."""
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -129,3 +131,31 @@ def test_steady_heap_stops_page_faults_of_repeated_large_allocations() -> None:
     assert " ".join(out[:-2]) == "glibc, freed memory kept (no mmap, no trim)"
     assert before >= 5 * 32, before  # mapped afresh on every call: >= 32 faults each even with 2 MiB huge pages
     assert after < 100 and after <= before // 10, (before, after)
+
+
+_INTERPOSED_MALLOC = """
+#include <stddef.h>
+extern void *__libc_malloc(size_t size);
+void *malloc(size_t size) { return __libc_malloc(size); }
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_steady_heap_reports_an_allocator_preloaded_in_glibcs_place(tmp_path: Path) -> None:
+    """With ``malloc`` interposed by an ``LD_PRELOAD`` library (as jemalloc or tcmalloc are), glibc's settings do not
+    reach the allocator: the recorded policy says so instead of claiming glibc's kept heap."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the interposing library")
+    (tmp_path / "interpose.c").write_text(_INTERPOSED_MALLOC)
+    library = tmp_path / "libinterpose.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(tmp_path / "interpose.c")], check=True)
+    script = "from bench.latency import steady_heap; print(steady_heap())"
+    root = Path(__file__).resolve().parent.parent
+    unloaded = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root,
+                           env=unloaded)
+    preloaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root,
+                               env={**unloaded, "LD_PRELOAD": str(library)})
+    assert plain.stdout.strip() == "glibc, freed memory kept (no mmap, no trim)"
+    assert preloaded.stdout.strip() == f"preloaded allocator (LD_PRELOAD={library}): its own policy, not glibc's"
