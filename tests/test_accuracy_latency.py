@@ -101,6 +101,9 @@ def test_latency_is_timed_on_the_evaluation_images() -> None:
     assert work.latency_inputs(3) is work.latency_inputs(3)  # cached: loaded once per run
 
 
+GLIBC_ONLY = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's mallopt")
+
 _FAULTS_OF_LARGE_TENSORS = """
 import torch
 from bench.latency import _minor_faults, heap_policy, steady_heap
@@ -119,7 +122,7 @@ print(policy, before, faults())
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@GLIBC_ONLY
 def test_steady_heap_stops_page_faults_of_repeated_large_allocations() -> None:
     """By default glibc maps each 64 MiB block fresh and unmaps it on free: every call faults its 16,384 pages
     in again (fewer with transparent huge pages). With the heap kept, repeated calls reuse the same pages."""
@@ -140,7 +143,7 @@ void *malloc(size_t size) { return __libc_malloc(size); }
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@GLIBC_ONLY
 def test_steady_heap_reports_an_allocator_preloaded_in_glibcs_place(tmp_path: Path) -> None:
     """With ``malloc`` interposed by an ``LD_PRELOAD`` library (as jemalloc or tcmalloc are), glibc's settings do not
     reach the allocator: the recorded policy says so instead of claiming glibc's kept heap."""
