@@ -177,13 +177,14 @@ def _label(entry: dict[str, Any]) -> str:
     return entry.get("label") or entry["method"]
 
 
-def cell_identity(work: Workload, entry: dict[str, Any], reducer: methods.TokenReducer) -> dict[str, Any]:
-    """The fields that make a cell unique (its store key is their hash)."""
+def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.TokenReducer) -> str:
+    """The store key of a cell: the hash of the fields that make it unique."""
     config = work.config
-    return {"model": config["model"], "checkpoint": work.checkpoint_sha, "dataset": work.dataset,
-            "images": work.eval_images, "seed": config["seed"], "method": entry["method"], "label": _label(entry),
-            "knobs": reducer.values, "device": work.device, "eval_precision": config["eval_precision"],
-            "fit": {**config["fit"], **(entry.get("fit") or {})} if reducer.trains else None}
+    identity = {"model": config["model"], "checkpoint": work.checkpoint_sha, "dataset": work.dataset,
+                "images": work.eval_images, "seed": config["seed"], "method": entry["method"], "label": _label(entry),
+                "knobs": reducer.values, "device": work.device, "eval_precision": config["eval_precision"],
+                "fit": {**config["fit"], **(entry.get("fit") or {})} if reducer.trains else None}
+    return cell_key(identity)
 
 
 def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -211,7 +212,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     config = work.config
     fit_config = {**config["fit"], **(entry.get("fit") or {})}
     reducer = methods.create(entry["method"], **knobs)
-    key = cell_key(cell_identity(work, entry, reducer))
+    key = cell_store_key(work, entry, reducer)
     model = reducer.apply(copy.deepcopy(work.model))
     world = max(1, int(os.environ.get("WORLD_SIZE", "1"))) if distributed.active() else 1
     per_rank = {**fit_config, "budget_images": -(-int(fit_config["budget_images"]) // world)}  # the budget is global
@@ -272,7 +273,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
 def planned_keys(work: Workload, config: dict[str, Any]) -> list[str]:
     """The store keys of every cell that ``config`` plans on ``work``'s model and data (``config`` may list more
     methods than ``work.config``, e.g. the whole config of a ``--methods`` subset run)."""
-    return [cell_key(cell_identity(work, entry, methods.create(entry["method"], **knobs)))
+    return [cell_store_key(work, entry, methods.create(entry["method"], **knobs))
             for entry, knobs in planned_cells(config)]
 
 
@@ -285,7 +286,7 @@ def run(work: Workload, store: Store | None, force: bool = False, progress: bool
     keys = []
     for entry, knobs in tqdm(plan, desc="cells", disable=not progress, leave=False):
         reducer = methods.create(entry["method"], **knobs)
-        keys.append(cell_key(cell_identity(work, entry, reducer)))
+        keys.append(cell_store_key(work, entry, reducer))
         finished = store is not None and store.has(keys[-1])
         if distributed.broadcast_flag(finished) and not force:  # rank 0 holds the store and decides
             skipped += 1
