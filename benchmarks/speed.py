@@ -33,7 +33,8 @@ from bench import models  # noqa: E402
 from bench.flops import dense_macs, embed_macs, image_macs  # noqa: E402
 from bench.latency import paired_ratio, time_interleaved  # noqa: E402
 from bench.precision import autocast  # noqa: E402
-from bench.runner import environment  # noqa: E402
+from bench.errors import BenchError  # noqa: E402
+from bench.runner import environment, resolve_device  # noqa: E402
 from methods.ragged import Packing  # noqa: E402
 
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "speed.jsonl"
@@ -233,7 +234,18 @@ def bench_pm(args: argparse.Namespace) -> None:
     row(f"pm keep_rate=0.6 b{args.batch}", compare(base, model, x, args.precision, args.min_time), gmacs_ratio(model, x[:1]))
 
 
-def main() -> None:
+def check_args(args: argparse.Namespace) -> str:
+    """The device to run on, once every option is known to be usable (before anything is built or timed);
+    a bad option raises :class:`BenchError` naming the fix."""
+    device = resolve_device(args.device)
+    autocast(device, args.precision)  # fp16 only where CUDA autocast is
+    for name, value in (("--batch", args.batch), ("--threads", args.threads), ("--min-time", args.min_time)):
+        if value is not None and value <= 0:
+            raise BenchError(f"{name} must be positive (got {value})")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["tome", "ltmp", "pm", "all"])
     parser.add_argument("--batch", type=int, default=32)
@@ -241,14 +253,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU latency table: --batch 1 and --batch 256)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per comparison")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     global DEVICE
-    DEVICE = args.device
+    try:
+        DEVICE = check_args(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     for which in (["tome", "ltmp", "pm"] if args.which == "all" else [args.which]):
         {"tome": bench_tome, "ltmp": bench_ltmp, "pm": bench_pm}[which](args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -109,3 +109,32 @@ def test_corrupt_or_missing_embedded_checkpoint_names_the_retrain_command(tmp_pa
     monkeypatch.setattr(models, "EMBEDDED_CHECKPOINT", tmp_path / "missing.pt")
     with pytest.raises(BenchError, match="run_bench.py train-base"):
         models.create(models.EMBEDDED_MODEL)
+
+
+SPEED_CASES = {
+    "cuda without a GPU": (["all", "--device", "cuda", "--precision", "fp16", "--batch", "256"], "no CUDA GPU"),
+    "fp16 on the CPU": (["ltmp", "--precision", "fp16"], "use --precision bf16 or fp32"),
+    "unknown device": (["ltmp", "--device", "tpu"], "unknown device 'tpu'"),
+    "empty batch": (["tome", "--batch", "0"], "--batch must be positive"),
+    "no threads": (["pm", "--threads", "-1"], "--threads must be positive"),
+    "no timing window": (["ltmp", "--min-time", "0"], "--min-time must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEED_CASES))
+def test_speed_benchmark_bad_option_is_one_line_and_exit_2(case: str, capsys, monkeypatch) -> None:
+    """``benchmarks/speed.py`` checks its options before building a model or timing anything, and appends nothing."""
+    import importlib.util
+
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_under_test", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    for bench in ("bench_tome", "bench_ltmp", "bench_pm"):
+        monkeypatch.setattr(speed, bench, lambda args: pytest.fail("built a benchmark despite a bad option"))
+    argv, expected = SPEED_CASES[case]
+    assert speed.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
