@@ -257,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     global DEVICE
     try:
         DEVICE = check_args(args)
-    except BenchError as exc:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for which in (["tome", "ltmp", "pm"] if args.which == "all" else [args.which]):
+            {"tome": bench_tome, "ltmp": bench_ltmp, "pm": bench_pm}[which](args)
+    except BenchError as exc:  # bad options, missing data or checkpoint; rows already measured stay in REPORT
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for which in (["tome", "ltmp", "pm"] if args.which == "all" else [args.which]):
-        {"tome": bench_tome, "ltmp": bench_ltmp, "pm": bench_pm}[which](args)
     return 0
 
 
