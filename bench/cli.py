@@ -70,7 +70,11 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.precisions:
         config["latency"]["precisions"] = args.precisions.split(",")
     if args.batch_sizes:
-        config["latency"]["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]
+        try:
+            config["latency"]["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]
+        except ValueError:
+            raise BenchError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of whole numbers, "
+                             "e.g. --batch-sizes 1,32") from None
     if args.methods:
         wanted = set(args.methods.split(","))
         known = {entry.get("label") or entry["method"] for entry in config["methods"]}
@@ -86,7 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     runner.planned_cells(config)  # validate every knob before opening anything
-    process = distributed.init(runner.resolve_device(config["device"]))
+    device = runner.resolve_device(config["device"])
+    runner.check_settings(config, device)
+    tables.reports_dir(args.reports)
+    process = distributed.init(device)
     store = None
     try:
         work = runner.prepare(config)  # data and model first: bad input creates no store file

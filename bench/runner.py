@@ -187,6 +187,23 @@ def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.Token
     return cell_key(identity)
 
 
+def check_settings(config: dict[str, Any], device: str) -> None:
+    """Raise :class:`BenchError` naming the fix for a run setting that could only fail later, after cells were
+    measured: precisions this device cannot run, and batch sizes, budgets and timing windows that are not positive."""
+    for precision in [config["eval_precision"], config["fit"]["precision"], *config["latency"]["precisions"]]:
+        autocast(device, precision)  # unknown names, fp16 on the CPU
+    counts = {"latency batch size": config["latency"]["batch_sizes"], "eval_batch_size": [config["eval_batch_size"]],
+              "fit batch_size": [config["fit"]["batch_size"]],
+              "latency.min_iters": [config["latency"]["min_iters"]], "threads": [config["threads"] or 1]}
+    for name, values in counts.items():
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BenchError(f"{name} must be a positive whole number (got {value!r}): fix the config or the flag")
+    for name in ("warmup_s", "min_time_s"):
+        if not isinstance(config["latency"][name], (int, float)) or config["latency"][name] < 0:
+            raise BenchError(f"latency.{name} must be a number of seconds >= 0 (got {config['latency'][name]!r})")
+
+
 def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(entry, knobs) pairs of the run, validated before anything is measured."""
     cells = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -70,13 +71,22 @@ def to_latex(table: pd.DataFrame) -> str:
                       "\\bottomrule", "\\end{tabular}"]) + "\n"
 
 
-def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write ``results.csv``, ``results.md``, ``results.tex`` (one section per model/dataset)."""
+def reports_dir(out_dir: str | Path) -> Path:
+    """``out_dir``, created if missing; :class:`BenchError` naming the fix where it cannot be written (checked before
+    a run measures anything, so that hours of measurement do not end in an unwritable folder)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BenchError(f"cannot write to {out} ({exc.strerror}): pass --reports to a writable folder") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise BenchError(f"cannot write to {out} (permission denied): pass --reports to a writable folder")
+    return out
+
+
+def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write ``results.csv``, ``results.md``, ``results.tex`` (one section per model/dataset)."""
+    out = reports_dir(out_dir)
     table = comparison(cells, timings)
     paths = [out / "results.csv", out / "results.md", out / "results.tex"]
     table.to_csv(paths[0], index=False)

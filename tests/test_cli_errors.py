@@ -1,4 +1,5 @@
-"""Every bad input ends in one line on stderr naming the fix, exit code 2, no traceback, store intact."""
+"""Every bad input ends in one line on stderr naming the fix, exit code 2, no traceback, store intact; a bad run
+setting fails before any cell is measured (no store file is created)."""
 from __future__ import annotations
 
 import shutil
@@ -67,6 +68,11 @@ CASES = {
     "unknown config key": (lambda f: ["run", "--config", str(f["config"])], "unknown config key 'batchsize'"),
     "pretrained offline": (lambda f: ["run", "--model", "deit_tiny_patch16_224", "--pretrained", "--data", str(f["folder"])], "--checkpoint"),
     "reports not writable": (lambda f: tiny_args(f, "--reports", str(f["file"] / "r")), "writable"),
+    "zero latency batch": (lambda f: tiny_args(f, "--batch-sizes", "1,0"), "latency batch size must be a positive"),
+    "batch sizes not numbers": (lambda f: tiny_args(f, "--batch-sizes", "1,big"), "e.g. --batch-sizes 1,32"),
+    "fp16 latency on the CPU": (lambda f: tiny_args(f, "--precisions", "fp32,fp16"), "use --precision bf16 or fp32"),
+    "fp16 evaluation on the CPU": (lambda f: tiny_args(f, "--eval-precision", "fp16"), "use --precision bf16 or fp32"),
+    "negative threads": (lambda f: tiny_args(f, "--threads", "-2"), "threads must be a positive"),
 }
 
 
@@ -75,6 +81,7 @@ def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> 
     (files["root"] / "bad_knob.yaml").write_text("model: test_tiny_vit\nmethods:\n  - method: tome\n    sweep: {r: [-3]}\n")
     make_args, expected = CASES[case]
     foreign_before = files["foreign"].read_bytes()
+    (files["root"] / "store.sqlite").unlink(missing_ok=True)  # each case starts without it (another may have failed)
     result = run_cli(*make_args(files), env=PLUGIN_ENV)
     assert result.returncode == 2, (case, result.stderr[-2000:])
     lines = result.stderr.strip().splitlines()
@@ -82,6 +89,7 @@ def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> 
     assert expected in lines[0], (case, lines[0])
     assert "Traceback" not in result.stderr
     assert files["foreign"].read_bytes() == foreign_before
+    assert not (files["root"] / "store.sqlite").exists(), (case, "failed only after measuring")
 
 
 def test_store_with_results_survives_a_failing_run(files: dict[str, Path], tmp_path: Path) -> None:
