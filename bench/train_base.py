@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from bench import data as data_mod
 from bench import models
+from bench.errors import BenchError
 
 DEFAULTS = dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=0.1, label_smoothing=0.1,
                 max_shift=2, seed=0, save_every=100)
@@ -60,7 +61,20 @@ def evaluate(model: torch.nn.Module, split: data_mod.TensorSplit, batch_size: in
     return correct / len(split)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise :class:`BenchError` naming the flag for a setting training cannot run with (before any data is read)."""
+    rules = {"epochs": (args.epochs >= 1, "at least 1"), "batch_size": (args.batch_size >= 1, "at least 1"),
+             "lr": (args.lr > 0, "positive"), "weight_decay": (args.weight_decay >= 0, "0 or more"),
+             "warmup": (0 <= args.warmup < 1, "a fraction of the steps in [0, 1)"),
+             "label_smoothing": (0 <= args.label_smoothing < 1, "in [0, 1)"),
+             "max_shift": (args.max_shift >= 0, "0 or more pixels"), "save_every": (args.save_every >= 1, "at least 1")}
+    for key, (ok, allowed) in rules.items():
+        if not ok:
+            raise BenchError(f"--{key.replace('_', '-')} {getattr(args, key)} is impossible: it must be {allowed}")
+
+
 def train(args: argparse.Namespace) -> dict:
+    check_arguments(args)
     torch.manual_seed(args.seed)
     state_path = data_mod.cache_dir() / "train_base" / "state.pt"
     state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +91,8 @@ def train(args: argparse.Namespace) -> dict:
         else:
             previous_stages = [{"init_from": str(init), "sha256": models.sha256_file(init)}]
     steps_per_epoch = len(train_split) // args.batch_size
+    if steps_per_epoch == 0:
+        raise BenchError(f"--batch-size {args.batch_size} exceeds the {len(train_split)} training images: pass a smaller one")
     total_steps = steps_per_epoch * args.epochs
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -91,7 +107,7 @@ def train(args: argparse.Namespace) -> dict:
     if state_path.is_file() and not args.restart:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["config"] != config:
-            sys.exit(f"error: {state_path} was made with other settings {state['config']}: pass --restart to start over")
+            raise BenchError(f"{state_path} was made with other settings {state['config']}: pass --restart to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -170,10 +186,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train from ``argv`` flags; a :class:`BenchError` propagates (``run_bench.py train-base`` prints it in one line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     train(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as exc:
+        sys.exit(f"error: {exc}")

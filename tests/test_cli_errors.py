@@ -73,6 +73,8 @@ CASES = {
     "fp16 latency on the CPU": (lambda f: tiny_args(f, "--precisions", "fp32,fp16"), "use --precision bf16 or fp32"),
     "fp16 evaluation on the CPU": (lambda f: tiny_args(f, "--eval-precision", "fp16"), "use --precision bf16 or fp32"),
     "negative threads": (lambda f: tiny_args(f, "--threads", "-2"), "threads must be a positive"),
+    "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
+    "train-base batch over the data": (lambda f: ["train-base", "--batch-size", "100000"], "exceeds the 60000 training"),
 }
 
 
