@@ -22,7 +22,7 @@ attention or the block). Two kinds of plug-ins fit without special cases:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 
@@ -78,6 +78,22 @@ class FitReport:
     steps: int = 0
     skipped_steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def budgeted_batches(train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                     budget_images: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches of ``train_batches()``, epoch after epoch, until ``budget_images`` images were yielded (the
+    last batch whole). An epoch that yields no image raises :class:`BenchError` instead of looping forever."""
+    seen = 0
+    while seen < budget_images:
+        epoch_start = seen
+        for x, y in train_batches():
+            yield x, y
+            seen += len(y)
+            if seen >= budget_images:
+                return
+        if seen == epoch_start:
+            raise BenchError("the training data gave no images: check --train-data (or the Fashion-MNIST train split)")
 
 
 class TokenReducer:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bench.precision import autocast
-from methods.base import FitReport, Knob, TokenReducer, register_reducer
+from methods.base import FitReport, Knob, TokenReducer, budgeted_batches, register_reducer
 from methods.blocks import ModelDims, ReductionContext
 from methods.parallel import all_ranks_true, data_parallel
 from methods.ragged import Packing
@@ -354,29 +354,26 @@ class LearnedThresholds(TokenReducer):
         """SGD on the thresholds until ``budget_images`` images were seen; non-finite losses skip the step."""
         device = next(train_model.parameters()).device
         bar = tqdm(total=budget["budget_images"], desc=f"fit {self.name}", unit="img", disable=not progress, leave=False)
-        while report.images_seen < budget["budget_images"]:
-            for x, y in train_batches():
-                x, y = x.to(device), y.to(device)
-                with autocast(str(device), budget.get("precision", "fp32")):
-                    logits = train_model(x).float()
-                penalty, ratio = self.budget_loss(dims.tokens, dims.dim)
-                loss = F.cross_entropy(logits, y, label_smoothing=0.1) + penalty
-                report.images_seen += len(y)
-                report.steps += 1
-                bar.update(len(y))
-                optimizer.zero_grad(set_to_none=True)
-                if not all_ranks_true(bool(torch.isfinite(loss))):
-                    report.skipped_steps += 1
-                else:
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        self.theta_merge.clamp_(0.0, 1.0)
-                        self.theta_prune.clamp_(0.0, 1.0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
-                    report.extra["last_r_flops"] = float(ratio.detach())
-                if report.images_seen >= budget["budget_images"]:
-                    break
+        for x, y in budgeted_batches(train_batches, budget["budget_images"]):
+            x, y = x.to(device), y.to(device)
+            with autocast(str(device), budget.get("precision", "fp32")):
+                logits = train_model(x).float()
+            penalty, ratio = self.budget_loss(dims.tokens, dims.dim)
+            loss = F.cross_entropy(logits, y, label_smoothing=0.1) + penalty
+            report.images_seen += len(y)
+            report.steps += 1
+            bar.update(len(y))
+            optimizer.zero_grad(set_to_none=True)
+            if not all_ranks_true(bool(torch.isfinite(loss))):
+                report.skipped_steps += 1
+            else:
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    self.theta_merge.clamp_(0.0, 1.0)
+                    self.theta_prune.clamp_(0.0, 1.0)
+                bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
+                report.extra["last_r_flops"] = float(ratio.detach())
         bar.close()
 
     def learned_state(self) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from bench.errors import BenchError
 from bench.precision import autocast
-from methods.base import FitReport, Knob, TokenReducer, register_reducer
+from methods.base import FitReport, Knob, TokenReducer, budgeted_batches, register_reducer
 from methods.blocks import ModelDims, ReductionContext, run_block
 from methods.parallel import all_ranks_true, all_reduce_sum, data_parallel
 
@@ -252,37 +252,34 @@ class PruneAndMerge(TokenReducer):
         device = next(model.parameters()).device
         prefix = model._reduction_ctx.num_prefix
         temperature, seen = self.temperature, 0
-        while seen < budget["budget_images"]:
-            for x, y in train_batches():
-                x, y = x.to(device), y.to(device)
-                with torch.no_grad(), autocast(str(device), budget.get("precision", "fp32")):
-                    self.bypass = True
-                    teacher = model(x).float()
-                    self.bypass = False
-                with autocast(str(device), budget.get("precision", "fp32")):
-                    student = train_model(x).float()
-                distill = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
-                                   reduction="batchmean") * temperature ** 2
-                loss = F.cross_entropy(student, y) + self.alpha * distill
-                seen += len(y)
-                report.steps += 1
-                bar.update(len(y))
-                optimizer.zero_grad(set_to_none=True)
-                if not all_ranks_true(bool(torch.isfinite(loss))):
-                    report.skipped_steps += 1
-                    continue
-                loss.backward()
-                for m, mask in zip(self.M, masks_m):
-                    m.grad.mul_(mask.to(m.grad.device))
-                for r, mask in zip(self.R, masks_r):
-                    r.grad.mul_(mask)
-                optimizer.step()
-                with torch.no_grad():
-                    for m in self.M:
-                        m[:prefix] = torch.eye(prefix, m.shape[1], device=m.device)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if seen >= budget["budget_images"]:
-                    break
+        for x, y in budgeted_batches(train_batches, budget["budget_images"]):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad(), autocast(str(device), budget.get("precision", "fp32")):
+                self.bypass = True
+                teacher = model(x).float()
+                self.bypass = False
+            with autocast(str(device), budget.get("precision", "fp32")):
+                student = train_model(x).float()
+            distill = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
+                               reduction="batchmean") * temperature ** 2
+            loss = F.cross_entropy(student, y) + self.alpha * distill
+            seen += len(y)
+            report.steps += 1
+            bar.update(len(y))
+            optimizer.zero_grad(set_to_none=True)
+            if not all_ranks_true(bool(torch.isfinite(loss))):
+                report.skipped_steps += 1
+                continue
+            loss.backward()
+            for m, mask in zip(self.M, masks_m):
+                m.grad.mul_(mask.to(m.grad.device))
+            for r, mask in zip(self.R, masks_r):
+                r.grad.mul_(mask)
+            optimizer.step()
+            with torch.no_grad():
+                for m in self.M:
+                    m[:prefix] = torch.eye(prefix, m.shape[1], device=m.device)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         return seen
 
     def learned_state(self) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import methods
 from bench.errors import BenchError
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
+from methods.base import budgeted_batches
 from methods.ltmp import flops_ratio, merge_into_kept
 from methods.tokens import straight_through_step
 from tests.conftest import tiny_vit
@@ -263,3 +264,34 @@ def test_knobs_of_the_missing_decision_are_rejected(name: str, foreign: str) -> 
     reducer.apply(tiny_vit())
     absent = reducer.theta_merge if name == "ltp" else reducer.theta_prune
     assert torch.equal(absent, torch.full_like(absent, 1.0 if name == "ltp" else 0.0))
+
+
+def test_budgeted_batches_cross_epochs_and_stop_at_the_budget() -> None:
+    """Budget 10 over epochs of batches of 4 and 4: three batches (the last one whole), the third from epoch 2."""
+    epochs = []
+
+    def batches():
+        epochs.append(len(epochs))
+        yield torch.zeros(4, 1), torch.arange(4)
+        yield torch.zeros(4, 1), torch.arange(4, 8)
+
+    got = [y.tolist() for _, y in budgeted_batches(batches, 10)]
+    assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]] and epochs == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["ltmp", "ltp"])
+def test_fit_on_empty_training_data_is_an_error_not_an_endless_loop(name: str) -> None:
+    model = tiny_vit()
+    reducer = methods.create(name)
+    reducer.apply(model)
+    epochs = []
+
+    def empty():
+        epochs.append(1)
+        if len(epochs) > 3:
+            raise RuntimeError("fit kept asking for epochs of an empty training set")
+        return iter(())
+
+    with pytest.raises(BenchError, match="training data gave no images"):
+        reducer.fit(model, empty, {"budget_images": 8, "batch_size": 4}, progress=False)
+    assert all(p.requires_grad for p in model.parameters()) and not reducer.masked

@@ -154,3 +154,17 @@ def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
         assert torch.equal(m.detach()[0], torch.eye(1, m.shape[1])[0])  # CLS row stays one-hot
         assert bool((m.detach()[zeros] == 0).all())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_finetuning_stops_at_its_budget_when_the_last_step_is_skipped() -> None:
+    """A non-finite loss on the batch that completes the budget skips that step and ends fine-tuning: it used to
+    skip the budget check too and go on through the epoch's remaining batches."""
+    model = tiny_vit()
+    reducer = methods.create("pm", keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1)
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(64, 3, 32, 32, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    images[16:32] = float("nan")  # the second batch, which reaches the 32-image budget
+    batches = lambda: iter([(images[i:i + 16], labels[i:i + 16]) for i in range(0, 64, 16)])
+    report = reducer.fit(model, batches, {"budget_images": 32, "batch_size": 16}, progress=False)
+    assert report.extra["finetune_images"] == 32 and report.skipped_steps == 1
