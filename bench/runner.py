@@ -162,15 +162,26 @@ def prepare(config: dict[str, Any]) -> Workload:
         if len(folder) == 0:
             raise BenchError(f"{config['data']} holds no images: pass --data to an ImageFolder with images")
         eval_batches = _loader_batches(folder, distributed.shard(indices), config["eval_batch_size"], config["workers"], device)
-        train_folder = data_mod.image_folder(config["train_data"], model) if config["train_data"] else folder
-        train_batches = _loader_batches(train_folder, distributed.shard(_train_order(len(train_folder), config["seed"])),
-                                        fit_batch, config["workers"], device, shuffle_seed=config["seed"] + 1)
+        learners = sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
+        if config["train_data"]:
+            train_folder = data_mod.image_folder(config["train_data"], model)
+            train_batches = _loader_batches(train_folder, distributed.shard(_train_order(len(train_folder), config["seed"])),
+                                            fit_batch, config["workers"], device, shuffle_seed=config["seed"] + 1)
+        elif learners:  # never fit on the evaluation images: the learned parameters would have seen the test set
+            raise BenchError(f"{', '.join(learners)} learn from training images: pass --train-data PATH (an ImageFolder of "
+                             "training images, e.g. ImageNet's train split), or --methods without them")
+        else:
+            train_batches = _no_training_data
         dataset, n_images = f"imagefolder:{Path(config['data']).resolve()}", len(indices)
     if n_images == 0:
         raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
     if len(distributed.shard(indices)) == 0:
         raise BenchError(f"{n_images} images cannot be shared by more ranks: use fewer processes or a larger --limit")
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device)
+
+
+def _no_training_data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    raise BenchError("this run has no training images: pass --train-data PATH")
 
 
 def _label(entry: dict[str, Any]) -> str:

@@ -43,8 +43,9 @@ def files(tmp_path_factory, tiny_imagefolder) -> dict[str, Path]:
 
 
 def tiny_args(files: dict[str, Path], *extra: str) -> list[str]:
-    return ["run", "--model", "test_tiny_vit", "--data", str(files["folder"]), "--checkpoint", str(files["good"]),
-            "--store", str(files["root"] / "store.sqlite"), "--reports", str(files["root"] / "reports"), "--quiet", *extra]
+    return ["run", "--model", "test_tiny_vit", "--data", str(files["folder"]), "--train-data", str(files["folder"]),
+            "--checkpoint", str(files["good"]), "--store", str(files["root"] / "store.sqlite"),
+            "--reports", str(files["root"] / "reports"), "--quiet", *extra]
 
 
 CASES = {
@@ -72,6 +73,8 @@ CASES = {
     "batch sizes not numbers": (lambda f: tiny_args(f, "--batch-sizes", "1,big"), "e.g. --batch-sizes 1,32"),
     "fp16 latency on the CPU": (lambda f: tiny_args(f, "--precisions", "fp32,fp16"), "use --precision bf16 or fp32"),
     "fp16 evaluation on the CPU": (lambda f: tiny_args(f, "--eval-precision", "fp16"), "use --precision bf16 or fp32"),
+    "training methods without --train-data": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["folder"]),
+                                                         "--checkpoint", str(f["good"])], "ltmp, ltp, pm learn from training images"),
     "negative threads": (lambda f: tiny_args(f, "--threads", "-2"), "threads must be a positive"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
     "train-base batch over the data": (lambda f: ["train-base", "--batch-size", "100000"], "exceeds the 60000 training"),
