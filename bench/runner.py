@@ -45,6 +45,7 @@ class Workload:
     eval_batches: Batches
     train_batches: Batches
     device: str
+    train_images: int = 0  # size of the training set the fitting methods draw from (0: none is used)
     _latency_inputs: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def latency_inputs(self, batch: int) -> torch.Tensor:
@@ -146,6 +147,8 @@ def prepare(config: dict[str, Any]) -> Workload:
         sha = "pretrained" if config["pretrained"] else f"random-seed{config['seed']}"
     model = model.to(device)
     fit_batch = config["fit"]["batch_size"]
+    learners = sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
+    train_images = 0  # the training set's size, for the epochs a fit took (0: no method fits)
     if config["dataset"] == "fashion-mnist":
         test = data_mod.load_fmnist("test", config["data_dir"])
         indices = data_mod.seeded_subset_indices(len(test), config["limit"], config["seed"])
@@ -154,6 +157,8 @@ def prepare(config: dict[str, Any]) -> Workload:
             train = data_mod.load_fmnist("train", config["data_dir"])
             yield from _tensor_batches(train, distributed.shard(_train_order(len(train), config["seed"])), fit_batch)()
         dataset, n_images = "fashion-mnist-test", len(indices)
+        if learners:
+            train_images = len(data_mod.load_fmnist("train", config["data_dir"]))
     else:
         if not config["data"]:
             raise BenchError("dataset imagefolder needs --data PATH (an ImageFolder of evaluation images)")
@@ -162,9 +167,9 @@ def prepare(config: dict[str, Any]) -> Workload:
         if len(folder) == 0:
             raise BenchError(f"{config['data']} holds no images: pass --data to an ImageFolder with images")
         eval_batches = _loader_batches(folder, distributed.shard(indices), config["eval_batch_size"], config["workers"], device)
-        learners = sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
         if config["train_data"]:
             train_folder = data_mod.image_folder(config["train_data"], model)
+            train_images = len(train_folder)
             train_batches = _loader_batches(train_folder, distributed.shard(_train_order(len(train_folder), config["seed"])),
                                             fit_batch, config["workers"], device, shuffle_seed=config["seed"] + 1)
         elif learners:  # never fit on the evaluation images: the learned parameters would have seen the test set
@@ -177,7 +182,7 @@ def prepare(config: dict[str, Any]) -> Workload:
         raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
     if len(distributed.shard(indices)) == 0:
         raise BenchError(f"{n_images} images cannot be shared by more ranks: use fewer processes or a larger --limit")
-    return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device)
+    return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
 
 
 def _no_training_data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -246,6 +251,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     per_rank = {**fit_config, "budget_images": -(-int(fit_config["budget_images"]) // world)}  # the budget is global
     fit_report = reducer.fit(model, work.train_batches, per_rank, progress=progress)
     fit_report.images_seen = int(distributed.all_reduce(torch.tensor([fit_report.images_seen]))[0])
+    fit_report.epochs = fit_report.images_seen / work.train_images if work.train_images else 0.0
     model.eval()
     dims = model._reduction_ctx.dims
     embed = embed_macs(model, dims)

@@ -71,6 +71,9 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         assert float(one.loc[label, "gmacs_min"]) == float(two.loc[label, "gmacs_min"])
     # LTMP trained under DDP on two shards: it ran, counted every image, and learned thresholds were stored
     assert int(two.loc["ltmp", "eval_images"]) == 61 and int(two.loc["ltmp", "ft_images"]) >= 64
+    for cells in (one, two):  # the fine-tune cost in epochs: images seen over Fashion-MNIST's 60,000 training images
+        assert float(cells.loc["ltmp", "ft_epochs"]) == int(cells.loc["ltmp", "ft_images"]) / 60000
+        assert float(cells.loc["tome", "ft_epochs"]) == 0.0
     timings = Store(tmp_path / "double.sqlite").timings()
     assert len(timings) == 4  # latency measured once per cell, on rank 0
     assert (timings["speedup_q1"] <= timings["speedup_q3"]).all() and timings["speedup_q1"].gt(0).all()
