@@ -205,7 +205,7 @@ def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.Token
 
 def check_settings(config: dict[str, Any], device: str) -> None:
     """Raise :class:`BenchError` naming the fix for a run setting that could only fail later, after cells were
-    measured: precisions this device cannot run, and batch sizes, budgets and timing windows that are not positive."""
+    measured: precisions this device cannot run, and batch sizes, iteration counts and timing windows out of range."""
     for precision in [config["eval_precision"], config["fit"]["precision"], *config["latency"]["precisions"]]:
         autocast(device, precision)  # unknown names, fp16 on the CPU
     counts = {"latency batch size": config["latency"]["batch_sizes"], "eval_batch_size": [config["eval_batch_size"]],
