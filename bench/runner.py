@@ -153,12 +153,13 @@ def prepare(config: dict[str, Any]) -> Workload:
         test = data_mod.load_fmnist("test", config["data_dir"])
         indices = data_mod.seeded_subset_indices(len(test), config["limit"], config["seed"])
         eval_batches = _tensor_batches(test, distributed.shard(indices), config["eval_batch_size"])
-        def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if learners:  # the training split is read once, and only where some method fits
             train = data_mod.load_fmnist("train", config["data_dir"])
-            yield from _tensor_batches(train, distributed.shard(_train_order(len(train), config["seed"])), fit_batch)()
+            train_images = len(train)
+            train_batches = _tensor_batches(train, distributed.shard(_train_order(len(train), config["seed"])), fit_batch)
+        else:
+            train_batches = _no_training_data
         dataset, n_images = "fashion-mnist-test", len(indices)
-        if learners:
-            train_images = len(data_mod.load_fmnist("train", config["data_dir"]))
     else:
         if not config["data"]:
             raise BenchError("dataset imagefolder needs --data PATH (an ImageFolder of evaluation images)")
