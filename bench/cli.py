@@ -104,11 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         if args.methods:  # report the whole config's cells in the store: a subset rerun keeps the other rows and maps
             keys = runner.planned_keys(work, build_config(argparse.Namespace(**{**vars(args), "methods": None})))
-        cells, timings = store.cells(), store.timings()
-        cells, timings = cells[cells["cell_key"].isin(keys)], timings[timings["cell_key"].isin(keys)]
-        paths = tables.export(cells, timings, args.reports)  # this config's cells; `export` writes the whole store
-        paths += tokenviz.token_maps_from_run(work, cells, store, args.reports)
-        paths += plots.plot_cells(cells, timings, args.reports)
+        stored, timings = store.cells(), store.timings()
+        cells, timings = stored[stored["cell_key"].isin(keys)], timings[timings["cell_key"].isin(keys)]
+        # this config's cells (`export` writes the whole store), with the file names `plot` gives them in this store
+        paths = tables.export(cells, timings, args.reports, naming=stored)
+        paths += tokenviz.token_maps_from_run(work, cells, store, args.reports, naming=stored)
+        paths += plots.plot_cells(cells, timings, args.reports, naming=stored)
         distributed.barrier()
     finally:
         if store is not None:

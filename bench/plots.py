@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
+from bench.settings import split_by_setting  # noqa: E402
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999"]
 METHOD_STYLE = {  # label -> (colour, marker); the baseline is black
@@ -69,8 +70,8 @@ def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def frontier(cells: pd.DataFrame, labels_on: bool = True) -> plt.Figure:
-    """Top-1 vs GMACs per method; cells of one model and dataset."""
+def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = None) -> plt.Figure:
+    """Top-1 vs GMACs per method; cells of one evaluation setting (:mod:`bench.settings`)."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
         labels = list(cells["label"].unique())
@@ -99,7 +100,7 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True) -> plt.Figure:
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3, linewidth=0.5)
         ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-        ax.set_title(f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
+        ax.set_title(title or f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
         separate_labels(fig, knob_labels)
         return fig
 
@@ -234,19 +235,20 @@ def plot_all(store_path: str | Path, out_dir: str | Path, echo=print) -> list[Pa
     return plot_cells(cells, timings, out_dir, echo)
 
 
-def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, echo=print) -> list[Path]:
-    """Every figure for the given cells (grouped by model and dataset) and their timings."""
+def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, echo=print,
+               naming: pd.DataFrame | None = None) -> list[Path]:
+    """Every figure for the given cells and their timings, one set per evaluation setting, named among the cells of
+    ``naming`` (default ``cells``; see :mod:`bench.settings`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    for (model, dataset), group in cells.groupby(["model", "dataset"], sort=True):
-        stem = f"{model}__{dataset.split(':')[0]}"
-        paths += _save(frontier(group), out, f"frontier_{stem}")
-        paths += _save(tokens_per_layer(group), out, f"tokens_{stem}")
+    for setting, group in split_by_setting(cells, naming):
+        paths += _save(frontier(group, title=setting.title), out, f"frontier_{setting.stem}")
+        paths += _save(tokens_per_layer(group), out, f"tokens_{setting.stem}")
         group_timings = timings[timings["cell_key"].isin(group["cell_key"])]
         if group_timings.empty:
-            echo(f"note: no latency measurements for {model} on {dataset}: throughput and realisation figures skipped")
+            echo(f"note: no latency measurements for {setting.title}: throughput and realisation figures skipped")
             continue
-        paths += _save(throughput(group, group_timings), out, f"throughput_{stem}")
-        paths += _save(realisation(group, group_timings), out, f"realisation_{stem}")
+        paths += _save(throughput(group, group_timings), out, f"throughput_{setting.stem}")
+        paths += _save(realisation(group, group_timings), out, f"realisation_{setting.stem}")
     return paths

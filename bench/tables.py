@@ -84,16 +84,27 @@ def reports_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write ``results.csv``, ``results.md``, ``results.tex`` (one section per model/dataset)."""
+def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
+           naming: pd.DataFrame | None = None) -> list[Path]:
+    """Write ``results.csv``, ``results.md``, ``results.tex``: one section per evaluation setting (model, weights,
+    dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
+    :mod:`bench.settings`). The CSV holds every row with the setting's weights, device and precision."""
+    from bench.settings import split_by_setting
+
     out = reports_dir(out_dir)
-    table = comparison(cells, timings)
+    if cells.empty:
+        raise BenchError("the store holds no results yet: run `python run_bench.py` first")
     paths = [out / "results.csv", out / "results.md", out / "results.tex"]
-    table.to_csv(paths[0], index=False)
-    sections_md, sections_tex = [], []
-    for (model, dataset), group in table.groupby(["model", "dataset"], sort=False):
-        sections_md.append(f"### {model} on {dataset}\n\n{to_markdown(group)}\n")
-        sections_tex.append(f"% {model} on {dataset}\n{to_latex(group)}")
+    rows, sections_md, sections_tex = [], [], []
+    for setting, group in split_by_setting(cells, naming):
+        table = comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])
+        sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")
+        sections_tex.append(f"% {setting.title}\n{to_latex(table)}")
+        setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision"]]
+        rows.append(table.join(setting_columns, on="cell_key"))
+    frame = pd.concat(rows, ignore_index=True)
+    speedups = [c for c in frame.columns if c.startswith("speedup")]
+    frame[[c for c in frame.columns if c not in speedups] + speedups].to_csv(paths[0], index=False)
     paths[1].write_text("\n".join(sections_md))
     paths[2].write_text("\n".join(sections_tex))
     return paths

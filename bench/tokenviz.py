@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import methods  # noqa: E402
 from bench.plots import COLUMN_WIDTH, STYLE, _save  # noqa: E402
+from bench.settings import split_by_setting  # noqa: E402
 
 
 def capture_groups(model: torch.nn.Module, reducer: methods.TokenReducer, images: torch.Tensor, layers: list[int]
@@ -130,15 +131,17 @@ def token_maps(model: torch.nn.Module, cells: pd.DataFrame, learned: dict[str, d
         return _save(fig, out_dir, f"token_maps_{stem}")
 
 
-def token_maps_from_run(work: Any, cells: pd.DataFrame, store: Any, out_dir: str | Path, count: int = 3) -> list[Path]:
-    """The figure for a finished run on the embedded dataset (``work``: :class:`bench.runner.Workload`)."""
+def token_maps_from_run(work: Any, cells: pd.DataFrame, store: Any, out_dir: str | Path, count: int = 3,
+                        naming: pd.DataFrame | None = None) -> list[Path]:
+    """The figure for a finished run (``work``: :class:`bench.runner.Workload`; ``cells``: the run's cells, one
+    evaluation setting), named as :func:`bench.plots.plot_cells` names that setting among the cells of ``naming``."""
     cells = cells[(cells["model"] == work.config["model"]) & (cells["dataset"] == work.dataset)]
     if cells.empty or (cells["label"] != "none").sum() == 0:
         return []
+    (setting, cells), *_ = split_by_setting(cells, naming)
     x, _ = next(iter(work.eval_batches()))
     x = x[:count].to(work.device)
     display = x[:, 0].float().cpu().numpy()
     display = (display - display.min()) / max(float(display.max() - display.min()), 1e-6)
     learned = {key: store.learned_state(key) for key in cells["cell_key"]}
-    stem = f"{work.config['model']}__{work.dataset.split(':')[0]}"
-    return token_maps(work.model, cells, learned, x, display, Path(out_dir), stem)
+    return token_maps(work.model, cells, learned, x, display, Path(out_dir), setting.stem)

@@ -107,3 +107,57 @@ def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> 
     bare = small_store(tmp_path / "bare.sqlite")
     db = Store(bare)
     assert all(len(ax.containers) == 0 for ax in plots.realisation(db.cells(), db.timings()).axes)
+
+
+def settings_store(path: Path) -> Path:
+    """One model evaluated on 1,000 images: the main setting, pretrained weights, bf16 evaluation; a 100-image smoke
+    run; three ImageFolders, two of them called ``val``. Each with a baseline and one ToMe cell; the main setting
+    also has a second ToMe cell (more cells win a tie in images)."""
+    store = Store(path)
+    variants = {"full": {}, "pre": {"checkpoint_sha": "pretrained"}, "bf16": {"eval_precision": "bf16"},
+                "quick": {"eval_images": 100}, "in": {"dataset": "imagefolder:/a/test"},
+                "va": {"dataset": "imagefolder:/b/val"}, "vb": {"dataset": "imagefolder:/c/val"}}
+    for name, fields in variants.items():
+        for method, top1, gmacs in (("none", 0.9, 2.0), ("tome", 0.8, 1.0)):
+            store.write_cell({**fake_row(f"{name}-{method}", method, top1, gmacs), "eval_images": 1000, **fields},
+                             [fake_timing()])
+    store.write_cell({**fake_row("full-tome2", "tome", 0.7, 0.5), "eval_images": 1000}, [fake_timing()])
+    store.close()
+    return path
+
+
+def test_cells_of_different_settings_never_share_a_figure_or_a_table(tmp_path: Path) -> None:
+    from bench import settings, tables
+
+    db = Store(settings_store(tmp_path / "s.sqlite"))
+    cells, timings = db.cells(), db.timings()
+    named = {setting.stem: sorted(group["cell_key"]) for setting, group in settings.split_by_setting(cells)}
+    val_stems = sorted(stem for stem in named if stem.startswith("m__imagefolder__val__"))
+    assert len(val_stems) == 2  # both folders are called val: a short hash tells them apart
+    # in each family (model, dataset kind) the setting with the most images (then cells) keeps the plain name; the
+    # others add how they differ from it
+    assert named == {"m__d": ["full-none", "full-tome", "full-tome2"], "m__d__pretrained": ["pre-none", "pre-tome"],
+                     "m__d__bf16": ["bf16-none", "bf16-tome"], "m__d__100img": ["quick-none", "quick-tome"],
+                     "m__imagefolder": ["in-none", "in-tome"], val_stems[0]: named[val_stems[0]],
+                     val_stems[1]: named[val_stems[1]]}
+    assert sorted(named[val_stems[0]] + named[val_stems[1]]) == ["va-none", "va-tome", "vb-none", "vb-tome"]
+    paths = plots.plot_cells(cells, timings, tmp_path / "figs")
+    assert {p.name for p in paths if p.suffix == ".png" and p.name.startswith("frontier")} == {
+        f"frontier_{stem}.png" for stem in named}
+    markdown = tables.export(cells, timings, tmp_path / "out")[1].read_text()
+    assert markdown.count("### ") == 7 and markdown.count("| none ") == 7
+    assert "### m on d\n" in markdown and "### m on d (1,000 images)" not in markdown
+    assert "### m on d (100 images)\n" in markdown and "### m on d (bf16 evaluation)\n" in markdown
+    assert "### m on imagefolder:/a/test\n" in markdown and "### m on imagefolder:/b/val [" in markdown
+
+
+def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: Path) -> None:
+    """A smoke run next to a full evaluation in the store: its figures carry the tag, also when written alone."""
+    from bench import settings
+
+    db = Store(settings_store(tmp_path / "s.sqlite"))
+    cells = db.cells()
+    quick = cells[cells["eval_images"] == 100]
+    ((alone, _),) = settings.split_by_setting(quick)
+    ((in_store, _),) = settings.split_by_setting(quick, naming=cells)
+    assert (alone.stem, in_store.stem) == ("m__d", "m__d__100img")

@@ -1,0 +1,91 @@
+"""Which cells a figure or a table section may compare: those of one evaluation setting.
+
+A setting is the model and its weights, the evaluation set (dataset and image count), the device and the
+evaluation precision. Cells of different settings never share a figure or a table section: a 500-image ``--quick``
+run beside the full one, random weights beside pretrained ones, or two ImageFolders evaluated on one model would
+otherwise put two baselines on one frontier and join points measured on different images.
+
+Names: a *family* is one model on one kind of dataset (``vit_fmnist_convstem__fashion-mnist-test``). Its setting with
+the most evaluation images (then the most cells, then the first in sorted order) keeps the plain stem and title; each other setting adds what differs from it
+(``__500img``, ``__bf16``, ``__cuda``, ``__w1a2b3c4d``, ``__val``), so a full run keeps its file names however
+many smoke runs share the store.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import pandas as pd
+
+#: The store columns that make cells comparable.
+SETTING_COLUMNS = ("model", "checkpoint_sha", "dataset", "eval_images", "device", "eval_precision")
+
+SettingKey = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluation setting's name: ``stem`` for file names, ``title`` for figures and table sections."""
+
+    stem: str
+    title: str
+
+
+def _weights_text(sha: str) -> tuple[str, str]:
+    if sha == "pretrained":
+        return "pretrained", "pretrained weights"
+    if sha.startswith("random-"):
+        return sha, f"random weights ({sha.removeprefix('random-')})"
+    return f"w{sha[:8]}", f"weights {sha[:8]}"
+
+
+def _difference(column: str, value: Any) -> tuple[str, str]:
+    """(stem tag, title text) for a setting's ``column`` that differs from its family's main setting (no title text
+    for the dataset, which the title names anyway)."""
+    if column == "checkpoint_sha":
+        return _weights_text(str(value))
+    if column == "dataset":
+        return PurePath(str(value).split(":", 1)[-1]).name or "data", ""
+    if column == "eval_images":
+        return f"{int(value)}img", f"{int(value):,} images"
+    if column == "eval_precision":
+        return str(value), f"{value} evaluation"
+    return str(value), str(value)
+
+
+def dataset_kind(dataset: str) -> str:
+    """``imagefolder:/data/val`` -> ``imagefolder``; ``fashion-mnist-test`` unchanged."""
+    return dataset.split(":", 1)[0]
+
+
+def name_settings(cells: pd.DataFrame) -> dict[SettingKey, Setting]:
+    """A unique :class:`Setting` name for every setting in ``cells`` (store rows), keyed by its column values."""
+    columns = list(SETTING_COLUMNS)
+    counts = cells.groupby(columns, sort=True).size().reset_index(name="n_cells")
+    counts["kind"] = counts["dataset"].map(dataset_kind)
+    names: dict[SettingKey, Setting] = {}
+    for (model, kind), family in counts.groupby(["model", "kind"], sort=True):
+        family = family.sort_values(["eval_images", "n_cells"], ascending=False, kind="stable")
+        main = family.iloc[0]
+        for _, row in family.iterrows():
+            differences = [_difference(c, row[c]) for c in columns[1:] if row[c] != main[c]]
+            stem = "__".join([f"{model}__{kind}", *(tag for tag, _ in differences)])
+            texts = [text for _, text in differences if text]
+            title = f"{model} on {row['dataset']}" + (f" ({', '.join(texts)})" if texts else "")
+            names[tuple(row[c] for c in columns)] = Setting(stem, title)
+    stems = [s.stem for s in names.values()]
+    for key, setting in names.items():  # tags that still collide (two folders both named val): add a short hash
+        if stems.count(setting.stem) > 1:
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:6]
+            names[key] = Setting(f"{setting.stem}__{digest}", f"{setting.title} [{digest}]")
+    return names
+
+
+def split_by_setting(cells: pd.DataFrame, naming: pd.DataFrame | None = None) -> list[tuple[Setting, pd.DataFrame]]:
+    """``cells`` in groups of one setting each, with the names they get among the cells of ``naming``
+    (default: ``cells`` itself; pass the whole store so that a run's files are named as ``plot`` names them)."""
+    names = name_settings(cells if naming is None else pd.concat([naming, cells]).drop_duplicates("cell_key"))
+    groups = [(names[key], group) for key, group in cells.groupby(list(SETTING_COLUMNS), sort=True)]
+    return sorted(groups, key=lambda named: named[0].stem)  # a family's main setting (the plain stem) first
