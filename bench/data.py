@@ -13,6 +13,7 @@ import gzip
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -121,7 +122,8 @@ def seeded_subset_indices(n_total: int, limit: int | None, seed: int = 0) -> tor
 
 
 def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
-    """An ImageNet-style folder (``class/xxx.jpg``) with the model's own timm eval preprocessing."""
+    """An ImageNet-style folder (``class/xxx.jpg``) with the model's own timm eval preprocessing, its labels the
+    model's class indices (:func:`align_labels`)."""
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
@@ -130,6 +132,32 @@ def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
         raise BenchError(f"data folder {root} does not exist: pass --data PATH to an ImageFolder (class/image.jpg)")
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     try:
-        return ImageFolder(str(root), transform=transform)
+        folder = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise BenchError(f"{root} is not an ImageFolder ({str(exc).splitlines()[0]}): expected class/image.jpg") from exc
+    align_labels(folder, int(model.num_classes))
+    return folder
+
+
+def align_labels(folder: Any, num_classes: int) -> None:
+    """Make ``folder``'s labels (a torchvision ``ImageFolder``) the model's class indices, or raise naming the mismatch.
+
+    As many class folders as the model has classes: the sorted folder names are its classes in order (torchvision's
+    convention, and ImageNet's for its synset folders). Fewer folders, all ImageNet-1k synsets (``n01440764``, ...),
+    on a 1000-class model: each is relabelled with its ImageNet-1k index (a subset such as Imagenette). Anything else
+    would score the model's predictions against labels that mean other classes."""
+    from timm.data import ImageNetInfo
+
+    classes = list(folder.classes)
+    if len(classes) == num_classes:
+        return
+    synset_index = {name: i for i, name in enumerate(ImageNetInfo().label_names())} if num_classes == 1000 else {}
+    if not synset_index or not all(name in synset_index for name in classes):
+        raise BenchError(f"{folder.root} has {len(classes)} class folders but the model predicts {num_classes} classes: "
+                         "pass an ImageFolder with one folder per model class (or ImageNet-1k synset folders for a "
+                         "1000-class model)")
+    model_index = [synset_index[name] for name in classes]
+    folder.samples = [(file, model_index[label]) for file, label in folder.samples]
+    folder.imgs = folder.samples
+    folder.targets = [label for _, label in folder.samples]
+    folder.class_to_idx = {name: synset_index[name] for name in classes}

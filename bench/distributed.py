@@ -53,6 +53,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank (0 outside torchrun)."""
+    return dist.get_rank() if active() else 0
+
+
 def shard(indices: torch.Tensor) -> torch.Tensor:
     """This rank's share of an index list (strided, no padding)."""
     if not active():

@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,9 @@ def prepare(config: dict[str, Any]) -> Workload:
         sha = models.verify_embedded_checkpoint()
     else:
         sha = "pretrained" if config["pretrained"] else f"random-seed{config['seed']}"
+        if not config["pretrained"] and distributed.rank() == 0:
+            print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
+                  "chance level; GMACs and latency are still measured", file=sys.stderr)
     model = model.to(device)
     fit_batch = config["fit"]["batch_size"]
     learners = sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})

@@ -62,6 +62,26 @@ def test_image_folder_uses_the_models_preprocessing(tiny_imagefolder: Path) -> N
     assert float(image.max()) <= 1.0 + 1e-6 and float(image.min()) >= -1.0 - 1e-6  # mean/std 0.5
 
 
+def test_image_folder_labels_are_the_models_classes(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """ImageNet-1k synset folders on a 1000-class model get their ImageNet indices; a class count the model does not
+    have is a one-line error (its predictions would be scored against labels of other classes)."""
+    from PIL import Image
+    from timm.data import ImageNetInfo
+
+    synsets = ImageNetInfo().label_names()
+    for index in (999, 7, 300):  # folder labels 0, 1, 2 (sorted names) must become 7, 300, 999
+        (tmp_path / synsets[index]).mkdir()
+        Image.new("RGB", (40, 40), (index % 256, 0, 0)).save(tmp_path / synsets[index] / "a.jpg")
+    folder = data.image_folder(tmp_path, make_tiny(num_classes=1000))
+    assert folder.classes == [synsets[7], synsets[300], synsets[999]]
+    assert [folder[i][1] for i in range(3)] == folder.targets == [7, 300, 999]
+    with pytest.raises(BenchError, match="has 3 class folders but the model predicts 10 classes"):
+        data.image_folder(tmp_path, make_tiny(num_classes=10))
+    with pytest.raises(BenchError, match="has 3 class folders but the model predicts 1000 classes"):
+        data.image_folder(tiny_imagefolder, make_tiny(num_classes=1000))  # red/green/blue are no synsets
+    assert data.image_folder(tiny_imagefolder, make_tiny()).targets[:1] == [0]  # 3 folders, 3 classes: as sorted
+
+
 def test_augment_flips_and_shifts() -> None:
     x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
     out = augment(x, torch.Generator().manual_seed(0), max_shift=1)

@@ -157,6 +157,7 @@ def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, 
     env = {"TOKENBENCH_PLUGINS": "tests.tiny_model"}
     first = run_cli(*common, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "warning: test_tiny_vit has random weights" in first.stderr  # no --pretrained, no --checkpoint
     before = pd.read_csv(reports / "results.csv")
     subset = run_cli(*common, "--methods", "tome", "--force", env=env)
     assert subset.returncode == 0, subset.stderr[-2000:]
