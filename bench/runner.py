@@ -146,9 +146,6 @@ def prepare(config: dict[str, Any]) -> Workload:
         sha = models.verify_embedded_checkpoint()
     else:
         sha = "pretrained" if config["pretrained"] else f"random-seed{config['seed']}"
-        if not config["pretrained"] and distributed.rank() == 0:
-            print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
-                  "chance level; GMACs and latency are still measured", file=sys.stderr)
     model = model.to(device)
     fit_batch = config["fit"]["batch_size"]
     learners = sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
@@ -187,6 +184,9 @@ def prepare(config: dict[str, Any]) -> Workload:
         raise BenchError("the evaluation set is empty after --limit: pass a larger --limit")
     if len(distributed.shard(indices)) == 0:
         raise BenchError(f"{n_images} images cannot be shared by more ranks: use fewer processes or a larger --limit")
+    if sha.startswith("random-") and distributed.rank() == 0:  # said once the run is sure to start
+        print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
+              "chance level; GMACs and latency are still measured", file=sys.stderr)
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
 
 

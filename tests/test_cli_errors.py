@@ -31,6 +31,8 @@ def files(tmp_path_factory, tiny_imagefolder) -> dict[str, Path]:
     (root / "junk").mkdir()
     (root / "junk" / "readme.txt").write_text("no images here")
     (root / "a_file").write_text("x")
+    for name in ("cat", "dog"):
+        shutil.copytree(tiny_imagefolder / "red", root / "two_classes" / name)
     config = root / "unknown_key.yaml"
     config.write_text("model: test_tiny_vit\nbatchsize: 3\n")
     bad_method = root / "bad_method.yaml"
@@ -39,7 +41,7 @@ def files(tmp_path_factory, tiny_imagefolder) -> dict[str, Path]:
     bad_dataset.write_text("dataset: cifar\n")
     return {"root": root, "good": good, "other": other, "corrupt": corrupt, "foreign": foreign,
             "junk": root / "junk", "file": root / "a_file", "folder": tiny_imagefolder, "config": config,
-            "bad_method": bad_method, "bad_dataset": bad_dataset}
+            "bad_method": bad_method, "bad_dataset": bad_dataset, "two_classes": root / "two_classes"}
 
 
 def tiny_args(files: dict[str, Path], *extra: str) -> list[str]:
@@ -57,6 +59,8 @@ CASES = {
     "impossible knob": (lambda f: ["run", "--config", str(f["root"] / "bad_knob.yaml")], "outside"),
     "missing fmnist": (lambda f: ["run", "--data-dir", str(f["root"] / "nowhere")], "apt-get install dataset-fashion-mnist"),
     "fmnist dir of the wrong format": (lambda f: ["run", "--data-dir", str(f["junk"])], "--data-dir"),
+    "imagefolder with other classes than the model": (lambda f: tiny_args(f, "--data", str(f["two_classes"])),
+                                                       "has 2 class folders but the model predicts 3 classes"),
     "imagefolder of the wrong format": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["junk"])], "ImageFolder"),
     "missing imagefolder": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["root"] / "nope")], "does not exist"),
     "missing checkpoint": (lambda f: tiny_args(f, "--checkpoint", str(f["root"] / "nope.pt")), "not found"),
