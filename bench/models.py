@@ -121,15 +121,18 @@ def check_vit(model: nn.Module, name: str) -> VisionTransformer:
 
 def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
            **kwargs: Any) -> VisionTransformer:
-    """Build a timm ViT in eval mode. The embedded model loads (and hash-checks) its shipped checkpoint by default."""
+    """Build a timm ViT in eval mode. A ``checkpoint`` file wins over ``pretrained`` (nothing is fetched: a config
+    that asks for pretrained weights runs offline from a local file). The embedded model loads (and hash-checks) its
+    shipped checkpoint by default."""
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise BenchError(f"unknown model {name!r}: see `python run_bench.py list` or timm.list_models('*vit*')")
+    fetch = pretrained and checkpoint is None and name != EMBEDDED_MODEL
     try:
-        model = timm.create_model(name, pretrained=pretrained and name != EMBEDDED_MODEL, **kwargs)
+        model = timm.create_model(name, pretrained=fetch, **kwargs)
     except BenchError:
         raise
     except Exception as exc:
-        if pretrained:
+        if fetch:
             raise BenchError(f"could not fetch pretrained weights for {name!r} (offline? {type(exc).__name__}): "
                              "pass --checkpoint PATH to a local file instead") from exc
         raise BenchError(f"could not build {name!r}: {str(exc).splitlines()[0]}") from exc

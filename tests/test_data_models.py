@@ -82,6 +82,24 @@ def test_image_folder_labels_are_the_models_classes(tmp_path: Path, tiny_imagefo
     assert data.image_folder(tiny_imagefolder, make_tiny()).targets[:1] == [0]  # 3 folders, 3 classes: as sorted
 
 
+def test_a_checkpoint_wins_over_pretrained_and_nothing_is_fetched(tmp_path: Path, monkeypatch) -> None:
+    """``imagenet_deit_small`` asks for pretrained weights; with ``--checkpoint`` it must run offline from the file."""
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model("deit_tiny_patch16_224").eval()
+    torch.save({"model": source.state_dict()}, tmp_path / "deit_tiny.pth")
+    fetched = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: (
+        fetched.append(pretrained), real_create(name, pretrained=False, **kw))[1])
+    loaded = models.create("deit_tiny_patch16_224", pretrained=True, checkpoint=tmp_path / "deit_tiny.pth")
+    assert fetched == [False]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), source(x))
+
+
 def test_augment_flips_and_shifts() -> None:
     x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
     out = augment(x, torch.Generator().manual_seed(0), max_shift=1)
