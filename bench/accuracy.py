@@ -13,14 +13,17 @@ from bench.precision import autocast
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion."""
+    """95 % Wilson score interval of a binomial proportion. Its ends at 0 and at ``total`` correct are exactly 0 and 1
+    (in floating point ``centre - half`` can land a hair above 0, an interval that no longer holds the proportion)."""
     if total == 0:
         return (0.0, 1.0)
     p = correct / total
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if correct == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if correct == total else max(p, min(1.0, centre + half))
+    return (low, high)
 
 
 @dataclass

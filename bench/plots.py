@@ -82,7 +82,8 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
             colour, marker = style_of(label, labels)
             group = group.sort_values("gmacs")
             y = 100 * group["top1"]
-            err = [100 * (group["top1"] - group["top1_low"]), 100 * (group["top1_high"] - group["top1"])]
+            # clipped at 0: stores written before wilson_interval pinned its ends hold lows a hair above a top-1 of 0
+            err = np.clip([100 * (group["top1"] - group["top1_low"]), 100 * (group["top1_high"] - group["top1"])], 0, None)
             if label == "none":
                 ax.errorbar(group["gmacs"], y, yerr=err, fmt="*", color=colour, markersize=10, label="baseline",
                             zorder=5, capsize=2)

@@ -23,6 +23,11 @@ def test_wilson_interval_reference_values() -> None:
     low, high = wilson_interval(50, 100)
     assert low == pytest.approx(0.40383, abs=1e-4) and high == pytest.approx(0.59617, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    for total in range(1, 80):  # the interval always holds the proportion; 0 and all correct end exactly at 0 and 1
+        for correct in range(total + 1):
+            low, high = wilson_interval(correct, total)
+            assert 0.0 <= low <= correct / total <= high <= 1.0, (correct, total)
+        assert wilson_interval(0, total)[0] == 0.0 and wilson_interval(total, total)[1] == 1.0, total
 
 
 def test_exact_top1_and_top5_of_a_controlled_classifier() -> None:

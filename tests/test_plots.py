@@ -161,3 +161,15 @@ def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: 
     ((alone, _),) = settings.split_by_setting(quick)
     ((in_store, _),) = settings.split_by_setting(quick, naming=cells)
     assert (alone.stem, in_store.stem) == ("m__d", "m__d__100img")
+
+
+def test_a_top1_of_zero_with_a_low_end_a_hair_above_it_plots(tmp_path: Path) -> None:
+    """Random-weight runs score 0 %; stores from before the Wilson ends were pinned hold top1_low = 2.8e-17 there,
+    which matplotlib refused as a negative error bar (the run crashed after measuring every cell)."""
+    store = Store(tmp_path / "s.sqlite")
+    for key, method in (("b", "none"), ("t", "tome")):
+        store.write_cell({**fake_row(key, method, 0.0, 2.0 if method == "none" else 1.0),
+                          "top1_low": 2.7755575615628914e-17, "top1_high": 0.24}, [fake_timing()])
+    store.close()
+    paths = plots.plot_all(tmp_path / "s.sqlite", tmp_path / "figs")
+    assert {p.name for p in paths if p.suffix == ".png"} >= {"frontier_m__d.png", "realisation_m__d.png"}
