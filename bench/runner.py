@@ -116,7 +116,11 @@ def _tensor_batches(split: data_mod.TensorSplit, indices: torch.Tensor, batch_si
 
 def _loader_batches(dataset: torch.utils.data.Dataset, indices: torch.Tensor, batch_size: int, workers: int,
                     device: str, shuffle_seed: int | None = None) -> Batches:
+    """Batches of an ImageFolder subset; ``workers`` decoding processes, at most one per CPU this process may use
+    (the ImageNet config's 8 on a 2-core machine would only add memory and DataLoader warnings)."""
     subset = torch.utils.data.Subset(dataset, indices.tolist())
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(workers, cpus)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
