@@ -56,19 +56,38 @@ def capture_groups(model: torch.nn.Module, reducer: methods.TokenReducer, images
 
 
 def paint(image: np.ndarray, groups: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
-    """``image: (H, W)`` in [0, 1] -> RGB (H, W, 3): each group's patches in the group's mean value, pruned grey."""
-    height, width = image.shape
+    """``image: (H, W)`` grey or ``(H, W, 3)`` RGB in [0, 1] -> RGB (H, W, 3): each group's patches in the group's mean
+    colour, pruned patches light grey (on grey images the kept ones are tinted blue to stand apart from it)."""
+    pixels = image if image.ndim == 3 else image[..., None]
+    height, width, channels = pixels.shape
     cell_h, cell_w = height // grid[0], width // grid[1]
-    patches = image[: grid[0] * cell_h, : grid[1] * cell_w].reshape(grid[0], cell_h, grid[1], cell_w).mean((1, 3)).ravel()
-    out = np.full(grid[0] * grid[1], np.nan)
+    patches = pixels[: grid[0] * cell_h, : grid[1] * cell_w].reshape(grid[0], cell_h, grid[1], cell_w, channels)
+    patches = patches.mean((1, 3)).reshape(-1, channels)
+    out = np.full((grid[0] * grid[1], channels), np.nan)
     for row in groups.numpy():
         members = row > 0
         if members.any():
-            out[members] = patches[members].mean()
-    rgb = np.stack([out] * 3, -1)
-    rgb[np.isnan(out)] = (0.85, 0.85, 0.85)
-    rgb[~np.isnan(out), 2] = np.clip(rgb[~np.isnan(out), 2] * 0.8 + 0.2, 0, 1)  # tint kept tokens blue-ish
+            out[members] = patches[members].mean(0)
+    pruned = np.isnan(out[:, 0])
+    rgb = np.repeat(out, 3 // channels, axis=1)
+    rgb[pruned] = 0.85
+    if channels == 1:
+        rgb[~pruned, 2] = np.clip(rgb[~pruned, 2] * 0.8 + 0.2, 0, 1)
     return np.kron(rgb.reshape(grid[0], grid[1], 3), np.ones((cell_h, cell_w, 1)))
+
+
+def display_images(images: torch.Tensor, model: torch.nn.Module) -> np.ndarray:
+    """``images: (K, C, H, W)`` model input -> what to draw, in [0, 1]: RGB (K, H, W, 3) un-normalised with the
+    model's own mean and std, or grey (K, H, W) scaled to the batch's range (one-channel models such as the embedded
+    one)."""
+    if images.shape[1] == 3:
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config({}, model=model)
+        mean, std = (torch.tensor(config[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
+        return (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    grey = images[:, 0].float().cpu().numpy()
+    return (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6)
 
 
 def outline(ax: plt.Axes, groups: torch.Tensor, grid: tuple[int, int], cell: tuple[int, int]) -> None:
@@ -95,7 +114,7 @@ def pick_cells(cells: pd.DataFrame) -> pd.DataFrame:
 
 def token_maps(model: torch.nn.Module, cells: pd.DataFrame, learned: dict[str, dict[str, torch.Tensor]],
                images: torch.Tensor, display: np.ndarray, out_dir: Path, stem: str) -> list[Path]:
-    """``images``: (K, C, H, W) model input; ``display``: (K, H, W) in [0, 1] for drawing."""
+    """``images``: (K, C, H, W) model input; ``display``: (K, H, W) grey or (K, H, W, 3) RGB in [0, 1] for drawing."""
     chosen = pick_cells(cells)
     depth = len(model.blocks)
     layers = [depth // 2 - 1, depth - 1]
@@ -141,7 +160,6 @@ def token_maps_from_run(work: Any, cells: pd.DataFrame, store: Any, out_dir: str
     (setting, cells), *_ = split_by_setting(cells, naming)
     x, _ = next(iter(work.eval_batches()))
     x = x[:count].to(work.device)
-    display = x[:, 0].float().cpu().numpy()
-    display = (display - display.min()) / max(float(display.max() - display.min()), 1e-6)
+    display = display_images(x, work.model)
     learned = {key: store.learned_state(key) for key in cells["cell_key"]}
     return token_maps(work.model, cells, learned, x, display, Path(out_dir), setting.stem)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from bench import plots
 from bench.errors import BenchError
 from bench.store import Store
 from tests.test_store import fake_row, fake_timing
+from tests.tiny_model import test_tiny_vit as make_tiny
 
 
 def test_pareto_front_hand_points() -> None:
@@ -173,3 +176,25 @@ def test_a_top1_of_zero_with_a_low_end_a_hair_above_it_plots(tmp_path: Path) -> 
     store.close()
     paths = plots.plot_all(tmp_path / "s.sqlite", tmp_path / "figs")
     assert {p.name for p in paths if p.suffix == ".png"} >= {"frontier_m__d.png", "realisation_m__d.png"}
+
+
+def test_token_map_paints_each_group_in_its_mean_colour() -> None:
+    """A 2x2 grid of 2x2-pixel patches: patches 0 and 1 merged, 2 alone, 3 pruned; RGB keeps the colours."""
+    from bench.tokenviz import display_images, paint
+
+    image = np.zeros((4, 4, 3))
+    image[:2, :2] = (1.0, 0.0, 0.0)  # patch 0 red
+    image[:2, 2:] = (0.0, 0.0, 1.0)  # patch 1 blue
+    image[2:, :2] = (0.0, 0.5, 0.0)  # patch 2 dark green
+    groups = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])  # (groups, patches): membership
+    painted = paint(image, groups, (2, 2))
+    assert painted.shape == (4, 4, 3)
+    assert np.allclose(painted[0, 0], (0.5, 0.0, 0.5)) and np.allclose(painted[1, 3], (0.5, 0.0, 0.5))  # merged
+    assert np.allclose(painted[3, 1], (0.0, 0.5, 0.0)) and np.allclose(painted[3, 3], (0.85, 0.85, 0.85))  # pruned
+    grey = paint(image[..., 0], groups, (2, 2))  # grey: kept tokens tinted blue (b = 0.8 v + 0.2)
+    assert np.allclose(grey[0, 0], (0.5, 0.5, 0.6)) and np.allclose(grey[3, 3], (0.85, 0.85, 0.85))
+
+    model = make_tiny()
+    pixels = torch.rand(2, 3, 32, 32)
+    shown = display_images((pixels - 0.5) / 0.5, model)  # the tiny model's mean and std are 0.5
+    assert shown.shape == (2, 32, 32, 3) and np.allclose(shown, pixels.permute(0, 2, 3, 1).numpy(), atol=1e-6)
