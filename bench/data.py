@@ -13,8 +13,8 @@ import gzip
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset

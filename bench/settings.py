@@ -5,10 +5,10 @@ evaluation precision. Cells of different settings never share a figure or a tabl
 run beside the full one, random weights beside pretrained ones, or two ImageFolders evaluated on one model would
 otherwise put two baselines on one frontier and join points measured on different images.
 
-Names: a *family* is one model on one kind of dataset (``vit_fmnist_convstem__fashion-mnist-test``). Its setting with
-the most evaluation images (then the most cells, then the first in sorted order) keeps the plain stem and title; each other setting adds what differs from it
-(``__500img``, ``__bf16``, ``__cuda``, ``__w1a2b3c4d``, ``__val``), so a full run keeps its file names however
-many smoke runs share the store.
+Names: a *family* is one model on one kind of dataset (``vit_fmnist_convstem__fashion-mnist-test``). Its setting
+with the most evaluation images (then the most cells, then the first in sorted order) keeps the plain stem and
+title; each other setting adds what differs from it (``__500img``, ``__bf16``, ``__cuda``, ``__w1a2b3c4d``,
+``__val``), so a full run keeps its file names however many smoke runs share the store.
 """
 from __future__ import annotations
 

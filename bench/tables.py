@@ -1,4 +1,5 @@
-"""Comparison tables from the store: one per model/dataset, as Markdown, LaTeX (booktabs) and CSV."""
+"""Comparison tables from the store: one per evaluation setting (:mod:`bench.settings`), as Markdown, LaTeX (booktabs)
+and CSV."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.settings import split_by_setting
 
 
 def non_default_knobs(method: str, knobs_json: str) -> str:
@@ -89,8 +91,6 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     """Write ``results.csv``, ``results.md``, ``results.tex``: one section per evaluation setting (model, weights,
     dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
     :mod:`bench.settings`). The CSV holds every row with the setting's weights, device and precision."""
-    from bench.settings import split_by_setting
-
     out = reports_dir(out_dir)
     if cells.empty:
         raise BenchError("the store holds no results yet: run `python run_bench.py` first")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import plots
+from bench import plots, settings, tables
 from bench.errors import BenchError
 from bench.store import Store
 from tests.test_store import fake_row, fake_timing
@@ -130,8 +130,6 @@ def settings_store(path: Path) -> Path:
 
 
 def test_cells_of_different_settings_never_share_a_figure_or_a_table(tmp_path: Path) -> None:
-    from bench import settings, tables
-
     db = Store(settings_store(tmp_path / "s.sqlite"))
     cells, timings = db.cells(), db.timings()
     named = {setting.stem: sorted(group["cell_key"]) for setting, group in settings.split_by_setting(cells)}
@@ -156,8 +154,6 @@ def test_cells_of_different_settings_never_share_a_figure_or_a_table(tmp_path: P
 
 def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: Path) -> None:
     """A smoke run next to a full evaluation in the store: its figures carry the tag, also when written alone."""
-    from bench import settings
-
     db = Store(settings_store(tmp_path / "s.sqlite"))
     cells = db.cells()
     quick = cells[cells["eval_images"] == 100]
