@@ -27,7 +27,8 @@ same for every image (static):
 Differences from the authors' code: their optimiser gives the configured learning rate to one parameter
 group only, so M and R train at 1e-6; here M and R train at ``lr`` (the paper's intent). Fine-tuning the
 backbone too is ``train_all=True``. Blocks whose structure is the identity (every token a centre) skip the
-two matmuls, so ``keep_rate=1, prune_rate=0`` is exactly the unreduced model.
+two matmuls, so ``keep_rate=1, prune_rate=0`` is exactly the unreduced model; their M and R are not trained
+(they take no part in the forward pass).
 """
 from __future__ import annotations
 
@@ -225,9 +226,13 @@ class PruneAndMerge(TokenReducer):
 
     def _finetune(self, model, train_batches, budget: dict[str, Any], report: FitReport, progress: bool) -> None:
         device = next(model.parameters()).device
-        masks_m = [(m.detach() != 0).float() for m in self.M]
-        masks_r = [(~p).float()[:, None].to(device) for p in self.pruned]
-        params = list(self.M) + list(self.R)
+        trained = [layer for layer, identity in enumerate(self.identity) if not identity]  # identity blocks skip M, R
+        grad_masks = [(self.M[l], (self.M[l].detach() != 0).float()) for l in trained] + \
+                     [(self.R[l], (~self.pruned[l]).float()[:, None].to(device)) for l in trained]
+        params = [matrix for matrix, _ in grad_masks]
+        if not params and not self.train_all:  # every block the identity: nothing to train
+            report.extra["finetune_images"] = 0
+            return
         backbone = [p for p in model.parameters() if p.requires_grad] if self.train_all else []
         frozen = [] if self.train_all else [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
@@ -237,7 +242,7 @@ class PruneAndMerge(TokenReducer):
         bar = tqdm(total=budget["budget_images"], desc="fit pm", unit="img", disable=not progress, leave=False)
         try:
             with data_parallel(model, params) as train_model:
-                seen = self._distill(model, train_model, optimizer, masks_m, masks_r, train_batches, budget, report, bar)
+                seen = self._distill(model, train_model, optimizer, grad_masks, train_batches, budget, report, bar)
         finally:
             self.bypass = False
             bar.close()
@@ -246,9 +251,10 @@ class PruneAndMerge(TokenReducer):
         report.images_seen += seen
         report.extra["finetune_images"] = seen
 
-    def _distill(self, model, train_model, optimizer, masks_m, masks_r, train_batches, budget: dict[str, Any],
-                 report: FitReport, bar: tqdm) -> int:
-        """CE + alpha * T^2 * KL(teacher || student) steps until the image budget is spent; returns images seen."""
+    def _distill(self, model, train_model, optimizer, grad_masks: list[tuple[torch.nn.Parameter, torch.Tensor]],
+                 train_batches, budget: dict[str, Any], report: FitReport, bar: tqdm) -> int:
+        """CE + alpha * T^2 * KL(teacher || student) steps until the image budget is spent, each matrix's gradient
+        multiplied by its mask (the structure stays); returns images seen."""
         device = next(model.parameters()).device
         prefix = model._reduction_ctx.num_prefix
         temperature, seen = self.temperature, 0
@@ -271,10 +277,8 @@ class PruneAndMerge(TokenReducer):
                 report.skipped_steps += 1
                 continue
             loss.backward()
-            for m, mask in zip(self.M, masks_m):
-                m.grad.mul_(mask.to(m.grad.device))
-            for r, mask in zip(self.R, masks_r):
-                r.grad.mul_(mask)
+            for matrix, mask in grad_masks:
+                matrix.grad.mul_(mask.to(matrix.grad.device))
             optimizer.step()
             with torch.no_grad():
                 for m in self.M:

@@ -6,6 +6,7 @@ import torch
 
 import methods
 from bench.errors import BenchError
+from methods.base import FitReport
 from methods.prune_and_merge import merge_matrix, search_structure
 from tests.conftest import image_batch, tiny_vit
 
@@ -168,3 +169,30 @@ def test_finetuning_stops_at_its_budget_when_the_last_step_is_skipped() -> None:
     batches = lambda: iter([(images[i:i + 16], labels[i:i + 16]) for i in range(0, 64, 16)])
     report = reducer.fit(model, batches, {"budget_images": 32, "batch_size": 16}, progress=False)
     assert report.extra["finetune_images"] == 32 and report.skipped_steps == 1
+
+
+def test_finetuning_leaves_identity_blocks_alone() -> None:
+    """A block whose structure is the identity skips its M and R, which then get no gradient: fine-tuning crashed
+    on them (``fmnist_full --quick``, pm-ft at keep_rate 0.9). They stay the identity; the other blocks train."""
+    model = tiny_vit()
+    reducer = methods.create("pm", keep_rate=0.6, regime="finetuned", lr=1e-2, calib_batches=1)
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    batches = lambda: iter([(images[:16], labels[:16]), (images[16:], labels[16:])])
+    reducer.calibrate(model, batches(), "fp32")
+    state = reducer.learned_state()
+    tokens = state["M.0"].shape[1]
+    state["M.0"], state["R.0"], state["pruned.0"] = torch.eye(tokens), torch.eye(tokens), torch.zeros(tokens, dtype=torch.bool)
+    reducer.load_learned_state(state)
+    assert reducer.identity == [True, False, False, False]
+    before = [m.detach().clone() for m in reducer.M]
+    report = FitReport()
+    reducer._finetune(model, batches, {"budget_images": 32, "batch_size": 16}, report, progress=False)
+    assert report.steps == 2 and report.skipped_steps == 0
+    assert torch.equal(reducer.M[0].detach(), torch.eye(tokens)) and torch.equal(reducer.R[0].detach(), torch.eye(tokens))
+    assert not torch.equal(reducer.M[1].detach(), before[1])
+    everything_kept = methods.create("pm", keep_rate=1.0, prune_rate=0.0, regime="finetuned", calib_batches=1)
+    model = everything_kept.apply(tiny_vit())
+    report = everything_kept.fit(model, batches, {"budget_images": 32, "batch_size": 16}, progress=False)
+    assert all(everything_kept.identity) and report.extra["finetune_images"] == 0 and report.images_seen == 16
