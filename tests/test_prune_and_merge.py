@@ -140,13 +140,18 @@ def test_static_counts_state_round_trip_and_impossible_rates() -> None:
         methods.create("pm", keep_rate=0.95, prune_rate=0.1)
 
 
-def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
+def finetuning_setup(keep_rate: float, images: int = 32):
+    """The tiny ViT patched by pm-ft at ``keep_rate`` and seeded random images/labels in batches of 16."""
     model = tiny_vit()
-    reducer = methods.create("pm", keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1)
+    reducer = methods.create("pm", keep_rate=keep_rate, regime="finetuned", lr=1e-2, calib_batches=1)
     reducer.apply(model)
     generator = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator)
-    batches = lambda: iter([(images[:16], labels[:16]), (images[16:], labels[16:])])
+    x, y = torch.randn(images, 3, 32, 32, generator=generator), torch.randint(0, 10, (images,), generator=generator)
+    return model, reducer, x, y, lambda: iter([(x[i:i + 16], y[i:i + 16]) for i in range(0, images, 16)])
+
+
+def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
+    model, reducer, _, _, batches = finetuning_setup(0.4)
     report = reducer.fit(model, batches, {"budget_images": 64, "batch_size": 16}, progress=False)
     zero_before = [(m.detach() == 0) for m in reducer.M]
     assert report.extra["calibration_images"] == 16 and report.extra["finetune_images"] == 64
@@ -160,13 +165,8 @@ def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
 def test_finetuning_stops_at_its_budget_when_the_last_step_is_skipped() -> None:
     """A non-finite loss on the batch that completes the budget skips that step and ends fine-tuning: it used to
     skip the budget check too and go on through the epoch's remaining batches."""
-    model = tiny_vit()
-    reducer = methods.create("pm", keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1)
-    reducer.apply(model)
-    generator = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(64, 3, 32, 32, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    model, reducer, images, _, batches = finetuning_setup(0.4, images=64)
     images[16:32] = float("nan")  # the second batch, which reaches the 32-image budget
-    batches = lambda: iter([(images[i:i + 16], labels[i:i + 16]) for i in range(0, 64, 16)])
     report = reducer.fit(model, batches, {"budget_images": 32, "batch_size": 16}, progress=False)
     assert report.extra["finetune_images"] == 32 and report.skipped_steps == 1
 
@@ -174,12 +174,7 @@ def test_finetuning_stops_at_its_budget_when_the_last_step_is_skipped() -> None:
 def test_finetuning_leaves_identity_blocks_alone() -> None:
     """A block whose structure is the identity skips its M and R, which then get no gradient: fine-tuning crashed
     on them (``fmnist_full --quick``, pm-ft at keep_rate 0.9). They stay the identity; the other blocks train."""
-    model = tiny_vit()
-    reducer = methods.create("pm", keep_rate=0.6, regime="finetuned", lr=1e-2, calib_batches=1)
-    reducer.apply(model)
-    generator = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator)
-    batches = lambda: iter([(images[:16], labels[:16]), (images[16:], labels[16:])])
+    model, reducer, _, _, batches = finetuning_setup(0.6)
     reducer.calibrate(model, batches(), "fp32")
     state = reducer.learned_state()
     tokens = state["M.0"].shape[1]
