@@ -22,11 +22,16 @@ def non_default_knobs(method: str, knobs_json: str) -> str:
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
 
 
+def require_results(cells: pd.DataFrame) -> None:
+    """Raise :class:`BenchError` naming the fix when there is no cell to report."""
+    if cells.empty:
+        raise BenchError("the store holds no results yet: run `python run_bench.py` first")
+
+
 def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: method, knobs, top-1 ± interval, GMACs (mean, min and max per image), the FLOPs kept (GMACs
     fraction, and the paper's r_FLOPs beside the knobs' r_target), speedup per device/precision/batch, fine-tune cost."""
-    if cells.empty:
-        raise BenchError("the store holds no results yet: run `python run_bench.py` first")
+    require_results(cells)
     table = pd.DataFrame({
         "model": cells["model"], "dataset": cells["dataset"], "method": cells["label"],
         "knobs": [non_default_knobs(m, k) for m, k in zip(cells["method"], cells["knobs"])],
@@ -92,8 +97,7 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
     :mod:`bench.settings`). The CSV holds every row with the setting's weights, device and precision."""
     out = reports_dir(out_dir)
-    if cells.empty:
-        raise BenchError("the store holds no results yet: run `python run_bench.py` first")
+    require_results(cells)  # before any file is written (the sections below would be empty)
     paths = [out / "results.csv", out / "results.md", out / "results.tex"]
     rows, sections_md, sections_tex = [], [], []
     for setting, group in split_by_setting(cells, naming):
