@@ -76,6 +76,11 @@ def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, 
     return q1, statistics.median(ratios), q3
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose ``mallopt`` :func:`steady_heap` sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 @functools.cache
 def steady_heap() -> str:
     """Make glibc keep freed memory in the heap for the rest of the process: no ``mmap`` for large blocks
@@ -83,7 +88,7 @@ def steady_heap() -> str:
     repeated forward passes reuse the same pages instead of faulting in new ones. Idempotent; returns the policy
     in force (see :func:`heap_policy`). Elsewhere than glibc, or where another allocator replaces glibc's ``malloc``
     (:func:`preloaded_malloc`), it changes nothing."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return "system default"
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if preloaded_malloc(libc):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 
 import methods
 from bench.accuracy import evaluate, wilson_interval
-from bench.latency import Timing, paired_ratio, time_interleaved
+from bench.latency import Timing, on_glibc, paired_ratio, time_interleaved
 from tests.conftest import tiny_vit
 
 
@@ -106,8 +105,7 @@ def test_latency_is_timed_on_the_evaluation_images() -> None:
     assert work.latency_inputs(3) is work.latency_inputs(3)  # cached: loaded once per run
 
 
-GLIBC_ONLY = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's mallopt")
+GLIBC_ONLY = pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
 
 _FAULTS_OF_LARGE_TENSORS = """
 import torch
