@@ -23,6 +23,9 @@ import methods  # noqa: E402
 from bench.plots import COLUMN_WIDTH, STYLE, _save  # noqa: E402
 from bench.settings import split_by_setting  # noqa: E402
 
+MAP_HEIGHT = 0.95  # inches per row of maps
+MAP_WIDTH = COLUMN_WIDTH * 2 / 7  # a page's width holds the input and six methods; fewer make a narrower figure
+
 
 def capture_groups(model: torch.nn.Module, reducer: methods.TokenReducer, images: torch.Tensor, layers: list[int]
                    ) -> dict[int, list[torch.Tensor]]:
@@ -121,8 +124,9 @@ def token_maps(model: torch.nn.Module, cells: pd.DataFrame, learned: dict[str, d
     grid = tuple(model.patch_embed.grid_size)
     columns = [(row["label"], row) for _, row in chosen.iterrows()]
     with plt.rc_context(STYLE):
+        width = min(COLUMN_WIDTH * 2, MAP_WIDTH * (len(columns) + 1))
         fig, axes = plt.subplots(len(images) * 2, len(columns) + 1,
-                                 figsize=(COLUMN_WIDTH * 2, 0.95 * len(images) * 2), squeeze=False)
+                                 figsize=(width, MAP_HEIGHT * len(images) * 2), squeeze=False)
         snapshots = {}
         for label, row in columns:
             reducer = methods.create(row["method"], **json.loads(row["knobs"]))

@@ -194,3 +194,26 @@ def test_token_map_paints_each_group_in_its_mean_colour() -> None:
     pixels = torch.rand(2, 3, 32, 32)
     shown = display_images((pixels - 0.5) / 0.5, model)  # the tiny model's mean and std are 0.5
     assert shown.shape == (2, 32, 32, 3) and np.allclose(shown, pixels.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_token_maps_of_few_methods_keep_their_panels_together(tmp_path: Path, monkeypatch) -> None:
+    """One method beside the input: the two columns sit side by side, not spread over a two-column-wide page."""
+    import json
+
+    import pandas as pd
+
+    from bench import tokenviz
+
+    figures = []
+    monkeypatch.setattr(tokenviz, "_save", lambda fig, out_dir, name: figures.append(fig) or [])
+    model = make_tiny().eval()
+    cells = pd.DataFrame([{"label": "none", "method": "none", "knobs": "{}", "cell_key": "b", "gmacs": 1.0},
+                          {"label": "tome", "method": "tome", "knobs": json.dumps({"r": 2}), "cell_key": "t", "gmacs": 0.8}])
+    images = torch.rand(2, 3, 32, 32)
+    tokenviz.token_maps(model, cells, {}, images, tokenviz.display_images(images, model), tmp_path, "one")
+    (fig,) = figures
+    fig.canvas.draw()
+    inputs, maps = (ax.get_position(original=False) for ax in fig.axes[:2])  # row 0: input, tome
+    panel, gap = inputs.width * fig.get_figwidth(), (maps.x0 - inputs.x1) * fig.get_figwidth()
+    assert 0 < gap < 0.5 * panel, (gap, panel)
+
