@@ -51,7 +51,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugins", help="extra modules to import (your own reducers or timm models), comma-separated")
 
 
-def build_config(args: argparse.Namespace) -> dict[str, Any]:
+def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any]:
+    """The run's config: the YAML, its ``quick`` overlay with ``--quick``, then the flags. ``--methods`` adds
+    registered methods the config lacks (declared default sweep) and, with ``subset``, runs only those named."""
     from bench import config as config_mod
 
     config = config_mod.load(args.config)
@@ -77,10 +79,9 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
                              "e.g. --batch-sizes 1,32") from None
     if args.methods:
         wanted = set(args.methods.split(","))
-        known = {entry.get("label") or entry["method"] for entry in config["methods"]}
-        if wanted - known:
-            raise BenchError(f"--methods names {sorted(wanted - known)} not in the config: choose from {sorted(known)}")
-        config["methods"] = [e for e in config["methods"] if (e.get("label") or e["method"]) in wanted]
+        config["methods"] += config_mod.registered_entries(wanted - {e.get("label") or e["method"] for e in config["methods"]})
+        if subset:
+            config["methods"] = [e for e in config["methods"] if (e.get("label") or e["method"]) in wanted]
     return config
 
 
@@ -103,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             distributed.barrier()
             return 0
         if args.methods:  # report the whole config's cells in the store: a subset rerun keeps the other rows and maps
-            keys = runner.planned_keys(work, build_config(argparse.Namespace(**{**vars(args), "methods": None})))
+            keys = runner.planned_keys(work, build_config(args, subset=False))
         stored, timings = store.cells(), store.timings()
         cells, timings = stored[stored["cell_key"].isin(keys)], timings[timings["cell_key"].isin(keys)]
         # this config's cells (`export` writes the whole store), with the file names `plot` gives them in this store

@@ -91,6 +91,17 @@ def apply_quick(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def registered_entries(names: set[str]) -> list[dict[str, Any]]:
+    """Config entries (declared default sweep) for registered methods that a config does not list."""
+    from methods import REGISTRY
+
+    unknown = sorted(names - set(REGISTRY))
+    if unknown:
+        raise BenchError(f"--methods names {unknown}, neither a method of the config nor a registered one: choose from "
+                         f"{sorted(REGISTRY)}, or load your plug-in with --plugins MODULE")
+    return [{"method": name} for name in sorted(names)]
+
+
 def expand(entry: dict[str, Any], registry: dict[str, Any]) -> list[dict[str, Any]]:
     """Knob settings of one ``methods`` entry: the cartesian product of its sweep over its fixed knobs."""
     from methods import create

@@ -52,7 +52,7 @@ def tiny_args(files: dict[str, Path], *extra: str) -> list[str]:
 
 CASES = {
     "unknown method": (lambda f: ["run", "--config", str(f["bad_method"])], "unknown method 'nope'"),
-    "unknown --methods": (lambda f: tiny_args(f, "--methods", "nope"), "not in the config"),
+    "unknown --methods": (lambda f: tiny_args(f, "--methods", "nope"), "or load your plug-in with --plugins MODULE"),
     "unknown model": (lambda f: ["run", "--model", "no_such_vit", "--data", str(f["folder"])], "unknown model"),
     "unknown dataset": (lambda f: ["run", "--config", str(f["bad_dataset"]), "--checkpoint", str(f["good"])], "unknown dataset"),
     "non-ViT model": (lambda f: ["run", "--model", "resnet18", "--data", str(f["folder"])], "not a timm VisionTransformer"),

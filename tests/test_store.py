@@ -150,7 +150,8 @@ def test_resume_after_kill_recomputes_nothing(tmp_path: Path, tiny_imagefolder: 
 
 
 def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, tiny_imagefolder: Path) -> None:
-    """``run --methods X --force`` re-measures X only, and its tables still hold the config's other cells."""
+    """``run --methods X --force`` re-measures X only, and its tables still hold the config's other cells; a
+    registered method the config lacks (a plug-in of one's own) runs at its declared default sweep beside them."""
     config = tiny_config(tmp_path, tiny_imagefolder, [2, 4])
     store, reports = tmp_path / "s.sqlite", tmp_path / "r"
     common = ("run", "--config", str(config), "--store", str(store), "--reports", str(reports), "--quiet")
@@ -165,6 +166,11 @@ def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, 
     after = pd.read_csv(reports / "results.csv")
     assert sorted(after["method"]) == sorted(before["method"]) == ["none", "tome", "tome"]
     assert len(Store(store).cells()) == 3
+    added = run_cli(*common, "--methods", "none,topk", env=env)
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert "3 cells measured, 1 already" in added.stdout  # topk's declared sweep: keep_rate 0.9, 0.7, 0.5
+    rows = pd.read_csv(reports / "results.csv")
+    assert sorted(rows["method"]) == ["none", "tome", "tome", "topk", "topk", "topk"]
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
