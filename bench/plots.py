@@ -54,10 +54,15 @@ def pareto_front(cost: Iterable[float], quality: Iterable[float]) -> list[bool]:
     return [not any((c2 <= c and q2 >= q) and (c2 < c or q2 > q) for c2, q2 in points) for c, q in points]
 
 
-def knob_text(knobs: str) -> str:
+def knob_text(method: str, knobs: str) -> str:
+    """A point's label: the values of the knobs the plug-in sweeps (``16`` for ToMe r=16); all values for plug-ins
+    not loaded."""
+    import methods
+
     values = json.loads(knobs)
-    shown = {k: v for k, v in values.items() if k in ("r", "keep_rate", "r_target")}
-    return ", ".join(f"{v}" for v in shown.values())
+    if method in methods.REGISTRY:
+        values = {k: v for k, v in values.items() if k in methods.REGISTRY[method].swept_knobs()}
+    return ", ".join(f"{v}" for v in values.values())
 
 
 def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
@@ -94,7 +99,7 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
             ax.plot(front["gmacs"], 100 * front["top1"], linestyle="none", marker=marker, color=colour, zorder=4,
                     gid=f"pareto:{label}")
             if labels_on:
-                knob_labels += [ax.annotate(knob_text(row["knobs"]), (row["gmacs"], 100 * row["top1"]), fontsize=5,
+                knob_labels += [ax.annotate(knob_text(row["method"], row["knobs"]), (row["gmacs"], 100 * row["top1"]), fontsize=5,
                                             xytext=(3, -6), textcoords="offset points", color=colour)
                                 for _, row in group.iterrows()]
         ax.set_xlabel("GMACs per image")

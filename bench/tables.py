@@ -12,14 +12,17 @@ from bench.errors import BenchError
 from bench.settings import split_by_setting
 
 
-def non_default_knobs(method: str, knobs_json: str) -> str:
-    """The knob values that differ from the plug-in's declared defaults (all of them for unknown plug-ins)."""
+def knob_summary(method: str, knobs_json: str) -> str:
+    """``r_target=0.7, lr_merge=0.05``: the knobs the plug-in sweeps (at any value, its default included) and the
+    others where they differ from its declared defaults; every knob for plug-ins not loaded; ``-`` for none."""
     import methods
 
     values = json.loads(knobs_json)
-    declared = {k.name: k.default for k in methods.REGISTRY[method].knobs} if method in methods.REGISTRY else {}
-    shown = {k: v for k, v in values.items() if declared.get(k, object()) != v}
-    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
+    if method in methods.REGISTRY:
+        reducer_cls = methods.REGISTRY[method]
+        defaults = {k.name: k.default for k in reducer_cls.knobs}
+        values = {k: v for k, v in values.items() if k in reducer_cls.swept_knobs() or defaults.get(k, object()) != v}
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
 
 
 def require_results(cells: pd.DataFrame) -> None:
@@ -34,7 +37,7 @@ def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     require_results(cells)
     table = pd.DataFrame({
         "model": cells["model"], "dataset": cells["dataset"], "method": cells["label"],
-        "knobs": [non_default_knobs(m, k) for m, k in zip(cells["method"], cells["knobs"])],
+        "knobs": [knob_summary(m, k) for m, k in zip(cells["method"], cells["knobs"])],
         "top1": 100 * cells["top1"], "top1_pm": 100 * (cells["top1_high"] - cells["top1_low"]) / 2,
         "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_min": cells["gmacs_min"],
         "gmacs_max": cells["gmacs_max"], "gmacs_ratio": cells["gmacs_ratio"],

@@ -210,6 +210,11 @@ class TokenReducer:
         return cls.block_forward is TokenReducer.block_forward
 
     @classmethod
+    def swept_knobs(cls) -> tuple[str, ...]:
+        """Names of the knobs with a declared default sweep (the cost knobs: ToMe's r, LTMP's r_target)."""
+        return tuple(k.name for k in cls.knobs if k.sweep)
+
+    @classmethod
     def monotone_sweep(cls) -> tuple[str, tuple] | None:
         if cls.monotone_knob is not None:
             return cls.monotone_knob

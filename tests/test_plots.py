@@ -217,3 +217,20 @@ def test_token_maps_of_few_methods_keep_their_panels_together(tmp_path: Path, mo
     panel, gap = inputs.width * fig.get_figwidth(), (maps.x0 - inputs.x1) * fig.get_figwidth()
     assert 0 < gap < 0.5 * panel, (gap, panel)
 
+
+def test_knob_labels_always_name_the_swept_knob_even_at_its_default() -> None:
+    """Tables show the swept knob at any value (Top-K at its default keep_rate 0.7 once read "-") and other knobs
+    where they differ from the defaults; figure labels show the swept knob's value; plug-ins not loaded show all."""
+    import json
+
+    from bench.plots import knob_text
+    from bench.tables import knob_summary
+
+    ltmp = json.dumps({"r_target": 0.7, "tau": 0.5, "lr_merge": 0.05})  # r_target and tau at their defaults
+    assert knob_summary("topk", json.dumps({"keep_rate": 0.7, "fuse": True})) == "keep_rate=0.7"
+    assert knob_summary("ltmp", ltmp) == "r_target=0.7, lr_merge=0.05"
+    assert knob_summary("tome", json.dumps({"r": 8, "prop_attn": False})) == "r=8, prop_attn=False"
+    assert knob_summary("none", "{}") == "-"
+    assert knob_summary("not_loaded", json.dumps({"ratio": 0.3, "depth": 2})) == "ratio=0.3, depth=2"
+    assert knob_text("ltmp", ltmp) == "0.7" and knob_text("topk", json.dumps({"keep_rate": 0.5, "fuse": True})) == "0.5"
+    assert knob_text("none", "{}") == "" and knob_text("not_loaded", json.dumps({"ratio": 0.3})) == "0.3"

@@ -19,9 +19,13 @@ from bench.store import Store, cell_key, pack_state
 from tests.conftest import ROOT, run_cli
 
 
+FAKE_KNOBS = {"none": {}, "ltmp": {"r_target": 0.7}, "ltp": {"r_target": 0.7}}  # others: ToMe's {"r": 8}
+
+
 def fake_row(key: str, method: str = "tome", top1: float = 0.9, gmacs: float = 1.0) -> dict:
     return {"cell_key": key, "model": "m", "checkpoint_sha": "abc", "dataset": "d", "eval_images": 100,
-            "method": method, "knobs": {"r": 8}, "label": method, "device": "cpu", "eval_precision": "fp32",
+            "method": method, "knobs": FAKE_KNOBS.get(method, {"r": 8}), "label": method, "device": "cpu",
+            "eval_precision": "fp32",
             "top1": top1, "top1_low": top1 - 0.05, "top1_high": top1 + 0.05, "top5": 1.0, "top1_correct": int(top1 * 100),
             "gmacs": gmacs, "gmacs_min": gmacs, "gmacs_max": gmacs, "gmacs_dense": 2.0, "gmacs_ratio": 2.0 / gmacs,
             "r_flops": gmacs / 2.0,
@@ -171,6 +175,7 @@ def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, 
     assert "3 cells measured, 1 already" in added.stdout  # topk's declared sweep: keep_rate 0.9, 0.7, 0.5
     rows = pd.read_csv(reports / "results.csv")
     assert sorted(rows["method"]) == ["none", "tome", "tome", "topk", "topk", "topk"]
+    assert sorted(rows.loc[rows["method"] == "topk", "knobs"]) == [f"keep_rate={k}" for k in ("0.5", "0.7", "0.9")]
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
