@@ -21,6 +21,9 @@ from bench.errors import BenchError
 
 DEFAULT_STORE = Path("reports") / "results.sqlite"
 DEFAULT_REPORTS = Path("reports")
+#: the base config of ``--model NAME`` without ``--config``: the papers' sweeps and budgets for 12-block ViTs at 197
+#: tokens (the default config's sweeps and learning rates are scaled for the embedded 6-block model)
+TIMM_CONFIG = "imagenet_deit_small"
 RUN_FLAGS = {  # flag -> config key
     "model": "model", "checkpoint": "checkpoint", "data": "data", "train_data": "train_data", "data_dir": "data_dir",
     "limit": "limit", "device": "device", "threads": "threads", "seed": "seed", "eval_precision": "eval_precision",
@@ -28,7 +31,8 @@ RUN_FLAGS = {  # flag -> config key
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="config name in bench/configs or a YAML path (default fmnist_default)")
+    parser.add_argument("--config", default=None, help="config name in bench/configs or a YAML path (default "
+                        f"fmnist_default; {TIMM_CONFIG} with --model naming another ViT)")
     parser.add_argument("--model", help="timm model name (a ViT)")
     parser.add_argument("--checkpoint", help="local checkpoint file (state dict or timm-style)")
     parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub or its cache)")
@@ -36,7 +40,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-data", help="ImageFolder with training images (for methods that fit)")
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--limit", type=int, help="evaluate a seeded subset of N images")
-    parser.add_argument("--methods", help="comma-separated subset of the config's method labels")
+    parser.add_argument("--methods", help="comma-separated method labels: a subset of the config's, or any registered "
+                        "method (at its declared default sweep)")
     parser.add_argument("--device", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--seed", type=int)
@@ -52,11 +57,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any]:
-    """The run's config: the YAML, its ``quick`` overlay with ``--quick``, then the flags. ``--methods`` adds
-    registered methods the config lacks (declared default sweep) and, with ``subset``, runs only those named."""
+    """The run's config: the YAML (``--config``; without it the default, or :data:`TIMM_CONFIG` for ``--model``
+    naming another ViT), its ``quick`` overlay with ``--quick``, then the flags. ``--methods`` adds registered
+    methods the config lacks (declared default sweep) and, with ``subset``, runs only those named."""
     from bench import config as config_mod
 
-    config = config_mod.load(args.config)
+    other_model = args.model is not None and args.model != config_mod.DEFAULTS["model"]
+    config = config_mod.load(args.config or (TIMM_CONFIG if other_model else None))
+    if other_model and not args.config:
+        config["pretrained"] = False  # weights as the flags say: --pretrained, --checkpoint, or random with a warning
     if args.quick:
         config = config_mod.apply_quick(config)
     for flag, key in RUN_FLAGS.items():
@@ -67,7 +76,7 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
         config["pretrained"] = True
     if args.data:
         config["dataset"] = "imagefolder"
-    if args.model and not args.config and args.model != config_mod.DEFAULTS["model"] and not args.data:
+    if other_model and not args.config and not args.data:
         raise BenchError(f"model {args.model!r} needs its data: pass --data PATH (ImageFolder) or --config")
     if args.precisions:
         config["latency"]["precisions"] = args.precisions.split(",")
