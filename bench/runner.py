@@ -25,7 +25,7 @@ from bench.accuracy import evaluate
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
 from bench.latency import heap_policy, paired_ratio, time_interleaved
-from bench.precision import autocast
+from bench.precision import autocast, emulation_warning, native_bf16
 from bench.store import Store, cell_key, pack_state
 from methods.blocks import ModelDims
 from methods.ltmp import flops_ratio
@@ -93,7 +93,8 @@ def environment(device: str) -> dict[str, Any]:
         pass
     return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "cpu": cpu,
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-            "threads": torch.get_num_threads(), "heap": heap_policy()}
+            "threads": torch.get_num_threads(), "heap": heap_policy(),
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": native_bf16()}
 
 
 def git_commit() -> str:
@@ -191,6 +192,10 @@ def prepare(config: dict[str, Any]) -> Workload:
     if sha.startswith("random-") and distributed.rank() == 0:  # said once the run is sure to start
         print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
               "chance level; GMACs and latency are still measured", file=sys.stderr)
+    used = [config["eval_precision"], *config["latency"]["precisions"], *([config["fit"]["precision"]] if learners else [])]
+    emulated = emulation_warning(used, device)
+    if emulated and distributed.rank() == 0:
+        print(emulated, file=sys.stderr)
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
 
 

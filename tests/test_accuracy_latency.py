@@ -165,3 +165,18 @@ def test_steady_heap_reports_an_allocator_preloaded_in_glibcs_place(tmp_path: Pa
                                env={**unloaded, "LD_PRELOAD": str(library)})
     assert plain.stdout.strip() == "glibc, freed memory kept (no mmap, no trim)"
     assert preloaded.stdout.strip() == f"preloaded allocator (LD_PRELOAD={library}): its own policy, not glibc's"
+
+
+def test_bf16_without_bf16_instructions_is_flagged() -> None:
+    """An AVX2 CPU (flags as /proc/cpuinfo lists them) emulates bf16: a run asking for it is warned; AVX-512 BF16,
+    AMX and Arm BF16 are native; fp32-only runs and GPUs are never warned."""
+    from bench.precision import emulation_warning, native_bf16
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert not native_bf16(avx2) and not native_bf16("")
+    assert native_bf16("flags\t\t: avx2 avx512f avx512_bf16\n") and native_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n")
+    assert native_bf16("Features\t: fp asimd bf16 i8mm\n")
+    assert "--precisions fp32" in emulation_warning(["fp32", "bf16"], "cpu", native=False)
+    assert emulation_warning(["fp32", "bf16"], "cpu", native=True) is None
+    assert emulation_warning(["fp32"], "cpu", native=False) is None
+    assert emulation_warning(["bf16"], "cuda", native=False) is None
