@@ -192,10 +192,6 @@ def prepare(config: dict[str, Any]) -> Workload:
     if sha.startswith("random-") and distributed.rank() == 0:  # said once the run is sure to start
         print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
               "chance level; GMACs and latency are still measured", file=sys.stderr)
-    used = [config["eval_precision"], *config["latency"]["precisions"], *([config["fit"]["precision"]] if learners else [])]
-    emulated = emulation_warning(used, device)
-    if emulated and distributed.rank() == 0:
-        print(emulated, file=sys.stderr)
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
 
 
@@ -330,6 +326,12 @@ def run(work: Workload, store: Store | None, force: bool = False, progress: bool
     """Measure every planned cell of ``work.config`` that the store does not hold yet.
     Returns counts of done/skipped cells and the store keys of all planned cells."""
     plan = planned_cells(work.config)
+    config = work.config
+    learns = any(methods.REGISTRY[entry["method"]].trains for entry, _ in plan)
+    emulated = emulation_warning([config["eval_precision"], *config["latency"]["precisions"],
+                                  *([config["fit"]["precision"]] if learns else [])], work.device)
+    if emulated and store is not None:  # rank 0, once the store is open and the run sure to start
+        print(emulated, file=sys.stderr)
     done = skipped = 0
     keys = []
     for entry, knobs in tqdm(plan, desc="cells", disable=not progress, leave=False):
