@@ -153,7 +153,7 @@ def prepare(config: dict[str, Any]) -> Workload:
         sha = "pretrained" if config["pretrained"] else f"random-seed{config['seed']}"
     model = model.to(device)
     fit_batch = config["fit"]["batch_size"]
-    learners = sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
+    learners = learning_methods(config)
     train_images = 0  # the training set's size, for the epochs a fit took (0: no method fits)
     if config["dataset"] == "fashion-mnist":
         test = data_mod.load_fmnist("test", config["data_dir"])
@@ -193,6 +193,11 @@ def prepare(config: dict[str, Any]) -> Workload:
         print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
               "chance level; GMACs and latency are still measured", file=sys.stderr)
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
+
+
+def learning_methods(config: dict[str, Any]) -> list[str]:
+    """The config's methods that fit on training images (sorted names; empty when none does)."""
+    return sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
 
 
 def _no_training_data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -327,9 +332,8 @@ def run(work: Workload, store: Store | None, force: bool = False, progress: bool
     Returns counts of done/skipped cells and the store keys of all planned cells."""
     plan = planned_cells(work.config)
     config = work.config
-    learns = any(methods.REGISTRY[entry["method"]].trains for entry, _ in plan)
     emulated = emulation_warning([config["eval_precision"], *config["latency"]["precisions"],
-                                  *([config["fit"]["precision"]] if learns else [])], work.device)
+                                  *([config["fit"]["precision"]] if learning_methods(config) else [])], work.device)
     if emulated and store is not None:  # rank 0, once the store is open and the run sure to start
         print(emulated, file=sys.stderr)
     done = skipped = 0
