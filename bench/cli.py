@@ -63,8 +63,9 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
     from bench import config as config_mod
 
     other_model = args.model is not None and args.model != config_mod.DEFAULTS["model"]
-    config = config_mod.load(args.config or (TIMM_CONFIG if other_model else None))
-    if other_model and not args.config:
+    timm_base = other_model and not args.config
+    config = config_mod.load(TIMM_CONFIG if timm_base else args.config)
+    if timm_base:
         config["pretrained"] = False  # weights as the flags say: --pretrained, --checkpoint, or random with a warning
     if args.quick:
         config = config_mod.apply_quick(config)
@@ -76,7 +77,7 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
         config["pretrained"] = True
     if args.data:
         config["dataset"] = "imagefolder"
-    if other_model and not args.config and not args.data:
+    if timm_base and not args.data:
         raise BenchError(f"model {args.model!r} needs its data: pass --data PATH (ImageFolder) or --config")
     if args.precisions:
         config["latency"]["precisions"] = args.precisions.split(",")
