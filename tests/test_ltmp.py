@@ -11,6 +11,7 @@ from bench.errors import BenchError
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
 from methods.base import budgeted_batches
+from methods.blocks import masked_softmax
 from methods.ltmp import flops_ratio, merge_into_kept
 from methods.tokens import straight_through_step
 from tests.conftest import tiny_vit
@@ -147,6 +148,52 @@ def test_training_moves_r_flops_toward_target_and_counts_nan_steps() -> None:
 
     nan_report = reducer.fit(model, nan_batches, {"budget_images": 4, "batch_size": 4}, progress=False)
     assert nan_report.skipped_steps == 1
+
+
+def test_masked_softmax_gradient_grows_as_exp_of_a_dead_keys_lead() -> None:
+    """Why ``clip_grad`` exists. Logits (0, g), mask (1, 0): p_0 = w_0 / (w_0 + w_1) with w_j = exp(l_j - g) m_j, so
+    p_0 = 1 and dp_0/dm_1 = -w_0 exp(l_1 - g) / w_0^2 = -exp(g) (the dead key's lead g over the alive one)."""
+    for gap in (1.0, 10.0, 20.0):
+        mask = torch.tensor([1.0, 0.0], requires_grad=True)
+        probs = masked_softmax(torch.tensor([0.0, gap], dtype=torch.float64).view(1, 1, 1, 2), mask[None])
+        probs[0, 0, 0, 0].backward()
+        assert float(probs.detach()[0, 0, 0, 0]) == 1.0
+        assert mask.grad.tolist() == pytest.approx([0.0, -torch.e ** gap], rel=1e-6)
+
+
+def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, "methods.base.FitReport"]:
+    """``steps`` SGD steps of ``reducer`` (applied to a peaked tiny ViT); returns the thresholds before and the report."""
+    model = peaked_vit()
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    before = torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]).clone()
+    report = reducer.fit(model, lambda: iter([(images, labels)] * steps), {"budget_images": 16 * steps}, progress=False)
+    return before, torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]), report
+
+
+def test_clip_grad_bounds_every_threshold_step() -> None:
+    """With both learning rates 0.05 and the gradient's norm clipped to 1e-3, each step moves the thresholds by at
+    most 5e-5 in L2 norm, so 8 steps by at most 4e-4; without clipping the same fit moves them further."""
+    knobs = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
+    before, after, report = _fit_tiny(methods.create("ltmp", clip_grad=1e-3, **knobs))
+    assert report.steps == 8 and report.skipped_steps == 0
+    assert report.extra["clipped_steps"] == 8 and report.extra["max_grad_norm"] > 1e-3
+    assert 0 < float((after - before).norm()) <= 8 * 0.05 * 1e-3 * (1 + 1e-5)
+    before, after, report = _fit_tiny(methods.create("ltmp", **knobs))
+    assert report.extra["clipped_steps"] == 0
+    assert float((after - before).norm()) > 8 * 0.05 * 1e-3
+
+
+def test_non_finite_gradient_skips_the_step() -> None:
+    """A finite loss can still give an infinite threshold gradient; the step is skipped and counted (an SGD step
+    would send the thresholds to a bound of their range)."""
+    reducer = methods.create("ltmp", r_target=0.3, lr_merge=0.05)
+    reducer.check_model(peaked_vit())
+    reducer.theta_merge.register_hook(lambda grad: grad * float("inf"))
+    before, after, report = _fit_tiny(reducer, steps=3)
+    assert report.steps == 3 and report.skipped_steps == 3
+    assert torch.equal(before, after)
 
 
 def test_learned_state_round_trip() -> None:
