@@ -37,11 +37,13 @@ Differences from the authors' code, all deliberate (tests pin them):
   (their model code defaults to 0.1); it is a knob.
 
 An addition, off by default: ``clip_grad`` bounds the L2 norm of the thresholds' gradient in each step (the paper
-clips nothing). The masked softmax ``exp(l_j) m_j / sum_k exp(l_k) m_k`` has derivative ``-exp(g)`` with respect
-to the mask of a dead key whose logit exceeds every alive key's by ``g``, and the straight-through step passes
-that on to the thresholds. On the embedded model such a gap reached 46 after five steps, the thresholds'
-gradient 2.7e7, and one SGD step sent four merge thresholds to 0 (every A token merges) and a prune threshold to
-1; the fit never recovered. The fit records its largest gradient norm and how many steps were clipped.
+clips nothing). The derivative of the masked softmax ``exp(l_j) m_j / sum_k exp(l_k) m_k`` with respect to the mask
+of a dead key grows as ``exp(g)`` where that key's logit leads every alive key's by ``g`` (with one alive and one
+dead key it is exactly ``-exp(g)``; a test pins it), and the straight-through step passes it on to the thresholds.
+In the embedded config's fit (24 steps at x10 / x100 the paper's learning rates) such a lead reached 46 after five
+steps, the thresholds' gradient 2.7e7, and one SGD step sent four merge thresholds to 0 (every A token merges) and a
+prune threshold to 1; the fit never recovered. The fit records its largest gradient norm and how many steps were
+clipped; a non-finite gradient skips its step and is counted, like a non-finite loss.
 """
 from __future__ import annotations
 
