@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 250,
     "latency": {"precisions": ["fp32", "bf16"], "batch_sizes": [1, 32], "warmup_iters": 20, "warmup_s": 2.0,
                 "min_iters": 10, "min_time_s": 2.0},
-    "fit": {"budget_images": 4096, "batch_size": 64, "precision": "bf16"},
+    # a fit's budget: budget_images, or budget_epochs passes over the training set where set (it wins)
+    "fit": {"budget_images": 4096, "budget_epochs": None, "batch_size": 64, "precision": "bf16"},
     "methods": [{"method": "none"}],
     "quick": {},
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import os
 import platform
 import subprocess
@@ -208,13 +209,23 @@ def _label(entry: dict[str, Any]) -> str:
     return entry.get("label") or entry["method"]
 
 
+def fit_budget(work: Workload, entry: dict[str, Any]) -> dict[str, Any]:
+    """The fit settings of ``entry`` (the config's ``fit`` under the entry's own), with ``budget_epochs``, where set,
+    turned into ``budget_images``: that many passes over the training set, rounded up to whole images."""
+    fit = {**work.config["fit"], **(entry.get("fit") or {})}
+    epochs = fit.pop("budget_epochs", None)
+    if epochs is not None:
+        fit["budget_images"] = math.ceil(epochs * work.train_images)
+    return fit
+
+
 def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.TokenReducer) -> str:
-    """The store key of a cell: the hash of the fields that make it unique."""
+    """The store key of a cell: the hash of the fields that make it unique (the fit by the images it sees)."""
     config = work.config
     identity = {"model": config["model"], "checkpoint": work.checkpoint_sha, "dataset": work.dataset,
                 "images": work.eval_images, "seed": config["seed"], "method": entry["method"], "label": _label(entry),
                 "knobs": reducer.values, "device": work.device, "eval_precision": config["eval_precision"],
-                "fit": {**config["fit"], **(entry.get("fit") or {})} if reducer.trains else None}
+                "fit": fit_budget(work, entry) if reducer.trains else None}
     return cell_key(identity)
 
 
@@ -233,6 +244,15 @@ def check_settings(config: dict[str, Any], device: str) -> None:
     for name in ("warmup_s", "min_time_s"):
         if not isinstance(config["latency"][name], (int, float)) or config["latency"][name] < 0:
             raise BenchError(f"latency.{name} must be a number of seconds >= 0 (got {config['latency'][name]!r})")
+    for entry in [{}, *config["methods"]]:
+        fit = {**config["fit"], **(entry.get("fit") or {})}
+        where = f"methods[{entry['method']}].fit" if entry.get("fit") else "fit"
+        images, epochs = fit["budget_images"], fit["budget_epochs"]
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise BenchError(f"{where}.budget_images must be a whole number of images >= 0 (got {images!r})")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
+            raise BenchError(f"{where}.budget_epochs must be a number of passes over the training set > 0, or null for "
+                             f"budget_images (got {epochs!r})")
 
 
 def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -258,7 +278,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
 
     Under torchrun every rank fits and evaluates its shard; rank 0 (``store`` given) times and writes."""
     config = work.config
-    fit_config = {**config["fit"], **(entry.get("fit") or {})}
+    fit_config = fit_budget(work, entry)
     reducer = methods.create(entry["method"], **knobs)
     key = cell_store_key(work, entry, reducer)
     model = reducer.apply(copy.deepcopy(work.model))

@@ -80,6 +80,10 @@ CASES = {
     "training methods without --train-data": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["folder"]),
                                                          "--checkpoint", str(f["good"])], "ltmp, ltp, pm learn from training images"),
     "negative threads": (lambda f: tiny_args(f, "--threads", "-2"), "threads must be a positive"),
+    "fit budget of no epochs": (lambda f: tiny_args(f, "--config", str(f["root"] / "bad_budget.yaml")),
+                                "fit.budget_epochs must be a number of passes over the training set > 0"),
+    "entry's fit budget of negative images": (lambda f: tiny_args(f, "--config", str(f["root"] / "bad_entry_budget.yaml")),
+                                              "methods[ltp].fit.budget_images must be a whole number of images >= 0"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
     "train-base batch over the data": (lambda f: ["train-base", "--batch-size", "100000"], "exceeds the 60000 training"),
 }
@@ -88,6 +92,9 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> None:
     (files["root"] / "bad_knob.yaml").write_text("model: test_tiny_vit\nmethods:\n  - method: tome\n    sweep: {r: [-3]}\n")
+    (files["root"] / "bad_budget.yaml").write_text("dataset: imagefolder\nfit: {budget_epochs: 0}\nmethods:\n  - method: ltp\n")
+    (files["root"] / "bad_entry_budget.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: ltp\n"
+                                                         "    fit: {budget_images: -5}\n")
     make_args, expected = CASES[case]
     foreign_before = files["foreign"].read_bytes()
     (files["root"] / "store.sqlite").unlink(missing_ok=True)  # each case starts without it (another may have failed)

@@ -203,3 +203,28 @@ def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: 
     assert pd.isna(timings.loc["old", "page_faults_per_call"]) and timings.loc["new", "baseline_page_faults_per_call"] == 3.0
     cells = Store(path).cells().set_index("cell_key")
     assert pd.isna(cells.loc["old", "r_flops"]) and cells.loc["new", "r_flops"] == 0.5
+
+
+def test_a_fit_budget_in_epochs_is_passes_over_the_training_set(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """``fit.budget_epochs: 2`` on the 18 training images of the tiny ImageFolder fits on 36 images (batches of 6),
+    records 2 epochs, and keys the cell by those 36 images: the same budget given as ``budget_images: 36`` is the
+    same cell, and 1 epoch another one."""
+    store, reports = tmp_path / "s.sqlite", tmp_path / "r"
+    common = ("--store", str(store), "--reports", str(reports), "--quiet", "--train-data", str(tiny_imagefolder))
+
+    def run_with(fit: str) -> subprocess.CompletedProcess:
+        config = tiny_config(tmp_path, tiny_imagefolder, [2])
+        config.write_text(config.read_text().replace("  - method: tome\n    sweep: {r: [2]}", "  - method: ltp\n"
+                                                     "    sweep: {r_target: [0.7]}") + f"fit: {fit}\n")
+        return run_cli("run", "--config", str(config), *common, env={"TOKENBENCH_PLUGINS": "tests.tiny_model"})
+
+    first = run_with("{budget_epochs: 2, batch_size: 6, precision: fp32}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "2 cells measured, 0 already" in first.stdout
+    cells = Store(store).cells()
+    (cell,) = cells[cells["method"] == "ltp"].itertuples()
+    assert cell.ft_images == 36 and cell.ft_epochs == 2.0
+    same = run_with("{budget_images: 36, batch_size: 6, precision: fp32}")
+    assert "0 cells measured, 2 already" in same.stdout, same.stdout[-2000:]
+    other = run_with("{budget_epochs: 1, batch_size: 6, precision: fp32}")
+    assert "1 cells measured, 1 already" in other.stdout, other.stdout[-2000:]
