@@ -85,7 +85,7 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
         knob_labels: list[matplotlib.text.Annotation] = []
         for label, group in cells.groupby("label", sort=True):
             colour, marker = style_of(label, labels)
-            group = group.sort_values("gmacs")
+            group = group.sort_values("gmacs", kind="stable")
             y = 100 * group["top1"]
             # clipped at 0: stores written before wilson_interval pinned its ends hold lows a hair above a top-1 of 0
             err = np.clip([100 * (group["top1"] - group["top1_low"]), 100 * (group["top1_high"] - group["top1"])], 0, None)
@@ -98,10 +98,11 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
             front = group[group["pareto"]]
             ax.plot(front["gmacs"], 100 * front["top1"], linestyle="none", marker=marker, color=colour, zorder=4,
                     gid=f"pareto:{label}")
-            if labels_on:
-                knob_labels += [ax.annotate(knob_text(row["method"], row["knobs"]), (row["gmacs"], 100 * row["top1"]), fontsize=5,
-                                            xytext=(3, -6), textcoords="offset points", color=colour)
-                                for _, row in group.iterrows()]
+            if labels_on:  # one label per drawn point: knob values whose cells coincide share it ("0.9/0.8")
+                for (gmacs, top1), same in group.groupby(["gmacs", "top1"], sort=False):
+                    text = "/".join(knob_text(row.method, row.knobs) for row in same.itertuples())
+                    knob_labels.append(ax.annotate(text, (gmacs, 100 * top1), fontsize=5, xytext=(3, -6),
+                                                   textcoords="offset points", color=colour))
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3, linewidth=0.5)

@@ -79,6 +79,21 @@ def test_knob_labels_of_nearby_points_do_not_overlap(tmp_path: Path) -> None:
     assert {text.xy for text in labels} == {(1.0, 90.0), (1.002, 90.05)}  # the labelled points stay where they are
 
 
+def test_cells_at_the_same_point_share_one_label(tmp_path: Path) -> None:
+    """Thresholds that never move (random weights, a target the fit cannot reach) put several knob values on one
+    point; one label per point names them all instead of a column of labels pushed off the axes."""
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell(fake_row("b", "none", 0.92, 2.0), [])
+    for key, target, gmacs in [("a", 0.9, 1.5), ("c", 0.7, 1.5), ("d", 0.5, 1.2)]:
+        row = fake_row(key, "ltmp", 0.9, gmacs)
+        row["knobs"] = {"r_target": target}
+        store.write_cell(row, [])
+    store.close()
+    fig = plots.frontier(Store(tmp_path / "s.sqlite").cells())
+    labels = {text.get_text(): text.xy for text in fig.axes[0].texts if text.get_text()}
+    assert labels == {"0.9/0.7": (1.5, 90.0), "0.5": (1.2, 90.0)}
+
+
 def test_empty_store_and_missing_throughput_give_one_line_messages(tmp_path: Path) -> None:
     Store(tmp_path / "empty.sqlite").close()
     with pytest.raises(BenchError, match="no results"):
