@@ -10,7 +10,7 @@ import methods
 from bench.errors import BenchError
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
-from methods.base import budgeted_batches
+from methods.base import FitReport, budgeted_batches
 from methods.blocks import masked_softmax
 from methods.ltmp import flops_ratio, merge_into_kept
 from methods.tokens import straight_through_step
@@ -161,8 +161,8 @@ def test_masked_softmax_gradient_grows_as_exp_of_a_dead_keys_lead() -> None:
         assert mask.grad.tolist() == pytest.approx([0.0, -torch.e ** gap], rel=1e-6)
 
 
-def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, "methods.base.FitReport"]:
-    """``steps`` SGD steps of ``reducer`` (applied to a peaked tiny ViT); returns the thresholds before and the report."""
+def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, FitReport]:
+    """``steps`` SGD steps of ``reducer`` on a peaked tiny ViT: all its thresholds before and after, and the report."""
     model = peaked_vit()
     reducer.apply(model)
     generator = torch.Generator().manual_seed(1)
