@@ -209,10 +209,15 @@ def _label(entry: dict[str, Any]) -> str:
     return entry.get("label") or entry["method"]
 
 
+def entry_fit(config: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """The fit settings of one ``methods`` entry: the config's ``fit`` under the entry's own."""
+    return {**config["fit"], **(entry.get("fit") or {})}
+
+
 def fit_budget(work: Workload, entry: dict[str, Any]) -> dict[str, Any]:
-    """The fit settings of ``entry`` (the config's ``fit`` under the entry's own), with ``budget_epochs``, where set,
-    turned into ``budget_images``: that many passes over the training set, rounded up to whole images."""
-    fit = {**work.config["fit"], **(entry.get("fit") or {})}
+    """:func:`entry_fit` with ``budget_epochs``, where set, turned into ``budget_images``: that many passes over the
+    training set, rounded up to whole images."""
+    fit = entry_fit(work.config, entry)
     epochs = fit.pop("budget_epochs", None)
     if epochs is not None:
         fit["budget_images"] = math.ceil(epochs * work.train_images)
@@ -244,8 +249,8 @@ def check_settings(config: dict[str, Any], device: str) -> None:
     for name in ("warmup_s", "min_time_s"):
         if not isinstance(config["latency"][name], (int, float)) or config["latency"][name] < 0:
             raise BenchError(f"latency.{name} must be a number of seconds >= 0 (got {config['latency'][name]!r})")
-    for entry in [{}, *config["methods"]]:
-        fit = {**config["fit"], **(entry.get("fit") or {})}
+    for entry in [{}, *config["methods"]]:  # {}: the config's own fit
+        fit = entry_fit(config, entry)
         where = f"methods[{entry['method']}].fit" if entry.get("fit") else "fit"
         images, epochs = fit["budget_images"], fit["budget_epochs"]
         if isinstance(images, bool) or not isinstance(images, int) or images < 0:
