@@ -234,14 +234,31 @@ def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.Token
     return cell_key(identity)
 
 
+def entry_fits(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, fit) of the config's own ``fit`` and of every ``methods`` entry that sets its own (``where`` names it
+    in error messages: ``fit`` or ``methods[NAME].fit``)."""
+    return [("fit", entry_fit(config, {})),
+            *((f"methods[{entry['method']}].fit", entry_fit(config, entry)) for entry in config["methods"]
+              if entry.get("fit"))]
+
+
+def run_precisions(config: dict[str, Any]) -> list[str]:
+    """Every precision the run uses: evaluation, latency, and the fits of the methods that train (an entry's own
+    ``fit.precision`` included)."""
+    fitted = [entry_fit(config, entry)["precision"] for entry in config["methods"]
+              if methods.REGISTRY[entry["method"]].trains]
+    return [config["eval_precision"], *config["latency"]["precisions"], *fitted]
+
+
 def check_settings(config: dict[str, Any], device: str) -> None:
     """Raise :class:`BenchError` naming the fix for a run setting that could only fail later, after cells were
-    measured: precisions this device cannot run, and batch sizes, iteration counts and timing windows out of range."""
-    for precision in [config["eval_precision"], config["fit"]["precision"], *config["latency"]["precisions"]]:
+    measured: precisions this device cannot run, and batch sizes, iteration counts, timing windows and fit budgets
+    out of range (in the config's ``fit`` and in each entry's own)."""
+    for precision in [*run_precisions(config), config["fit"]["precision"]]:
         autocast(device, precision)  # unknown names, fp16 on the CPU
     counts = {"latency batch size": config["latency"]["batch_sizes"], "eval_batch_size": [config["eval_batch_size"]],
-              "fit batch_size": [config["fit"]["batch_size"]],
-              "latency.min_iters": [config["latency"]["min_iters"]], "threads": [config["threads"] or 1]}
+              "latency.min_iters": [config["latency"]["min_iters"]], "threads": [config["threads"] or 1],
+              **{f"{where}.batch_size": [fit["batch_size"]] for where, fit in entry_fits(config)}}
     for name, values in counts.items():
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -249,9 +266,7 @@ def check_settings(config: dict[str, Any], device: str) -> None:
     for name in ("warmup_s", "min_time_s"):
         if not isinstance(config["latency"][name], (int, float)) or config["latency"][name] < 0:
             raise BenchError(f"latency.{name} must be a number of seconds >= 0 (got {config['latency'][name]!r})")
-    for entry in [{}, *config["methods"]]:  # {}: the config's own fit
-        fit = entry_fit(config, entry)
-        where = f"methods[{entry['method']}].fit" if entry.get("fit") else "fit"
+    for where, fit in entry_fits(config):
         images, epochs = fit["budget_images"], fit["budget_epochs"]
         if isinstance(images, bool) or not isinstance(images, int) or images < 0:
             raise BenchError(f"{where}.budget_images must be a whole number of images >= 0 (got {images!r})")
@@ -357,8 +372,7 @@ def run(work: Workload, store: Store | None, force: bool = False, progress: bool
     Returns counts of done/skipped cells and the store keys of all planned cells."""
     plan = planned_cells(work.config)
     config = work.config
-    emulated = emulation_warning([config["eval_precision"], *config["latency"]["precisions"],
-                                  *([config["fit"]["precision"]] if learning_methods(config) else [])], work.device)
+    emulated = emulation_warning(run_precisions(config), work.device)
     if emulated and store is not None:  # rank 0, once the store is open and the run sure to start
         print(emulated, file=sys.stderr)
     done = skipped = 0

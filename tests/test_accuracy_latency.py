@@ -180,3 +180,15 @@ def test_bf16_without_bf16_instructions_is_flagged() -> None:
     assert emulation_warning(["fp32", "bf16"], "cpu", native=True) is None
     assert emulation_warning(["fp32"], "cpu", native=False) is None
     assert emulation_warning(["bf16"], "cuda", native=False) is None
+
+
+def test_run_precisions_include_each_training_entrys_own_fit(tmp_path: Path) -> None:
+    """The bf16 warning and the precision checks see an entry's own ``fit.precision``, not only the config's: an
+    LTP entry fitting in bf16 under an fp32 config puts bf16 in the run; a method that does not train adds nothing."""
+    from bench import config as config_mod
+    from bench.runner import run_precisions
+
+    path = tmp_path / "entry_bf16.yaml"
+    path.write_text("eval_precision: fp32\nlatency: {precisions: [fp32]}\nfit: {precision: fp32}\nmethods:\n"
+                    "  - method: tome\n    fit: {precision: fp16}\n  - method: ltp\n    fit: {precision: bf16}\n")
+    assert run_precisions(config_mod.load(str(path))) == ["fp32", "fp32", "bf16"]

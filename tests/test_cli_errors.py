@@ -84,6 +84,10 @@ CASES = {
                                 "fit.budget_epochs must be a number of passes over the training set > 0"),
     "entry's fit budget of negative images": (lambda f: tiny_args(f, "--config", str(f["root"] / "bad_entry_budget.yaml")),
                                               "methods[ltp].fit.budget_images must be a whole number of images >= 0"),
+    "entry's fit in fp16 on the CPU": (lambda f: tiny_args(f, "--config", str(f["root"] / "fp16_entry_fit.yaml")),
+                                       "use --precision bf16 or fp32"),
+    "entry's fit batch of zero": (lambda f: tiny_args(f, "--config", str(f["root"] / "zero_entry_batch.yaml")),
+                                  "methods[ltmp].fit.batch_size must be a positive whole number"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
     "train-base batch over the data": (lambda f: ["train-base", "--batch-size", "100000"], "exceeds the 60000 training"),
 }
@@ -95,6 +99,10 @@ def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> 
     (files["root"] / "bad_budget.yaml").write_text("dataset: imagefolder\nfit: {budget_epochs: 0}\nmethods:\n  - method: ltp\n")
     (files["root"] / "bad_entry_budget.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: ltp\n"
                                                          "    fit: {budget_images: -5}\n")
+    (files["root"] / "fp16_entry_fit.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: none\n"
+                                                       "  - method: ltp\n    fit: {precision: fp16}\n")
+    (files["root"] / "zero_entry_batch.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: ltmp\n"
+                                                         "    fit: {batch_size: 0}\n")
     make_args, expected = CASES[case]
     foreign_before = files["foreign"].read_bytes()
     (files["root"] / "store.sqlite").unlink(missing_ok=True)  # each case starts without it (another may have failed)
