@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import timm
 import torch
 from timm.layers import PatchEmbed
@@ -87,15 +88,29 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def read_checkpoint(path: Path) -> Any:
+    """The object saved in a checkpoint file: ``.safetensors`` (timm's Hugging Face hub format, e.g. a cached
+    ``model.safetensors``) or anything ``torch.save`` wrote (``.pth``/``.pt``/``.bin``, loaded weights-only)."""
+    if path.suffix.lower() in (".npz", ".npy"):
+        raise BenchError(f"checkpoint {path} is a NumPy/JAX file, which only timm's own loader reads: convert it once "
+                         "with `timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))` and "
+                         "`torch.save(model.state_dict(), 'NAME.pth')`")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return safetensors.torch.load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for a corrupt file
+        kind = "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
+        raise BenchError(f"checkpoint {path} is corrupt or not a {kind} file ({type(exc).__name__}): re-save or "
+                         "re-download it") from exc
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Load weights strictly; any mismatch is a one-line error naming the first offending keys."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint {path} not found: pass --checkpoint PATH to an existing file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise BenchError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}): re-save or re-download it") from exc
+    obj = read_checkpoint(path)
     state = extract_state_dict(obj)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

@@ -120,6 +120,29 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path: Path, wrapper: s
         assert torch.equal(model(x), loaded(x))
 
 
+def test_safetensors_checkpoint_gives_identical_logits(tmp_path: Path) -> None:
+    """timm's hub weights are ``model.safetensors`` files: a local copy loads like a ``.pth`` state dict."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = make_tiny().eval()
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "model.safetensors")
+    loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("model.safetensors", b"not safetensors", "is corrupt or not a safetensors file"),
+    ("vit.npz", b"PK", "is a NumPy/JAX file"),
+])
+def test_unreadable_checkpoint_formats_name_the_fix(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(BenchError, match=expected):
+        models.create("test_tiny_vit", checkpoint=tmp_path / name)
+
+
 def test_shipped_checkpoint_hash_and_accuracy(fmnist) -> None:
     manifest = json.loads(models.EMBEDDED_MANIFEST.read_text())
     assert models.verify_embedded_checkpoint() == manifest["sha256"]
