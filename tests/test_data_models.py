@@ -100,6 +100,26 @@ def test_a_checkpoint_wins_over_pretrained_and_nothing_is_fetched(tmp_path: Path
         assert torch.equal(loaded(x), source(x))
 
 
+def test_pretrained_loads_offline_from_the_hub_cache(tmp_path: Path, monkeypatch) -> None:
+    """``--pretrained`` with no network uses timm's weights where the Hugging Face cache holds them (the layout
+    ``hf_hub_download`` writes: ``models--timm--NAME/refs/main`` naming a snapshot with ``model.safetensors``)."""
+    import huggingface_hub.constants
+    import safetensors.torch
+    import timm
+
+    repo = tmp_path / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    torch.manual_seed(0)
+    cached = timm.create_model("deit_tiny_patch16_224").state_dict()
+    safetensors.torch.save_file(cached, repo / "snapshots" / "0123abc" / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = models.create("deit_tiny_patch16_224", pretrained=True).state_dict()
+    assert all(torch.equal(loaded[key], cached[key]) for key in cached)
+
+
 def test_augment_flips_and_shifts() -> None:
     x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
     out = augment(x, torch.Generator().manual_seed(0), max_shift=1)
