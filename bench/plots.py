@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
+from bench.matched import pareto_front  # noqa: E402
 from bench.settings import split_by_setting  # noqa: E402
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999"]
@@ -46,12 +47,6 @@ def style_of(label: str, labels: Iterable[str]) -> tuple[str, str]:
     others = sorted(l for l in set(labels) if l not in METHOD_STYLE)
     index = others.index(label) if label in others else 0
     return OKABE_ITO[(index + 6) % len(OKABE_ITO)], EXTRA_MARKERS[index % len(EXTRA_MARKERS)]
-
-
-def pareto_front(cost: Iterable[float], quality: Iterable[float]) -> list[bool]:
-    """True for points no other point beats (lower-or-equal cost and higher-or-equal quality, one strictly)."""
-    points = list(zip(cost, quality))
-    return [not any((c2 <= c and q2 >= q) and (c2 < c or q2 > q) for c2, q2 in points) for c, q in points]
 
 
 def knob_text(method: str, knobs: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import matched
 from bench.errors import BenchError
 from bench.settings import split_by_setting
 
@@ -74,11 +75,35 @@ def to_latex(table: pd.DataFrame) -> str:
             return f"\\textbf{{{text}}}" if column in best and value == best[column] else text
         return str(value).replace("_", "\\_")
 
-    header = " & ".join(c.replace("_", "\\_") for c in shown.columns)
-    rows = [" & ".join(fmt(c, v) for c, v in zip(shown.columns, row)) + " \\\\" for row in shown.itertuples(index=False)]
-    spec = "l" * 2 + "r" * (len(shown.columns) - 2)
-    return "\n".join([f"\\begin{{tabular}}{{{spec}}}", "\\toprule", header + " \\\\", "\\midrule", *rows,
-                      "\\bottomrule", "\\end{tabular}"]) + "\n"
+    rows = [[fmt(c, v) for c, v in zip(shown.columns, row)] for row in shown.itertuples(index=False)]
+    return booktabs([c.replace("_", "\\_") for c in shown.columns], rows, text_columns=2)
+
+
+def booktabs(header: list[str], rows: list[list[str]], text_columns: int) -> str:
+    """A booktabs ``tabular`` of already-escaped cells: the first ``text_columns`` left-aligned, the rest right."""
+    lines = [" & ".join(row) + " \\\\" for row in rows]
+    spec = "l" * text_columns + "r" * (len(header) - text_columns)
+    return "\n".join([f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule",
+                      *lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def matched_markdown(long: pd.DataFrame) -> str:
+    """The matched-cost table (:mod:`bench.matched`) under its note; empty when no level is reached by two methods."""
+    return f"{matched.NOTE}\n\n{matched.wide(long).to_markdown(index=False)}\n" if not long.empty else ""
+
+
+def matched_latex(long: pd.DataFrame) -> str:
+    """The matched-cost table as booktabs, the best of each row in bold; empty like :func:`matched_markdown`."""
+    if long.empty:
+        return ""
+
+    def cell(text: str) -> str:
+        text = text.replace("±", "$\\pm$").replace("×", "$\\times$").replace("–", "--").replace("_", "\\_")
+        return f"\\textbf{{{text.strip('*')}}}" if text.startswith("**") else text
+
+    table = matched.wide(long)
+    return booktabs([cell(c) for c in table.columns], [[cell(str(v)) for v in row] for row in table.itertuples(index=False)],
+                    text_columns=1)
 
 
 def reports_dir(out_dir: str | Path) -> Path:
@@ -98,15 +123,22 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
            naming: pd.DataFrame | None = None) -> list[Path]:
     """Write ``results.csv``, ``results.md``, ``results.tex``: one section per evaluation setting (model, weights,
     dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
-    :mod:`bench.settings`). The CSV holds every row with the setting's weights, device and precision."""
+    :mod:`bench.settings`), each with its comparison table and its top-1 at matched cost (:mod:`bench.matched`).
+    The CSV holds every row with the setting's weights, device and precision; ``results_matched.csv`` the
+    matched-cost readings in long form (one row per setting, cost, level and method)."""
     out = reports_dir(out_dir)
     require_results(cells)  # before any file is written (the sections below would be empty)
-    paths = [out / "results.csv", out / "results.md", out / "results.tex"]
-    rows, sections_md, sections_tex = [], [], []
+    paths = [out / "results.csv", out / "results.md", out / "results.tex", out / "results_matched.csv"]
+    rows, readings, sections_md, sections_tex = [], [], [], []
     for setting, group in split_by_setting(cells, naming):
         table = comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])
+        at_cost = matched.matched_all(table)
         sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")
         sections_tex.append(f"% {setting.title}\n{to_latex(table)}")
+        if not at_cost.empty:
+            sections_md.append(f"#### {setting.title}: top-1 at matched cost\n\n{matched_markdown(at_cost)}")
+            sections_tex.append(f"% {setting.title}: top-1 at matched cost\n{matched_latex(at_cost)}")
+            readings.append(at_cost.assign(setting=setting.title))
         setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision"]]
         rows.append(table.join(setting_columns, on="cell_key"))
     frame = pd.concat(rows, ignore_index=True)
@@ -114,4 +146,9 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     frame[[c for c in frame.columns if c not in speedups] + speedups].to_csv(paths[0], index=False)
     paths[1].write_text("\n".join(sections_md))
     paths[2].write_text("\n".join(sections_tex))
+    long = pd.concat(readings, ignore_index=True) if readings else pd.DataFrame(columns=["setting", *MATCHED_COLUMNS])
+    long[["setting", *MATCHED_COLUMNS]].to_csv(paths[3], index=False)
     return paths
+
+
+MATCHED_COLUMNS = ["axis", "level", "method", "top1", "top1_pm", "cells"]
