@@ -60,11 +60,16 @@ def knob_text(method: str, knobs: str) -> str:
     return ", ".join(f"{v}" for v in values.values())
 
 
+#: No dates in the files and fixed SVG ids: re-plotting the same store writes byte-identical figures.
+UNDATED = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
+
+
 def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     paths = []
-    for suffix in ("pdf", "svg", "png"):
+    for suffix, metadata in UNDATED.items():
         path = out_dir / f"{name}.{suffix}"
-        fig.savefig(path, dpi=200 if suffix == "png" else None, bbox_inches="tight")
+        with plt.rc_context({"svg.hashsalt": name}):
+            fig.savefig(path, dpi=200 if suffix == "png" else None, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     plt.close(fig)
     return paths

@@ -249,3 +249,13 @@ def test_knob_labels_always_name_the_swept_knob_even_at_its_default() -> None:
     assert knob_summary("not_loaded", json.dumps({"ratio": 0.3, "depth": 2})) == "ratio=0.3, depth=2"
     assert knob_text("ltmp", ltmp) == "0.7" and knob_text("topk", json.dumps({"keep_rate": 0.5, "fuse": True})) == "0.5"
     assert knob_text("none", "{}") == "" and knob_text("not_loaded", json.dumps({"ratio": 0.3})) == "0.3"
+
+
+def test_replotting_a_store_writes_byte_identical_figures(tmp_path: Path) -> None:
+    """No creation dates and no random SVG ids: a figure regenerated from the same store is the same file, so a
+    re-plot leaves a repository's committed figures unchanged."""
+    store = small_store(tmp_path / "s.sqlite")
+    first = {p.name: p.read_bytes() for p in plots.plot_all(store, tmp_path / "a")}
+    second = {p.name: p.read_bytes() for p in plots.plot_all(store, tmp_path / "b")}
+    assert {name.rsplit(".", 1)[1] for name in first} == {"pdf", "svg", "png"}
+    assert first == second
