@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
 from bench.matched import pareto_front  # noqa: E402
-from bench.settings import split_by_setting  # noqa: E402
+from bench.settings import series_labels, split_by_setting  # noqa: E402
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999"]
 METHOD_STYLE = {  # label -> (colour, marker); the baseline is black
@@ -250,6 +250,7 @@ def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for setting, group in split_by_setting(cells, naming):
+        group = group.assign(label=series_labels(group))  # a label's variants: separate series
         paths += _save(frontier(group, title=setting.title), out, f"frontier_{setting.stem}")
         paths += _save(tokens_per_layer(group), out, f"tokens_{setting.stem}")
         group_timings = timings[timings["cell_key"].isin(group["cell_key"])]

@@ -89,3 +89,31 @@ def split_by_setting(cells: pd.DataFrame, naming: pd.DataFrame | None = None) ->
     names = name_settings(cells if naming is None else pd.concat([naming, cells]).drop_duplicates("cell_key"))
     groups = [(names[key], group) for key, group in cells.groupby(list(SETTING_COLUMNS), sort=True)]
     return sorted(groups, key=lambda named: named[0].stem)  # a family's main setting (the plain stem) first
+
+
+def series_labels(cells: pd.DataFrame) -> pd.Series:
+    """Each cell's series name within one setting: its label, with the knobs that tell variants apart appended
+    where one label covers cells whose fixed (not swept) knobs differ, e.g. ``ltmp (clip_grad=0.0)`` beside
+    ``ltmp (clip_grad=1.0)`` after a config changed a knob, or two unlabelled entries of one method. Otherwise
+    their sweeps would be drawn as one line and read as one method's Pareto front. A knob missing from a cell
+    (stored before the knob existed) counts at its declared default; plug-ins not loaded keep their label, their
+    swept knobs being unknown."""
+    import json
+
+    import methods
+
+    fixed: dict[Any, dict[str, Any]] = {}
+    for index, method, knobs_json in zip(cells.index, cells["method"], cells["knobs"]):
+        reducer_cls = methods.REGISTRY.get(method)
+        if reducer_cls is not None:
+            values = {**{k.name: k.default for k in reducer_cls.knobs}, **json.loads(knobs_json)}
+            fixed[index] = {k: v for k, v in values.items() if k not in reducer_cls.swept_knobs()}
+    names = cells["label"].copy()
+    for label, indices in cells.groupby("label").groups.items():
+        if not all(i in fixed for i in indices):
+            continue
+        differing = sorted(k for k in set().union(*(fixed[i] for i in indices))
+                           if len({json.dumps(fixed[i].get(k)) for i in indices}) > 1)
+        for i in indices if differing else []:
+            names[i] = f"{label} ({', '.join(f'{k}={fixed[i].get(k)}' for k in differing)})"
+    return names

@@ -10,7 +10,7 @@ import pandas as pd
 
 from bench import matched
 from bench.errors import BenchError
-from bench.settings import split_by_setting
+from bench.settings import series_labels, split_by_setting
 
 
 def knob_summary(method: str, knobs_json: str) -> str:
@@ -131,6 +131,7 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     paths = [out / "results.csv", out / "results.md", out / "results.tex", out / "results_matched.csv"]
     rows, readings, sections_md, sections_tex = [], [], [], []
     for setting, group in split_by_setting(cells, naming):
+        group = group.assign(label=series_labels(group))  # a label's variants: separate rows of the matched table
         table = comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])
         at_cost = matched.matched_all(table)
         sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")

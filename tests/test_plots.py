@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -259,3 +260,32 @@ def test_replotting_a_store_writes_byte_identical_figures(tmp_path: Path) -> Non
     second = {p.name: p.read_bytes() for p in plots.plot_all(store, tmp_path / "b")}
     assert {name.rsplit(".", 1)[1] for name in first} == {"pdf", "svg", "png"}
     assert first == second
+
+
+def test_variants_of_one_label_are_separate_series(tmp_path: Path, monkeypatch) -> None:
+    """Cells of one label whose fixed knobs differ (a config changed ``clip_grad`` between runs into one store) are
+    two series in the frontier and two columns of the matched-cost table; a cell stored before the knob existed
+    counts at its default (0.0). Swept knobs (``r_target``) never split a series."""
+    store = Store(tmp_path / "s.sqlite")
+    rows = [("b", "none", {}, 0.92, 2.0), ("old", "ltmp", {"r_target": 0.8}, 0.91, 1.6),
+            ("u", "ltmp", {"r_target": 0.5, "clip_grad": 0.0}, 0.88, 1.0),
+            ("c1", "ltmp", {"r_target": 0.8, "clip_grad": 1.0}, 0.915, 1.6),
+            ("c2", "ltmp", {"r_target": 0.5, "clip_grad": 1.0}, 0.89, 1.0)]
+    for key, method, knobs, top1, gmacs in rows:
+        store.write_cell({**fake_row(key, method, top1, gmacs), "knobs": knobs}, [fake_timing(32)])
+    cells, timings = store.cells(), store.timings()
+    store.close()
+    names = dict(zip(cells["cell_key"], settings.series_labels(cells)))
+    assert names == {"b": "none", "old": "ltmp (clip_grad=0.0)", "u": "ltmp (clip_grad=0.0)",
+                     "c1": "ltmp (clip_grad=1.0)", "c2": "ltmp (clip_grad=1.0)"}
+    drawn = []
+    real_frontier = plots.frontier
+    monkeypatch.setattr(plots, "frontier", lambda group, **kw: drawn.append(real_frontier(group, **kw)) or drawn[-1])
+    plots.plot_cells(cells, timings, tmp_path / "figs")
+    legend = sorted(t.get_text() for t in drawn[0].axes[0].get_legend().get_texts())
+    assert legend == ["baseline", "ltmp (clip_grad=0.0)", "ltmp (clip_grad=1.0)"]
+    tables.export(cells, timings, tmp_path / "out")
+    long = pd.read_csv(tmp_path / "out" / "results_matched.csv")
+    assert sorted(long["method"].unique()) == ["ltmp (clip_grad=0.0)", "ltmp (clip_grad=1.0)"]
+    # one variant alone keeps the plain label
+    assert list(settings.series_labels(cells[cells["cell_key"].isin(["b", "c1", "c2"])])) == ["none", "ltmp", "ltmp"]
