@@ -124,7 +124,8 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     """Write ``results.csv``, ``results.md``, ``results.tex``: one section per evaluation setting (model, weights,
     dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
     :mod:`bench.settings`), each with its comparison table and its top-1 at matched cost (:mod:`bench.matched`).
-    The CSV holds every row with the setting's weights, device and precision; ``results_matched.csv`` the
+    The CSV holds every row with the setting's weights, device and precision, and the fit's own record (``ft_extra``,
+    JSON: steps, skipped steps, LTMP's largest gradient norm and clipped steps, ...); ``results_matched.csv`` the
     matched-cost readings in long form (one row per setting, cost, level and method)."""
     out = reports_dir(out_dir)
     require_results(cells)  # before any file is written (the sections below would be empty)
@@ -140,7 +141,7 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
             sections_md.append(f"#### {setting.title}: top-1 at matched cost\n\n{matched_markdown(at_cost)}")
             sections_tex.append(f"% {setting.title}: top-1 at matched cost\n{matched_latex(at_cost)}")
             readings.append(at_cost.assign(setting=setting.title))
-        setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision"]]
+        setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision", "ft_extra"]]
         rows.append(table.join(setting_columns, on="cell_key"))
     frame = pd.concat(rows, ignore_index=True)
     speedups = [c for c in frame.columns if c.startswith("speedup")]

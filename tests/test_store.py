@@ -75,7 +75,8 @@ def test_foreign_or_corrupt_files_are_refused_and_untouched(tmp_path: Path, cont
 def test_export_round_trips(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     store.write_cell(fake_row("k1", "none", 0.91, 2.0), [fake_timing()])
-    store.write_cell(fake_row("k2", "tome", 0.88, 1.0), [fake_timing()])
+    store.write_cell({**fake_row("k2", "tome", 0.88, 1.0), "ft_extra": {"steps": 24, "max_grad_norm": 3.0e3}},
+                     [fake_timing()])
     paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
     csv = pd.read_csv(paths[0])
     assert sorted(csv["cell_key"]) == ["k1", "k2"]
@@ -83,6 +84,7 @@ def test_export_round_trips(tmp_path: Path) -> None:
     assert csv.set_index("cell_key").loc["k2", "speedup cpu bf16 b32"] == pytest.approx(1.5)
     assert csv.set_index("cell_key").loc["k2", "gmacs_max"] == pytest.approx(1.0)  # per-image range beside the mean
     assert csv.set_index("cell_key").loc["k2", "r_flops"] == pytest.approx(0.5)
+    assert json.loads(csv.set_index("cell_key").loc["k2", "ft_extra"]) == {"steps": 24, "max_grad_norm": 3.0e3}
     markdown, latex = paths[1].read_text(), paths[2].read_text()
     assert markdown.count("| tome") == 1 and markdown.count("| none") == 1
     assert "\\toprule" in latex and "\\textbf{91.00}" in latex and "\\textbf{1.000}" in latex
