@@ -24,6 +24,8 @@ import pandas as pd
 
 #: Cost levels: how many times fewer GMACs (or how much speedup) than the unreduced model.
 LEVELS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
+#: A cell this close to a level counts as measured there.
+AT_LEVEL = 5e-3
 
 
 def pareto_front(cost: Iterable[float], quality: Iterable[float]) -> list[bool]:
@@ -47,8 +49,8 @@ def matched(table: pd.DataFrame, axis: str, levels: Sequence[float] = LEVELS) ->
 
     ``table``: rows of :func:`bench.tables.comparison` for one evaluation setting (``method``, ``top1``, ``top1_pm``
     and ``axis``). The baseline (``none``) is left out; levels that fewer than two methods reach are dropped.
-    Columns: ``axis``, ``level``, ``method``, ``top1``, ``top1_pm``, ``cells`` (the cells read, ``measured`` when
-    one sits at the level)."""
+    Columns: ``axis``, ``level``, ``method``, ``top1``, ``top1_pm``, ``cells`` (``measured`` where a cell sits within
+    0.005 of the level, else ``interpolated``)."""
     rows = []
     reduced = table[(table["method"] != "none") & table[axis].notna()]
     for method, group in reduced.groupby("method", sort=True):
@@ -58,7 +60,7 @@ def matched(table: pd.DataFrame, axis: str, levels: Sequence[float] = LEVELS) ->
         for level in levels:
             value = read_at(saving, top1, level)
             if value is not None:
-                exact = bool(np.isclose(saving, level, rtol=0, atol=5e-3).any())
+                exact = bool(np.isclose(saving, level, rtol=0, atol=AT_LEVEL).any())
                 rows.append({"axis": axis, "level": level, "method": method, "top1": value,
                              "top1_pm": read_at(saving, half, level), "cells": "measured" if exact else "interpolated"})
     frame = pd.DataFrame(rows, columns=["axis", "level", "method", "top1", "top1_pm", "cells"])
@@ -73,8 +75,7 @@ def cost_axes(table: pd.DataFrame) -> list[str]:
 
 def matched_all(table: pd.DataFrame, levels: Sequence[float] = LEVELS) -> pd.DataFrame:
     """:func:`matched` on every cost axis of ``table``, stacked."""
-    parts = [matched(table, axis, levels) for axis in cost_axes(table)]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    return pd.concat([matched(table, axis, levels) for axis in cost_axes(table)], ignore_index=True)
 
 
 def axis_text(axis: str, level: float) -> str:
