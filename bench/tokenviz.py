@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import methods  # noqa: E402
 from bench.plots import COLUMN_WIDTH, STYLE, _save  # noqa: E402
-from bench.settings import split_by_setting  # noqa: E402
+from bench.settings import series_labels, split_by_setting  # noqa: E402
 
 MAP_HEIGHT = 0.95  # inches per row of maps
 MAP_WIDTH = COLUMN_WIDTH * 2 / 7  # a page's width holds the input and six methods; fewer make a narrower figure
@@ -108,8 +108,10 @@ def outline(ax: plt.Axes, groups: torch.Tensor, grid: tuple[int, int], cell: tup
 
 
 def pick_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """One cell per reduced method, the one closest to the median GMACs (matched cost)."""
+    """One cell per reduced method (a label's variants apart, :func:`bench.settings.series_labels`), the one closest
+    to the median GMACs (matched cost)."""
     reduced = cells[cells["label"] != "none"]
+    reduced = reduced.assign(label=series_labels(reduced))
     target = float(reduced["gmacs"].median())
     return reduced.groupby("label", sort=True).apply(
         lambda g: g.iloc[(g["gmacs"] - target).abs().argsort().iloc[0]], include_groups=False).reset_index()

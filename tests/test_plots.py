@@ -1,6 +1,7 @@
 """Pareto front on hand-made points; plotting a small store writes every file with the expected series."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,16 @@ def test_variants_of_one_label_are_separate_series(tmp_path: Path, monkeypatch) 
     assert sorted(long["method"].unique()) == ["ltmp (clip_grad=0.0)", "ltmp (clip_grad=1.0)"]
     # one variant alone keeps the plain label
     assert list(settings.series_labels(cells[cells["cell_key"].isin(["b", "c1", "c2"])])) == ["none", "ltmp", "ltmp"]
+
+
+def test_token_maps_show_each_variant_of_a_label() -> None:
+    """Two unlabelled LTMP entries of one config (clip_grad 0 and 1) get a token-map column each, not one."""
+    from bench import tokenviz
+
+    rows = [{**fake_row(key, "ltmp", 0.9, gmacs), "knobs": json.dumps(knobs)}
+            for key, gmacs, knobs in [("a", 1.0, {"r_target": 0.7, "clip_grad": 0.0}),
+                                      ("b", 1.2, {"r_target": 0.7, "clip_grad": 1.0}),
+                                      ("c", 0.7, {"r_target": 0.5, "clip_grad": 1.0})]]
+    chosen = tokenviz.pick_cells(pd.DataFrame(rows))
+    assert sorted(chosen["label"]) == ["ltmp (clip_grad=0.0)", "ltmp (clip_grad=1.0)"]
+    assert sorted(chosen["cell_key"]) == ["a", "b"]  # each variant's cell nearest the median GMACs, 1.0
