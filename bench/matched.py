@@ -9,6 +9,8 @@ levels (×1.25, ×1.5, ... fewer GMACs, or that much measured speedup):
 * between the two of them that bracket a level, top-1 and its interval half-width are **interpolated linearly in
   the cost** (the half-width so interpolated bounds the interpolated value's from above, the two cells' errors
   being positively correlated on the same images);
+* where only cells the front dominates were measured (below the front's smallest saving, but not below the
+  method's smallest), the front's cheapest cell stands in: it saves more and is at least as accurate (``cheaper``);
 * **outside** a method's measured range there is no value (no extrapolation), and a level enters the table only
   where at least two methods reach it.
 
@@ -50,19 +52,24 @@ def matched(table: pd.DataFrame, axis: str, levels: Sequence[float] = LEVELS) ->
     ``table``: rows of :func:`bench.tables.comparison` for one evaluation setting (``method``, ``top1``, ``top1_pm``
     and ``axis``). The baseline (``none``) is left out; levels that fewer than two methods reach are dropped.
     Columns: ``axis``, ``level``, ``method``, ``top1``, ``top1_pm``, ``cells`` (``measured`` where a cell sits within
-    0.005 of the level, else ``interpolated``)."""
+    0.005 of the level, ``cheaper`` where the front's cheapest cell stands in, else ``interpolated``)."""
     rows = []
     reduced = table[(table["method"] != "none") & table[axis].notna()]
     for method, group in reduced.groupby("method", sort=True):
         saving, top1, half = (group[c].to_numpy(float) for c in (axis, "top1", "top1_pm"))
+        least = saving.min()
         front = np.array(pareto_front(-saving, top1))
         saving, top1, half = saving[front], top1[front], half[front]
+        first = int(saving.argmin())
         for level in levels:
             value = read_at(saving, top1, level)
             if value is not None:
                 exact = bool(np.isclose(saving, level, rtol=0, atol=AT_LEVEL).any())
                 rows.append({"axis": axis, "level": level, "method": method, "top1": value,
                              "top1_pm": read_at(saving, half, level), "cells": "measured" if exact else "interpolated"})
+            elif least <= level < saving[first]:  # only dominated cells here: the cheaper, better one stands in
+                rows.append({"axis": axis, "level": level, "method": method, "top1": float(top1[first]),
+                             "top1_pm": float(half[first]), "cells": "cheaper"})
     frame = pd.DataFrame(rows, columns=["axis", "level", "method", "top1", "top1_pm", "cells"])
     reach = frame.groupby("level")["method"].transform("nunique")
     return frame[reach >= 2].reset_index(drop=True)
@@ -84,10 +91,12 @@ def axis_text(axis: str, level: float) -> str:
 
 
 def wide(long: pd.DataFrame) -> pd.DataFrame:
-    """One row per (axis, level), one column per method, cells as text: ``top1 ± pm``, with `` =`` where a cell was
-    measured at that cost, ``–`` where the method does not reach it, and the best of the row wrapped in ``**``."""
+    """One row per (axis, level), one column per method, cells as text: ``top1 ± pm`` with its :data:`MARKS`, ``–``
+    where the method does not reach the level, and the best of the row wrapped in ``**``."""
     records = []
     methods_seen = sorted(long["method"].unique())
+    axis_order = {axis: i for i, axis in enumerate(dict.fromkeys(long["axis"]))}  # as :func:`cost_axes` gave them
+    long = long.sort_values(["level"]).sort_values(["axis"], key=lambda axes: axes.map(axis_order), kind="stable")
     for (axis, level), group in long.groupby(["axis", "level"], sort=False):
         best = group["top1"].max()
         record = {"cost": axis_text(axis, level)}
@@ -97,12 +106,16 @@ def wide(long: pd.DataFrame) -> pd.DataFrame:
                 record[method] = "–"
                 continue
             row = by_method.loc[method]
-            text = f"{row['top1']:.2f} ± {row['top1_pm']:.2f}" + (" =" if row["cells"] == "measured" else "")
+            text = f"{row['top1']:.2f} ± {row['top1_pm']:.2f}" + MARKS[row["cells"]]
             record[method] = f"**{text}**" if np.isclose(row["top1"], best) else text
         records.append(record)
     return pd.DataFrame(records)
 
 
+#: How a value was read: interpolated (no mark), a cell at the level, or a cell that saves more standing in.
+MARKS = {"interpolated": "", "measured": " =", "cheaper": " ≥"}
+
 NOTE = ("Top-1 (%) of each method at equal cost, read off its Pareto-optimal cells by linear interpolation between "
-        "the two that bracket the cost (`=`: a cell measured at that cost; `–`: outside the method's measured range, "
-        "never extrapolated). Bold: the best at that cost; differences inside the ± intervals are not significant.")
+        "the two that bracket the cost (`=`: a cell measured at that cost; `≥`: a cell of the method that saves more "
+        "and is at least as accurate as those measured at this cost; `–`: outside the method's measured range, never "
+        "extrapolated). Bold: the best at that cost; differences inside the ± intervals are not significant.")

@@ -98,7 +98,8 @@ def matched_latex(long: pd.DataFrame) -> str:
         return ""
 
     def cell(text: str) -> str:
-        text = text.replace("±", "$\\pm$").replace("×", "$\\times$").replace("–", "--").replace("_", "\\_")
+        for plain, latex in (("±", "$\\pm$"), ("×", "$\\times$"), ("–", "--"), ("≥", "$\\geq$"), ("_", "\\_")):
+            text = text.replace(plain, latex)
         return f"\\textbf{{{text.strip('*')}}}" if text.startswith("**") else text
 
     table = matched.wide(long)
