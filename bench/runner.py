@@ -22,7 +22,7 @@ from bench import config as config_mod
 from bench import distributed
 from bench import data as data_mod
 from bench import models
-from bench.accuracy import evaluate
+from bench.accuracy import evaluate, pack_hits
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
 from bench.latency import heap_policy, paired_ratio, time_interleaved
@@ -345,6 +345,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
            "eval_images": result.images, "method": entry["method"], "knobs": reducer.values, "label": _label(entry),
            "device": work.device, "eval_precision": config["eval_precision"],
            "top1": result.top1, "top1_low": low, "top1_high": high, "top5": result.top5, "top1_correct": result.top1_correct,
+           "top1_hits": pack_hits(result.image_hits()),
            "gmacs": macs_mean / 1e9, "gmacs_min": macs_min / 1e9, "gmacs_max": macs_max / 1e9,
            "gmacs_dense": dense / 1e9, "gmacs_ratio": dense / macs_mean, "r_flops": evaluation_r_flops(tokens, dims),
            "tokens_attn": tokens[:, 0].tolist(), "tokens_mlp": tokens[:, 1].tolist(),

@@ -1,7 +1,8 @@
 """The results store: an SQLite file (standard library), one transaction per cell.
 
 Tables: ``meta`` (marks the file as ours + schema version), ``cells`` (one row per model + checkpoint +
-dataset + method + knobs + device: accuracy, GMACs, token counts, fine-tune cost, learned state, environment)
+dataset + method + knobs + device: accuracy with each image's top-1 hit (packed bits, for paired comparisons),
+GMACs, token counts, fine-tune cost, learned state, environment)
 and ``timings`` (per cell, precision and batch: latency of the method and of the baseline timed interleaved,
 the speedup as the ratio of their medians with the quartiles of the per-round ratios).
 A cell and its timings are committed together, so ``kill -9`` loses at most the cell in flight; a finished
@@ -29,7 +30,7 @@ CREATE TABLE IF NOT EXISTS cells (
     cell_key TEXT PRIMARY KEY,
     model TEXT NOT NULL, checkpoint_sha TEXT NOT NULL, dataset TEXT NOT NULL, eval_images INTEGER NOT NULL,
     method TEXT NOT NULL, knobs TEXT NOT NULL, label TEXT NOT NULL, device TEXT NOT NULL, eval_precision TEXT NOT NULL,
-    top1 REAL, top1_low REAL, top1_high REAL, top5 REAL, top1_correct INTEGER,
+    top1 REAL, top1_low REAL, top1_high REAL, top5 REAL, top1_correct INTEGER, top1_hits BLOB,
     gmacs REAL, gmacs_min REAL, gmacs_max REAL, gmacs_dense REAL, gmacs_ratio REAL, r_flops REAL,
     tokens_attn TEXT, tokens_mlp TEXT, tokens_attn_min TEXT, tokens_attn_max TEXT,
     ft_images INTEGER, ft_epochs REAL, ft_wall_s REAL, ft_device TEXT, ft_extra TEXT,
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS timings (
 #: Columns added to schema 1 after its first release: stores written before get them (empty) when opened.
 ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL", "page_faults_per_call": "REAL",
                              "baseline_page_faults_per_call": "REAL"},
-                 "cells": {"r_flops": "REAL"}}
+                 "cells": {"r_flops": "REAL", "top1_hits": "BLOB"}}
 
 
 def cell_key(identity: dict[str, Any]) -> str:

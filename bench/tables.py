@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from bench import matched
+from bench.accuracy import paired_difference, unpack_hits
 from bench.errors import BenchError
-from bench.settings import series_labels, split_by_setting
+from bench.settings import SETTING_COLUMNS, series_labels, split_by_setting
 
 
 def knob_summary(method: str, knobs_json: str) -> str:
@@ -32,14 +33,38 @@ def require_results(cells: pd.DataFrame) -> None:
         raise BenchError("the store holds no results yet: run `python run_bench.py` first")
 
 
+def paired_to_baseline(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per cell (index ``cell_key``): ``top1_drop``, the baseline's top-1 minus the cell's in points, measured paired
+    on the same images (:func:`bench.accuracy.paired_difference`), ``top1_drop_pm`` the half-width of its 95 %
+    interval, and ``p_paired`` McNemar's p. Empty (NaN) for the baseline itself, for cells stored without per-image
+    hits, and where the cell's setting (:data:`bench.settings.SETTING_COLUMNS`) has no baseline cell."""
+    columns = ["top1_drop", "top1_drop_pm", "p_paired"]
+    out = pd.DataFrame(index=cells["cell_key"], columns=columns, dtype=float)
+    if "top1_hits" not in cells:
+        return out
+    for _, group in cells.groupby(list(SETTING_COLUMNS)):
+        baselines = group[(group["method"] == "none") & group["top1_hits"].notna()]
+        if baselines.empty:
+            continue
+        base = baselines.iloc[0]
+        base_hits = unpack_hits(base["top1_hits"], int(base["eval_images"]))
+        for row in group[(group["cell_key"] != base["cell_key"]) & group["top1_hits"].notna()].itertuples():
+            drop, half, p_value = paired_difference(base_hits, unpack_hits(row.top1_hits, int(row.eval_images)))
+            out.loc[row.cell_key] = [100 * drop, 100 * half, p_value]
+    return out
+
+
 def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: method, knobs, top-1 ± interval, GMACs (mean, min and max per image), the FLOPs kept (GMACs
-    fraction, and the paper's r_FLOPs beside the knobs' r_target), speedup per device/precision/batch, fine-tune cost."""
+    """One row per cell: method, knobs, top-1 ± interval, its drop from the baseline measured paired on the same
+    images (± interval, McNemar's p), GMACs (mean, min and max per image), the FLOPs kept (GMACs fraction, and the
+    paper's r_FLOPs beside the knobs' r_target), speedup per device/precision/batch, fine-tune cost."""
     require_results(cells)
+    paired = paired_to_baseline(cells).loc[cells["cell_key"]]
     table = pd.DataFrame({
         "model": cells["model"], "dataset": cells["dataset"], "method": cells["label"],
         "knobs": [knob_summary(m, k) for m, k in zip(cells["method"], cells["knobs"])],
         "top1": 100 * cells["top1"], "top1_pm": 100 * (cells["top1_high"] - cells["top1_low"]) / 2,
+        **{column: paired[column].to_numpy(float) for column in paired.columns},
         "images": cells["eval_images"], "gmacs": cells["gmacs"], "gmacs_min": cells["gmacs_min"],
         "gmacs_max": cells["gmacs_max"], "gmacs_ratio": cells["gmacs_ratio"],
         "flops_kept": cells["gmacs"] / cells["gmacs_dense"],
@@ -56,8 +81,11 @@ def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    shown = table.drop(columns=["cell_key", "top1_pm"]).copy()
+    shown = table.drop(columns=["cell_key", "top1_pm", "top1_drop_pm"]).copy()
     shown["top1"] = [f"{t:.2f} ± {p:.2f}" for t, p in zip(table["top1"], table["top1_pm"])]
+    shown["top1_drop"] = ["–" if pd.isna(d) else f"{d:.2f} ± {p:.2f}" for d, p in zip(table["top1_drop"],
+                                                                                   table["top1_drop_pm"])]
+    shown["p_paired"] = ["–" if pd.isna(p) else f"{p:.3g}" for p in table["p_paired"]]
     return shown.to_markdown(index=False, floatfmt=".3f")
 
 
@@ -70,8 +98,11 @@ def to_latex(table: pd.DataFrame) -> str:
             best[column] = shown[column].max()
 
     def fmt(column: str, value: object) -> str:
+        if isinstance(value, float) and pd.isna(value):
+            return "--"
         if isinstance(value, float):
-            text = f"{value:.3f}" if column.startswith("gmacs") and column != "gmacs_ratio" else f"{value:.2f}"
+            text = (f"{value:.3g}" if column == "p_paired" else
+                    f"{value:.3f}" if column.startswith("gmacs") and column != "gmacs_ratio" else f"{value:.2f}")
             return f"\\textbf{{{text}}}" if column in best and value == best[column] else text
         return str(value).replace("_", "\\_")
 

@@ -192,3 +192,35 @@ def test_run_precisions_include_each_training_entrys_own_fit(tmp_path: Path) -> 
     path.write_text("eval_precision: fp32\nlatency: {precisions: [fp32]}\nfit: {precision: fp32}\nmethods:\n"
                     "  - method: tome\n    fit: {precision: fp16}\n  - method: ltp\n    fit: {precision: bf16}\n")
     assert run_precisions(config_mod.load(str(path))) == ["fp32", "fp32", "bf16"]
+
+
+def test_paired_difference_hand_values() -> None:
+    """A right on 4 of 5, B on 1, the one B gets also A's: b = 3 discordant for A, c = 0. Difference 3/5; the
+    per-image differences (1, 1, 1, 0, 0) have variance 3/5 - (3/5)^2 = 0.24, so the half-width is
+    1.96 * sqrt(0.24 / 5); McNemar: 3 : 0 among 3 fair flips, two-sided p = 2 / 8."""
+    import math
+
+    import numpy as np
+
+    from bench.accuracy import paired_difference
+
+    a = np.array([1, 1, 1, 0, 1], bool)
+    b = np.array([0, 0, 0, 0, 1], bool)
+    difference, half, p_value = paired_difference(a, b)
+    assert difference == pytest.approx(0.6)
+    assert half == pytest.approx(1.959963984540054 * math.sqrt(0.24 / 5))
+    assert p_value == pytest.approx(0.25)
+    assert paired_difference(b, a)[0] == pytest.approx(-0.6) and paired_difference(b, a)[2] == pytest.approx(0.25)
+    # 6 : 1 among 7: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125; identical hits: 0 ± 0, p = 1
+    six_one = (np.array([1] * 6 + [0] + [1] * 3, bool), np.array([0] * 6 + [1] + [1] * 3, bool))
+    assert paired_difference(*six_one)[2] == pytest.approx(0.125)
+    assert paired_difference(a, a) == (0.0, 0.0, 1.0)
+
+
+def test_packed_hits_round_trip() -> None:
+    from bench.accuracy import pack_hits, unpack_hits
+
+    hits = torch.rand(1003, generator=torch.Generator().manual_seed(0)) > 0.3
+    packed = pack_hits(hits)
+    assert len(packed) == 126  # ceil(1003 / 8)
+    assert (unpack_hits(packed, 1003) == hits.numpy()).all()

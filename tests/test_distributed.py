@@ -66,6 +66,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for label in ("none", "tome", "topk"):  # evaluation only: must be identical
         assert int(one.loc[label, "eval_images"]) == int(two.loc[label, "eval_images"]) == 61
         assert int(one.loc[label, "top1_correct"]) == int(two.loc[label, "top1_correct"])
+        assert one.loc[label, "top1_hits"] == two.loc[label, "top1_hits"]  # each image's hit back in its place
         assert json.loads(one.loc[label, "tokens_attn"]) == pytest.approx(json.loads(two.loc[label, "tokens_attn"]), abs=1e-9)
         assert float(one.loc[label, "gmacs"]) == pytest.approx(float(two.loc[label, "gmacs"]), rel=1e-12)
         assert float(one.loc[label, "gmacs_min"]) == float(two.loc[label, "gmacs_min"])

@@ -230,3 +230,24 @@ def test_a_fit_budget_in_epochs_is_passes_over_the_training_set(tmp_path: Path, 
     assert "0 cells measured, 2 already" in same.stdout, same.stdout[-2000:]
     other = run_with("{budget_epochs: 1, batch_size: 6, precision: fp32}")
     assert "1 cells measured, 1 already" in other.stdout, other.stdout[-2000:]
+
+
+def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) -> None:
+    """Per-image hits stored with each cell give its top-1 drop from the baseline on the same images: the baseline
+    right on images 0-2 and 4, ToMe only on image 4 (drop 60 points, 1.96 * sqrt(0.24 / 5) = 42.94, McNemar
+    p = 0.25); a cell stored without hits (an older store) and the baseline itself get none."""
+    from bench.accuracy import pack_hits
+
+    store = Store(tmp_path / "s.sqlite")
+    base, tome = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool), torch.tensor([0, 0, 0, 0, 1], dtype=torch.bool)
+    store.write_cell({**fake_row("k1", "none", 0.8, 2.0), "eval_images": 5, "top1_hits": pack_hits(base)}, [])
+    store.write_cell({**fake_row("k2", "tome", 0.2, 1.0), "eval_images": 5, "top1_hits": pack_hits(tome)}, [])
+    store.write_cell({**fake_row("k3", "tome", 0.4, 1.5), "eval_images": 5, "knobs": {"r": 4}}, [])
+    table = tables.comparison(store.cells(), store.timings()).set_index("cell_key")
+    assert table.loc["k2", "top1_drop"] == pytest.approx(60.0)
+    assert table.loc["k2", "top1_drop_pm"] == pytest.approx(42.94, abs=5e-3)
+    assert table.loc["k2", "p_paired"] == pytest.approx(0.25)
+    assert table.loc[["k1", "k3"], "top1_drop"].isna().all()
+    markdown = tables.export(store.cells(), store.timings(), tmp_path / "out")[1].read_text()
+    assert "| 60.00 ± 42.94 |" in markdown and "| 0.25 " in markdown
+    store.close()
