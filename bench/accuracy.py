@@ -6,8 +6,8 @@ in top-1 has a far tighter interval than the two cells' own intervals suggest.""
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Iterable
 
 import numpy as np
