@@ -97,9 +97,7 @@ class EvalResult:
 
     def synchronise(self) -> None:
         """Combine the partial results of all ranks (exact: sums, mins and maxes of integers; each image's hit put
-        back at its place in the evaluation order, which :func:`bench.distributed.shard` strides over the ranks)."""
-        import torch.distributed as dist
-
+        back at the place in the evaluation order that :func:`bench.distributed.shard` gave this rank)."""
         from bench import distributed
 
         if not distributed.active():
@@ -116,7 +114,7 @@ class EvalResult:
         high = distributed.all_reduce(macs.max().reshape(1), "max")
         self.synchronised = (float(totals[3]) / self.images, float(low), float(high))
         placed = torch.zeros(self.images, dtype=torch.int32)
-        placed[dist.get_rank()::dist.get_world_size()] = local_hits.to(torch.int32)
+        placed[distributed.shard(torch.arange(self.images))] = local_hits.to(torch.int32)  # this rank's positions
         self.all_hits = distributed.all_reduce(placed).bool()
 
     def tokens_mean(self) -> torch.Tensor:

@@ -196,9 +196,14 @@ def prepare(config: dict[str, Any]) -> Workload:
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
 
 
+def learning_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's ``methods`` entries whose method fits on training images."""
+    return [entry for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains]
+
+
 def learning_methods(config: dict[str, Any]) -> list[str]:
     """The config's methods that fit on training images (sorted names; empty when none does)."""
-    return sorted({entry["method"] for entry in config["methods"] if methods.REGISTRY[entry["method"]].trains})
+    return sorted({entry["method"] for entry in learning_entries(config)})
 
 
 def _no_training_data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -245,8 +250,7 @@ def entry_fits(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def run_precisions(config: dict[str, Any]) -> list[str]:
     """Every precision the run uses: evaluation, latency, and the fits of the methods that train (an entry's own
     ``fit.precision`` included)."""
-    fitted = [entry_fit(config, entry)["precision"] for entry in config["methods"]
-              if methods.REGISTRY[entry["method"]].trains]
+    fitted = [entry_fit(config, entry)["precision"] for entry in learning_entries(config)]
     return [config["eval_precision"], *config["latency"]["precisions"], *fitted]
 
 
