@@ -106,7 +106,7 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
     for index, method, knobs_json in zip(cells.index, cells["method"], cells["knobs"]):
         reducer_cls = methods.REGISTRY.get(method)
         if reducer_cls is not None:
-            values = {**{k.name: k.default for k in reducer_cls.knobs}, **json.loads(knobs_json)}
+            values = {**reducer_cls.knob_defaults(), **json.loads(knobs_json)}
             fixed[index] = {k: v for k, v in values.items() if k not in reducer_cls.swept_knobs()}
     names = cells["label"].copy()
     for label, indices in cells.groupby("label").groups.items():

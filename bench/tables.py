@@ -22,7 +22,7 @@ def knob_summary(method: str, knobs_json: str) -> str:
     values = json.loads(knobs_json)
     if method in methods.REGISTRY:
         reducer_cls = methods.REGISTRY[method]
-        defaults = {k.name: k.default for k in reducer_cls.knobs}
+        defaults = reducer_cls.knob_defaults()
         values = {k: v for k, v in values.items() if k in reducer_cls.swept_knobs() or defaults.get(k, object()) != v}
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
 

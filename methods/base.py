@@ -210,6 +210,11 @@ class TokenReducer:
         return cls.block_forward is TokenReducer.block_forward
 
     @classmethod
+    def knob_defaults(cls) -> dict[str, Any]:
+        """Each knob's declared default, by name."""
+        return {k.name: k.default for k in cls.knobs}
+
+    @classmethod
     def swept_knobs(cls) -> tuple[str, ...]:
         """Names of the knobs with a declared default sweep (the cost knobs: ToMe's r, LTMP's r_target)."""
         return tuple(k.name for k in cls.knobs if k.sweep)
