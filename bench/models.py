@@ -105,13 +105,25 @@ def read_checkpoint(path: Path) -> Any:
                          "re-download it") from exc
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load weights strictly; any mismatch is a one-line error naming the first offending keys."""
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file, with a one-line error if the file is missing or holds none."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint {path} not found: pass --checkpoint PATH to an existing file")
-    obj = read_checkpoint(path)
-    state = extract_state_dict(obj)
+    return extract_state_dict(read_checkpoint(path))
+
+
+def head_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """How many classes a ViT state dict's classifier predicts (``head.weight: (classes, D)``); None without one."""
+    weight = state.get("head.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load weights strictly (``state``, when already read from ``path``); any mismatch is a one-line error
+    naming the first offending keys."""
+    state = read_state(path) if state is None else state
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -138,10 +150,15 @@ def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str
            **kwargs: Any) -> VisionTransformer:
     """Build a timm ViT in eval mode. A ``checkpoint`` file wins over ``pretrained`` (nothing is fetched: a config
     that asks for pretrained weights runs offline from a local file). The embedded model loads (and hash-checks) its
-    shipped checkpoint by default."""
+    shipped checkpoint by default. A checkpoint fine-tuned to another number of classes (ImageNet-100, CIFAR-100)
+    sets the model's ``num_classes`` from its classifier head, as ``timm.create_model(name, num_classes=...)``."""
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise BenchError(f"unknown model {name!r}: see `python run_bench.py list` or timm.list_models('*vit*')")
     fetch = pretrained and checkpoint is None and name != EMBEDDED_MODEL
+    state = read_state(checkpoint) if checkpoint is not None else None
+    classes = head_classes(state) if state is not None else None
+    if classes is not None and "num_classes" not in kwargs:
+        kwargs = {**kwargs, "num_classes": classes}
     try:
         model = timm.create_model(name, pretrained=fetch, **kwargs)
     except BenchError:
@@ -153,7 +170,7 @@ def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str
         raise BenchError(f"could not build {name!r}: {str(exc).splitlines()[0]}") from exc
     model = check_vit(model, name)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, state)
     elif name == EMBEDDED_MODEL and not kwargs.get("random_init", False):
         verify_embedded_checkpoint()
         load_checkpoint(model, EMBEDDED_CHECKPOINT)

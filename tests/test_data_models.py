@@ -153,6 +153,24 @@ def test_safetensors_checkpoint_gives_identical_logits(tmp_path: Path) -> None:
         assert torch.equal(model(x), loaded(x))
 
 
+def test_a_checkpoint_fine_tuned_to_other_classes_sets_the_head(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """A ViT fine-tuned to 5 classes loads under the timm name whose default head has 3, with identical logits,
+    and then expects an ImageFolder of 5 class folders (it did refuse the head's shape)."""
+    torch.manual_seed(0)
+    model = make_tiny(num_classes=5).eval()
+    torch.save(model.state_dict(), tmp_path / "five.pt")
+    loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "five.pt")
+    assert loaded.num_classes == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    with pytest.raises(BenchError, match="has 3 class folders but the model predicts 5 classes"):
+        data.image_folder(tiny_imagefolder, loaded)
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, tmp_path / "headless.pt")
+    with pytest.raises(BenchError, match=r"missing \['head.weight', 'head.bias'\]"):
+        models.create("test_tiny_vit", checkpoint=tmp_path / "headless.pt")
+
+
 @pytest.mark.parametrize(("name", "content", "expected"), [
     ("model.safetensors", b"not safetensors", "is corrupt or not a safetensors file"),
     ("vit.npz", b"PK", "is a NumPy/JAX file"),
