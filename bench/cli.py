@@ -218,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         load_plugins(getattr(args, "plugins", None))
 
-        return {"run": cmd_run, "list": cmd_list, "export": cmd_export, "plot": cmd_plot}[args.command](args)
+        status = {"run": cmd_run, "list": cmd_list, "export": cmd_export, "plot": cmd_plot}[args.command](args)
+        sys.stdout.flush()  # a closed pipe (`list | head`) raises here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # the reader left: stop quietly, as `ls | head` does (the store is written per cell)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -186,3 +186,18 @@ def test_speed_benchmark_without_fashion_mnist_is_one_line_and_exit_2(tmp_path: 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "dataset-fashion-mnist" in lines[0], lines
     assert not (tmp_path / "speed.jsonl").exists()
+
+
+def test_a_closed_output_pipe_ends_quietly() -> None:
+    """`run_bench.py list | head -1`: the reader closes the pipe before the listing is written; the command must
+    stop without a traceback (it printed a BrokenPipeError traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
