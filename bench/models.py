@@ -7,9 +7,13 @@ i.e. 196 patch tokens + CLS = 197 tokens, DeiT's token count at 224/16. It is re
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +150,34 @@ def check_vit(model: nn.Module, name: str) -> VisionTransformer:
     return model
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``) accepts a TCP connection within ``timeout_s``: False with
+    ``HF_HUB_OFFLINE`` set, and on a compute node without internet."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    url = urllib.parse.urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_cache_only() -> Iterator[None]:
+    """Hugging Face hub in offline mode for the block (weights come from its cache or not at all). Without it,
+    an unreachable hub costs ~45 s of retries per file before the cache is consulted."""
+    import huggingface_hub.constants as hub
+
+    before, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
 def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
            **kwargs: Any) -> VisionTransformer:
     """Build a timm ViT in eval mode. A ``checkpoint`` file wins over ``pretrained`` (nothing is fetched: a config
@@ -159,13 +191,16 @@ def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str
     classes = head_classes(state) if state is not None else None
     if classes is not None and "num_classes" not in kwargs:
         kwargs = {**kwargs, "num_classes": classes}
+    online = fetch and hub_reachable()
     try:
-        model = timm.create_model(name, pretrained=fetch, **kwargs)
+        with contextlib.nullcontext() if online or not fetch else hub_cache_only():
+            model = timm.create_model(name, pretrained=fetch, **kwargs)
     except BenchError:
         raise
     except Exception as exc:
         if fetch:
-            raise BenchError(f"could not fetch pretrained weights for {name!r} (offline? {type(exc).__name__}): "
+            where = "" if online else "the hub is unreachable and its cache holds none; "
+            raise BenchError(f"could not fetch pretrained weights for {name!r} ({where}{type(exc).__name__}): "
                              "pass --checkpoint PATH to a local file instead") from exc
         raise BenchError(f"could not build {name!r}: {str(exc).splitlines()[0]}") from exc
     model = check_vit(model, name)

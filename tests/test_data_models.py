@@ -120,6 +120,30 @@ def test_pretrained_loads_offline_from_the_hub_cache(tmp_path: Path, monkeypatch
     assert all(torch.equal(loaded[key], cached[key]) for key in cached)
 
 
+def test_an_unreachable_hub_goes_straight_to_its_cache(tmp_path: Path, monkeypatch) -> None:
+    """Without HF_HUB_OFFLINE, a node without internet must not spend ~45 s per file on the hub's retries: the
+    fetch runs cache-only (it did try the network first) and, with nothing cached, names the fix."""
+    import socket
+
+    import huggingface_hub.constants
+    import timm
+
+    def refuse(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    offline_at_fetch = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: (
+        offline_at_fetch.append(huggingface_hub.constants.HF_HUB_OFFLINE), real_create(name, **kw))[1])
+    with pytest.raises(BenchError, match="the hub is unreachable and its cache holds none.*--checkpoint PATH"):
+        models.create("deit_tiny_patch16_224", pretrained=True)
+    assert offline_at_fetch == [True]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
+
+
 def test_augment_flips_and_shifts() -> None:
     x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
     out = augment(x, torch.Generator().manual_seed(0), max_shift=1)
