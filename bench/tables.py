@@ -21,9 +21,7 @@ def knob_summary(method: str, knobs_json: str) -> str:
 
     values = json.loads(knobs_json)
     if method in methods.REGISTRY:
-        reducer_cls = methods.REGISTRY[method]
-        defaults = reducer_cls.knob_defaults()
-        values = {k: v for k, v in values.items() if k in reducer_cls.swept_knobs() or defaults.get(k, object()) != v}
+        return methods.REGISTRY[method].summarise(values)
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
 
 

@@ -225,8 +225,17 @@ class TokenReducer:
             return cls.monotone_knob
         return next(((k.name, k.sweep) for k in cls.knobs if len(k.sweep) > 1), None)
 
+    @classmethod
+    def summarise(cls, values: dict[str, Any]) -> str:
+        """``r_target=0.7, lr_merge=0.05``: of ``values``, the knobs the plug-in sweeps (at any value, its default
+        included) and the others where they differ from its declared defaults; ``-`` for none."""
+        defaults = cls.knob_defaults()
+        shown = {k: v for k, v in values.items() if k in cls.swept_knobs() or defaults.get(k, object()) != v}
+        return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
+
     def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "-"
+        """This instance's knobs as :meth:`summarise` shows them (progress lines, tables)."""
+        return self.summarise(self.values)
 
 
 def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenReducer]]:

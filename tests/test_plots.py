@@ -240,12 +240,14 @@ def test_knob_labels_always_name_the_swept_knob_even_at_its_default() -> None:
     where they differ from the defaults; figure labels show the swept knob's value; plug-ins not loaded show all."""
     import json
 
+    import methods
     from bench.plots import knob_text
     from bench.tables import knob_summary
 
     ltmp = json.dumps({"r_target": 0.7, "tau": 0.5, "lr_merge": 0.05})  # r_target and tau at their defaults
     assert knob_summary("topk", json.dumps({"keep_rate": 0.7, "fuse": True})) == "keep_rate=0.7"
     assert knob_summary("ltmp", ltmp) == "r_target=0.7, lr_merge=0.05"
+    assert methods.create("ltmp", r_target=0.7, lr_merge=0.05).describe() == "r_target=0.7, lr_merge=0.05"  # progress
     assert knob_summary("tome", json.dumps({"r": 8, "prop_attn": False})) == "r=8, prop_attn=False"
     assert knob_summary("none", "{}") == "-"
     assert knob_summary("not_loaded", json.dumps({"ratio": 0.3, "depth": 2})) == "ratio=0.3, depth=2"
