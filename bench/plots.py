@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
 from bench.matched import pareto_front  # noqa: E402
+from bench.published import points_for  # noqa: E402
 from bench.settings import series_labels, split_by_setting  # noqa: E402
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999"]
@@ -75,8 +76,11 @@ def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = None) -> plt.Figure:
-    """Top-1 vs GMACs per method; cells of one evaluation setting (:mod:`bench.settings`)."""
+def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = None,
+             published: pd.DataFrame | None = None) -> plt.Figure:
+    """Top-1 vs GMACs per method; cells of one evaluation setting (:mod:`bench.settings`). ``published``: the
+    papers' points for this setting (:func:`bench.published.points_for`), drawn as crosses joined by dotted lines
+    in the colour of the method's first series."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
         labels = list(cells["label"].unique())
@@ -103,6 +107,13 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
                     text = "/".join(knob_text(row.method, row.knobs) for row in same.itertuples())
                     knob_labels.append(ax.annotate(text, (gmacs, 100 * top1), fontsize=5, xytext=(3, -6),
                                                    textcoords="offset points", color=colour))
+        for method, points in ([] if published is None else published.groupby("method", sort=True)):
+            colour = style_of(cells.loc[cells["method"] == method, "label"].iloc[0], labels)[0]
+            points = points.sort_values("gmacs")
+            ax.plot(points["gmacs"], points["top1"], linestyle=":", marker="x", markersize=4, linewidth=0.8,
+                    color=colour, gid=f"published:{method}")
+        if published is not None and not published.empty:  # one legend entry for every method's published points
+            ax.plot([], [], linestyle=":", marker="x", markersize=4, linewidth=0.8, color="grey", label="published")
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3, linewidth=0.5)
@@ -251,7 +262,8 @@ def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, 
     paths: list[Path] = []
     for setting, group in split_by_setting(cells, naming):
         group = group.assign(label=series_labels(group))  # a label's variants: separate series
-        paths += _save(frontier(group, title=setting.title), out, f"frontier_{setting.stem}")
+        paths += _save(frontier(group, title=setting.title, published=points_for(group)), out,
+                       f"frontier_{setting.stem}")
         paths += _save(tokens_per_layer(group), out, f"tokens_{setting.stem}")
         group_timings = timings[timings["cell_key"].isin(group["cell_key"])]
         if group_timings.empty:

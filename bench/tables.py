@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import matched
+from bench import matched, published
 from bench.accuracy import paired_difference, unpack_hits
 from bench.errors import BenchError
 from bench.settings import SETTING_COLUMNS, series_labels, split_by_setting
@@ -121,19 +121,28 @@ def matched_markdown(long: pd.DataFrame) -> str:
     return f"{matched.NOTE}\n\n{matched.wide(long).to_markdown(index=False)}\n" if not long.empty else ""
 
 
+def latex_cell(text: str) -> str:
+    """A report cell's text in LaTeX: ±, ×, –, ≥, & and _ escaped, ``**bold**`` as ``\\textbf``."""
+    for plain, latex in (("±", "$\\pm$"), ("×", "$\\times$"), ("–", "--"), ("≥", "$\\geq$"), ("&", "\\&"),
+                         ("_", "\\_")):
+        text = text.replace(plain, latex)
+    return f"\\textbf{{{text.strip('*')}}}" if text.startswith("**") else text
+
+
+def text_latex(table: pd.DataFrame, text_columns: int) -> str:
+    """A table of text cells as booktabs (:func:`latex_cell` on every cell and header)."""
+    return booktabs([latex_cell(c) for c in table.columns],
+                    [[latex_cell(str(v)) for v in row] for row in table.itertuples(index=False)], text_columns)
+
+
 def matched_latex(long: pd.DataFrame) -> str:
     """The matched-cost table as booktabs, the best of each row in bold; empty like :func:`matched_markdown`."""
-    if long.empty:
-        return ""
+    return text_latex(matched.wide(long), text_columns=1) if not long.empty else ""
 
-    def cell(text: str) -> str:
-        for plain, latex in (("±", "$\\pm$"), ("×", "$\\times$"), ("–", "--"), ("≥", "$\\geq$"), ("_", "\\_")):
-            text = text.replace(plain, latex)
-        return f"\\textbf{{{text.strip('*')}}}" if text.startswith("**") else text
 
-    table = matched.wide(long)
-    return booktabs([cell(c) for c in table.columns], [[cell(str(v)) for v in row] for row in table.itertuples(index=False)],
-                    text_columns=1)
+def published_markdown(compared: pd.DataFrame) -> str:
+    """The papers' numbers beside this setting's (:mod:`bench.published`) under its note."""
+    return f"{published.NOTE}\n\n{published.shown(compared).to_markdown(index=False, disable_numparse=True)}\n"
 
 
 def reports_dir(out_dir: str | Path) -> Path:
@@ -171,6 +180,12 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
             sections_md.append(f"#### {setting.title}: top-1 at matched cost\n\n{matched_markdown(at_cost)}")
             sections_tex.append(f"% {setting.title}: top-1 at matched cost\n{matched_latex(at_cost)}")
             readings.append(at_cost.assign(setting=setting.title))
+        points = published.points_for(group)
+        if not points.empty:
+            compared = published.compare(table, group.drop_duplicates("label").set_index("label")["method"], points)
+            sections_md.append(f"#### {setting.title}: against the published numbers\n\n{published_markdown(compared)}")
+            sections_tex.append(f"% {setting.title}: against the published numbers\n"
+                                f"{text_latex(published.shown(compared), text_columns=4)}")
         setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision", "ft_extra"]]
         rows.append(table.join(setting_columns, on="cell_key"))
     frame = pd.concat(rows, ignore_index=True)
