@@ -42,13 +42,36 @@ DEFAULTS: dict[str, Any] = {
 ENTRY_KEYS = {"method", "label", "knobs", "sweep", "fit"}
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+#: (type of a default, types a value may have, how the error names them), most specific first.
+KINDS = ((bool, (bool,), "true or false"), (dict, (dict,), "a mapping"), (list, (list,), "a list"),
+         (int, (int,), "a whole number"), (float, (int, float), "a number"), (str, (str,), "text"))
+
+
+def check_kind(where: str, default: Any, value: Any) -> None:
+    """Raise :class:`BenchError` unless ``value`` is of ``default``'s kind (a mapping, a list, a whole number, a
+    number, text, true/false). A key whose default is None takes anything (its use checks it)."""
+    if default is None:
+        return
+    for default_type, accepted, text in KINDS:
+        if isinstance(default, default_type):
+            if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+                raise BenchError(f"config key {where} must be {text} (got {value!r}): fix the config")
+            return
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], where: str,
+           kinds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``override`` merged into a copy of ``base``, key by key into nested mappings; each value checked against the
+    kind of its key in ``kinds`` (default ``base``; the ``quick`` overlay of a loaded config passes
+    :data:`DEFAULTS`, where e.g. ``fit.budget_epochs`` may be None)."""
+    kinds = base if kinds is None else kinds
     out = copy.deepcopy(base)
     for key, value in override.items():
         if key not in base:
             raise BenchError(f"unknown config key {where}{key!r}: allowed keys are {sorted(base)}")
+        check_kind(f"{where}{key}", kinds[key], value)
         if isinstance(base[key], dict) and isinstance(value, dict) and key != "quick":
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            out[key] = _merge(base[key], value, f"{where}{key}.", kinds[key])
         else:
             out[key] = value
     return out
@@ -71,18 +94,40 @@ def load(name_or_path: str | None) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BenchError(f"config {path} must be a mapping of keys to values")
     config = _merge(DEFAULTS, raw, "")
-    for entry in config["methods"]:
-        unknown = set(entry) - ENTRY_KEYS
-        if unknown:
-            raise BenchError(f"unknown config key methods[{entry.get('method')}].{sorted(unknown)[0]!r}: allowed {sorted(ENTRY_KEYS)}")
+    for index, entry in enumerate(config["methods"]):
+        check_entry(entry, index)
     return config
+
+
+def check_entry(entry: Any, index: int) -> None:
+    """Raise :class:`BenchError` naming the fix for a malformed ``methods`` entry: not a mapping with a method name,
+    unknown keys, ``knobs``/``sweep``/``fit`` that are not mappings, a knob swept over no values or both fixed and
+    swept, and ``fit`` keys or values the config's ``fit`` does not take."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+        raise BenchError(f"config methods[{index}] must be a mapping with a method name (got {entry!r}): "
+                         "write e.g. `- method: tome`")
+    where = f"methods[{entry.get('label') or entry['method']}]"
+    unknown = set(entry) - ENTRY_KEYS
+    if unknown:
+        raise BenchError(f"unknown config key {where}.{sorted(unknown)[0]!r}: allowed {sorted(ENTRY_KEYS)}")
+    for key in ("knobs", "sweep", "fit"):
+        check_kind(f"{where}.{key}", {}, {} if entry.get(key) is None else entry[key])
+    sweep, knobs = entry.get("sweep") or {}, entry.get("knobs") or {}
+    for knob, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise BenchError(f"config key {where}.sweep.{knob} must be a non-empty list of values (got {values!r}): "
+                             f"write e.g. `sweep: {{{knob}: [...]}}`")
+    both = sorted(set(sweep) & set(knobs))
+    if both:
+        raise BenchError(f"config {where} both fixes and sweeps {both[0]!r}: keep it in `knobs` or in `sweep`, not both")
+    _merge(DEFAULTS["fit"], entry.get("fit") or {}, f"{where}.fit.")
 
 
 def apply_quick(config: dict[str, Any]) -> dict[str, Any]:
     """Overlay the config's ``quick`` section (smaller subset, fewer knob values, shorter budgets)."""
     quick = dict(config["quick"])
     points = quick.pop("sweep_points", None)
-    out = _merge(config, quick, "quick.")
+    out = _merge(config, quick, "quick.", DEFAULTS)
     if points:
         for entry in out["methods"]:
             for knob, values in (entry.get("sweep") or {}).items():

@@ -1,9 +1,15 @@
 """The run's config from YAML and flags: which base config a command starts from, and what --methods selects."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bench import config
 from bench.cli import build_config, make_parser
+from bench.errors import BenchError
 
 
 def config_of(*argv: str, subset: bool = True) -> dict[str, Any]:
@@ -33,3 +39,36 @@ def test_methods_selects_from_the_config_and_adds_registered_ones_at_their_decla
     assert sweeps(chosen) == {"none": None, "pm-ft": {"keep_rate": [0.6]}, "ltm": None}
     whole = config_of("--methods", "none,ltm", subset=False)
     assert list(sweeps(whole)) == ["none", "tome", "topk", "ltmp", "ltp", "pm", "pm-ft", "ltm"]
+
+
+MALFORMED = {  # YAML text -> the one-line error's telling part (each raised a TypeError/AttributeError, ran nothing
+    # and blamed an empty store, ran with the key ignored, or let the sweep silently override the fixed knob)
+    "methods: tome": "config key methods must be a list (got 'tome')",
+    "methods:": "config key methods must be a list (got None)",
+    "methods: [tome]": "config methods[0] must be a mapping with a method name",
+    "methods: [{method: tome, sweep: r}]": "config key methods[tome].sweep must be a mapping (got 'r')",
+    "methods: [{method: tome, sweep: {r: []}}]": "methods[tome].sweep.r must be a non-empty list of values",
+    "methods: [{method: tome, knobs: {r: 8}, sweep: {r: [4]}}]": "methods[tome] both fixes and sweeps 'r'",
+    "methods: [{method: ltmp, label: short, fit: {budget: 3}}]": "unknown config key methods[short].fit.'budget'",
+    "methods: [{method: ltmp, fit: {batch_size: 8.5}}]": "methods[ltmp].fit.batch_size must be a whole number",
+    "latency: {batch_sizes: 32}": "config key latency.batch_sizes must be a list (got 32)",
+    "latency: 5": "config key latency must be a mapping (got 5)",
+    "fit: {budget_images: 1e4}": "config key fit.budget_images must be a whole number (got '1e4')",  # YAML 1.1: text
+    "seed: true": "config key seed must be a whole number (got True)",
+}
+
+
+@pytest.mark.parametrize("text", list(MALFORMED))
+def test_malformed_configs_are_one_line_errors_before_anything_runs(tmp_path: Path, text: str) -> None:
+    (tmp_path / "bad.yaml").write_text(text + "\n")
+    with pytest.raises(BenchError, match=re.escape(MALFORMED[text])):
+        config.load(str(tmp_path / "bad.yaml"))
+
+
+def test_well_formed_values_of_related_kinds_pass() -> None:
+    """A whole number where a number is expected, and None where the default is None, are fine."""
+    for key, default, value in [("latency.warmup_s", 2.0, 1), ("fit.budget_epochs", None, 0.5), ("limit", None, 10)]:
+        config.check_kind(key, default, value)
+    for name in ("fmnist_default", "fmnist_full", "imagenet_deit_small"):  # the shipped configs and their quick runs
+        quick = config.apply_quick(config.load(name))
+    assert quick["fit"]["budget_epochs"] is None  # null over the config's 1: a kind the defaults allow
