@@ -117,8 +117,15 @@ def booktabs(header: list[str], rows: list[list[str]], text_columns: int) -> str
 
 
 def matched_markdown(long: pd.DataFrame) -> str:
-    """The matched-cost table (:mod:`bench.matched`) under its note; empty when no level is reached by two methods."""
-    return f"{matched.NOTE}\n\n{matched.wide(long).to_markdown(index=False)}\n" if not long.empty else ""
+    """The matched-cost table (:mod:`bench.matched`) under its note, then the paired gaps to the best under theirs
+    (where per-image hits were stored); empty when no level is reached by two methods."""
+    if long.empty:
+        return ""
+    text = f"{matched.NOTE}\n\n{matched.wide(long).to_markdown(index=False)}\n"
+    if long["gap"].notna().any():
+        gaps = matched.wide(long, matched.gap_text).to_markdown(index=False, disable_numparse=True)
+        text += f"\n{matched.GAP_NOTE}\n\n{gaps}\n"
+    return text
 
 
 def latex_cell(text: str) -> str:
@@ -136,8 +143,14 @@ def text_latex(table: pd.DataFrame, text_columns: int) -> str:
 
 
 def matched_latex(long: pd.DataFrame) -> str:
-    """The matched-cost table as booktabs, the best of each row in bold; empty like :func:`matched_markdown`."""
-    return text_latex(matched.wide(long), text_columns=1) if not long.empty else ""
+    """The matched-cost table as booktabs, the best of each row in bold, then the paired gaps' table; empty like
+    :func:`matched_markdown`."""
+    if long.empty:
+        return ""
+    text = text_latex(matched.wide(long), text_columns=1)
+    if long["gap"].notna().any():
+        text += f"% paired gaps to the best at each cost\n{text_latex(matched.wide(long, matched.gap_text), text_columns=1)}"
+    return text
 
 
 def published_markdown(compared: pd.DataFrame) -> str:
@@ -173,7 +186,9 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     for setting, group in split_by_setting(cells, naming):
         group = group.assign(label=series_labels(group))  # a label's variants: separate rows of the matched table
         table = comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])
-        at_cost = matched.matched_all(table)
+        stored = group[group["top1_hits"].notna()] if "top1_hits" in group else group.iloc[0:0]
+        hits = {row.cell_key: unpack_hits(row.top1_hits, int(row.eval_images)) for row in stored.itertuples()}
+        at_cost = matched.matched_all(table, hits=hits)
         sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")
         sections_tex.append(f"% {setting.title}\n{to_latex(table)}")
         if not at_cost.empty:
@@ -198,4 +213,4 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     return paths
 
 
-MATCHED_COLUMNS = ["axis", "level", "method", "top1", "top1_pm", "cells"]
+MATCHED_COLUMNS = ["axis", "level", "method", "top1", "top1_pm", "cells", "gap", "gap_pm"]

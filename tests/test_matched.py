@@ -96,3 +96,61 @@ def test_wide_rows_follow_the_axes_then_the_levels() -> None:
                          ("speedup cpu fp32 b32", 1.25, "a"), ("speedup cpu fp32 b32", 1.25, "b")],
                         columns=["axis", "level", "method"]).assign(top1=90.0, top1_pm=0.5, cells="interpolated")
     assert list(matched.wide(long)["cost"]) == ["×1.50 fewer GMACs", "×2.00 fewer GMACs", "×1.25 speedup cpu fp32 b32"]
+
+
+def hits_table() -> tuple[pd.DataFrame, dict]:
+    """a: (saving 1.2, hits 1110 = 75 %) and (1.8, 1000 = 25 %); b: (1.5, 1110 = 75 %), on the same 4 images."""
+    import numpy as np
+
+    hits = {"a1": np.array([1, 1, 1, 0], bool), "a2": np.array([1, 0, 0, 0], bool), "b1": np.array([1, 1, 1, 0], bool)}
+    rows = [("a1", "a", 1.2, 75.0), ("a2", "a", 1.8, 25.0), ("b1", "b", 1.5, 75.0)]
+    return pd.DataFrame(rows, columns=["cell_key", "method", "gmacs_ratio", "top1"]).assign(top1_pm=1.0), hits
+
+
+def test_paired_gap_of_an_interpolated_reading_by_hand() -> None:
+    """At 1.5, a reads 0.5 * 75 + 0.5 * 25 = 50, b (measured) 75 is the best. Per image a's interpolated hits are
+    (1, .5, .5, 0) against b's (1, 1, 1, 0): differences (0, -.5, -.5, 0), mean -0.25, mean square 0.125, so the
+    standard error is sqrt((0.125 - 0.0625) / 4) = 0.125 and the gap -25.00 ± 1.96 * 12.5 = ± 24.50 points."""
+    table, hits = hits_table()
+    long = matched.matched(table, "gmacs_ratio", levels=(1.5,), hits=hits).set_index("method")
+    assert long.loc["a", "top1"] == pytest.approx(50.0)
+    assert (long.loc["a", "gap"], long.loc["a", "gap_pm"]) == (pytest.approx(-25.0), pytest.approx(24.4995, abs=1e-4))
+    assert (long.loc["b", "gap"], long.loc["b", "gap_pm"]) == (0.0, 0.0)
+    gaps = matched.wide(long.reset_index(), matched.gap_text).set_index("cost")
+    assert list(gaps.loc["×1.50 fewer GMACs"]) == ["-25.00 ± 24.50", "best"]
+    assert matched.gap_text(pd.Series({"gap": -0.0034, "gap_pm": 0.18}), best=False) == "+0.00 ± 0.18"
+    without = matched.matched(table, "gmacs_ratio", levels=(1.5,), hits={"a1": hits["a1"]})  # a2, b1 not stored
+    assert without["gap"].isna().all()
+
+
+def test_paired_gap_of_measured_cells_is_the_paired_difference() -> None:
+    import numpy as np
+
+    from bench.accuracy import paired_difference
+
+    rng = np.random.default_rng(0)
+    hits = {"x": rng.random(1000) < 0.9, "y": rng.random(1000) < 0.8}
+    table = pd.DataFrame({"cell_key": ["x", "y"], "method": ["p", "q"], "gmacs_ratio": [1.5, 1.5],
+                          "top1": [100 * hits["x"].mean(), 100 * hits["y"].mean()], "top1_pm": [1.0, 1.0]})
+    gap = matched.matched(table, "gmacs_ratio", levels=(1.5,), hits=hits).set_index("method").loc["q"]
+    difference, half, _ = paired_difference(hits["y"], hits["x"])
+    assert (gap["gap"], gap["gap_pm"]) == (pytest.approx(100 * difference), pytest.approx(100 * half))
+
+
+def test_export_adds_the_paired_gaps_where_hits_are_stored(tmp_path: Path) -> None:
+    import torch
+
+    from bench.accuracy import pack_hits
+
+    store = Store(tmp_path / "s.sqlite")
+    generator = torch.Generator().manual_seed(0)
+    for key, method, gmacs in [("n", "none", 2.0), ("t", "tome", 1.0), ("l", "ltmp", 1.0)]:
+        hits = torch.rand(100, generator=generator) < 0.85
+        row = {**fake_row(key, method, float(hits.float().mean()), gmacs), "top1_hits": pack_hits(hits)}
+        store.write_cell(row, [fake_timing(32)])
+    paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
+    store.close()
+    long = pd.read_csv(tmp_path / "out" / "results_matched.csv")
+    at_two = long[(long["axis"] == "gmacs_ratio") & (long["level"] == 2.0)].set_index("method")
+    assert at_two["gap"].notna().all() and (at_two["gap"] <= 0).all() and (at_two["gap"] == 0).sum() == 1
+    assert matched.GAP_NOTE in paths[1].read_text() and "% paired gaps" in paths[2].read_text()
