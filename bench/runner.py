@@ -193,6 +193,9 @@ def prepare(config: dict[str, Any]) -> Workload:
     if sha.startswith("random-") and distributed.rank() == 0:  # said once the run is sure to start
         print(f"warning: {config['model']} has random weights (neither --pretrained nor --checkpoint): its top-1 is "
               "chance level; GMACs and latency are still measured", file=sys.stderr)
+    if config["limit"] is not None and config["limit"] > n_images and distributed.rank() == 0:
+        print(f"note: --limit {config['limit']} is more than the {n_images:,} images of {dataset}: all of them are "
+              "evaluated", file=sys.stderr)
     return Workload(config, model, sha, dataset, n_images, eval_batches, train_batches, device, train_images=train_images)
 
 

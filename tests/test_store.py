@@ -162,9 +162,10 @@ def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, 
     store, reports = tmp_path / "s.sqlite", tmp_path / "r"
     common = ("run", "--config", str(config), "--store", str(store), "--reports", str(reports), "--quiet")
     env = {"TOKENBENCH_PLUGINS": "tests.tiny_model"}
-    first = run_cli(*common, env=env)
+    first = run_cli(*common, "--limit", "50", env=env)  # more than the folder's 18 images: the same cells
     assert first.returncode == 0, first.stderr[-2000:]
     assert "warning: test_tiny_vit has random weights" in first.stderr  # no --pretrained, no --checkpoint
+    assert "note: --limit 50 is more than the 18 images of imagefolder:" in first.stderr
     before = pd.read_csv(reports / "results.csv")
     subset = run_cli(*common, "--methods", "tome", "--force", env=env)
     assert subset.returncode == 0, subset.stderr[-2000:]
