@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench import matched, published
@@ -38,18 +39,22 @@ def paired_to_baseline(cells: pd.DataFrame) -> pd.DataFrame:
     hits, and where the cell's setting (:data:`bench.settings.SETTING_COLUMNS`) has no baseline cell."""
     columns = ["top1_drop", "top1_drop_pm", "p_paired"]
     out = pd.DataFrame(index=cells["cell_key"], columns=columns, dtype=float)
-    if "top1_hits" not in cells:
-        return out
+    hits = cell_hits(cells)
     for _, group in cells.groupby(list(SETTING_COLUMNS)):
-        baselines = group[(group["method"] == "none") & group["top1_hits"].notna()]
+        baselines = group[(group["method"] == "none") & group["cell_key"].isin(hits)]
         if baselines.empty:
             continue
-        base = baselines.iloc[0]
-        base_hits = unpack_hits(base["top1_hits"], int(base["eval_images"]))
-        for row in group[(group["cell_key"] != base["cell_key"]) & group["top1_hits"].notna()].itertuples():
-            drop, half, p_value = paired_difference(base_hits, unpack_hits(row.top1_hits, int(row.eval_images)))
-            out.loc[row.cell_key] = [100 * drop, 100 * half, p_value]
+        base = baselines["cell_key"].iloc[0]
+        for key in group["cell_key"][(group["cell_key"] != base) & group["cell_key"].isin(hits)]:
+            drop, half, p_value = paired_difference(hits[base], hits[key])
+            out.loc[key] = [100 * drop, 100 * half, p_value]
     return out
+
+
+def cell_hits(cells: pd.DataFrame) -> dict[str, np.ndarray]:
+    """``cell_key`` -> ``(images,)`` bool top-1 hits of every cell stored with them (none from older stores)."""
+    stored = cells[cells["top1_hits"].notna()] if "top1_hits" in cells else cells.iloc[0:0]
+    return {row.cell_key: unpack_hits(row.top1_hits, int(row.eval_images)) for row in stored.itertuples()}
 
 
 def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
@@ -186,9 +191,7 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     for setting, group in split_by_setting(cells, naming):
         group = group.assign(label=series_labels(group))  # a label's variants: separate rows of the matched table
         table = comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])
-        stored = group[group["top1_hits"].notna()] if "top1_hits" in group else group.iloc[0:0]
-        hits = {row.cell_key: unpack_hits(row.top1_hits, int(row.eval_images)) for row in stored.itertuples()}
-        at_cost = matched.matched_all(table, hits=hits)
+        at_cost = matched.matched_all(table, hits=cell_hits(group))
         sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")
         sections_tex.append(f"% {setting.title}\n{to_latex(table)}")
         if not at_cost.empty:
