@@ -178,7 +178,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, help="the recipe's")
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
     parser.add_argument("--init-from", default=None, help="start from these weights (a second stage); recorded in the manifest")
@@ -187,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Train from ``argv`` flags; a :class:`BenchError` propagates (``run_bench.py train-base`` prints it in one line)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="run_bench.py train-base", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     train(parser.parse_args(argv))
 
