@@ -82,3 +82,11 @@ def test_a_fashion_mnist_store_gets_no_published_section(tmp_path: Path) -> None
     paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
     store.close()
     assert "published" not in paths[1].read_text()
+
+
+def test_a_broken_published_file_is_a_one_line_error(tmp_path: Path) -> None:
+    from bench.errors import BenchError
+
+    (tmp_path / "published.yaml").write_text("deit_small_patch16_224: 5\n")  # points not a list of rows
+    with pytest.raises(BenchError, match="published numbers .* unreadable .*git checkout bench/assets"):
+        published.load(tmp_path / "published.yaml")
