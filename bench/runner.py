@@ -244,9 +244,9 @@ def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.Token
 
 def entry_fits(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(where, fit) of the config's own ``fit`` and of every ``methods`` entry that sets its own (``where`` names it
-    in error messages: ``fit`` or ``methods[NAME].fit``)."""
+    in error messages: ``fit`` or ``methods[LABEL].fit``, as :func:`bench.config.check_entry` names entries)."""
     return [("fit", entry_fit(config, {})),
-            *((f"methods[{entry['method']}].fit", entry_fit(config, entry)) for entry in config["methods"]
+            *((f"methods[{_label(entry)}].fit", entry_fit(config, entry)) for entry in config["methods"]
               if entry.get("fit"))]
 
 
