@@ -152,12 +152,14 @@ def check_vit(model: nn.Module, name: str) -> VisionTransformer:
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the Hugging Face hub (``$HF_ENDPOINT``) accepts a TCP connection within ``timeout_s``: False with
-    ``HF_HUB_OFFLINE`` set, and on a compute node without internet."""
+    ``HF_HUB_OFFLINE`` set, for an endpoint without a host name, and on a compute node without internet."""
     import huggingface_hub.constants as hub
 
     if hub.HF_HUB_OFFLINE:
         return False
     url = urllib.parse.urlparse(hub.ENDPOINT)
+    if not url.hostname:  # a malformed endpoint: getaddrinfo would try localhost
+        return False
     try:
         socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout_s).close()
     except (OSError, ValueError):

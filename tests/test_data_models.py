@@ -144,6 +144,32 @@ def test_an_unreachable_hub_goes_straight_to_its_cache(tmp_path: Path, monkeypat
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
 
 
+def test_hub_reachable_asks_the_endpoints_host(monkeypatch) -> None:
+    """The check connects to $HF_ENDPOINT's host and port: a listening local socket is reachable, a closed port is
+    not, and an endpoint without a host name is unreachable without any connection (getaddrinfo would try
+    localhost)."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert models.hub_reachable(timeout_s=2.0)
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{port}")  # closed now
+    assert not models.hub_reachable(timeout_s=2.0)
+    tried = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, *args: tried.append(address))
+    for malformed in ("huggingface.co", "https://", "https:///path"):
+        monkeypatch.setattr(hub, "ENDPOINT", malformed)
+        assert not models.hub_reachable()
+    assert tried == []
+    monkeypatch.setattr(hub, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert not models.hub_reachable() and tried == []
+
+
 def test_augment_flips_and_shifts() -> None:
     x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
     out = augment(x, torch.Generator().manual_seed(0), max_shift=1)
