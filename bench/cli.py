@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import plugins
 from bench.errors import BenchError
 
 DEFAULT_STORE = Path("reports") / "results.sqlite"
@@ -53,7 +54,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=str(DEFAULT_STORE), help="SQLite results file")
     parser.add_argument("--reports", default=str(DEFAULT_REPORTS), help="folder for tables and figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--plugins", help="extra modules to import (your own reducers or timm models), comma-separated")
+    parser.add_argument("--plugins", help="your own reducers or timm models to load: modules on PYTHONPATH or .py "
+                        "files, comma-separated")
 
 
 def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any]:
@@ -87,8 +89,11 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
         except ValueError:
             raise BenchError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of whole numbers, "
                              "e.g. --batch-sizes 1,32") from None
-    if args.methods:
-        wanted = set(args.methods.split(","))
+    if args.methods is not None:
+        wanted = {name.strip() for name in args.methods.split(",")} - {""}
+        if not wanted:
+            raise BenchError(f"--methods {args.methods!r} names no method: pass comma-separated labels, e.g. "
+                             "--methods none,tome")
         config["methods"] += config_mod.registered_entries(wanted - {e.get("label") or e["method"] for e in config["methods"]})
         if subset:
             config["methods"] = [e for e in config["methods"] if (e.get("label") or e["method"]) in wanted]
@@ -180,20 +185,6 @@ def cmd_train_base(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def load_plugins(names: str | None) -> None:
-    """Import the shipped plug-ins and any user modules (``--plugins a,b`` or ``$TOKENBENCH_PLUGINS``) that
-    register reducers (``@register_reducer``) or timm models (``@register_model``)."""
-    import importlib
-
-    import methods  # noqa: F401  (registers the shipped plug-ins)
-
-    for name in filter(None, ",".join(filter(None, [names, os.environ.get("TOKENBENCH_PLUGINS")])).split(",")):
-        try:
-            importlib.import_module(name.strip())
-        except ImportError as exc:
-            raise BenchError(f"cannot import plug-in module {name!r} ({exc}): check --plugins / TOKENBENCH_PLUGINS and PYTHONPATH") from exc
-
-
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_bench.py", description="Token-reduction benchmark for vision transformers")
     sub = parser.add_subparsers(dest="command")
@@ -216,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "train-base":
             return cmd_train_base(argparse.Namespace(), argv[1:])
         args = make_parser().parse_args(argv)
-        load_plugins(getattr(args, "plugins", None))
+        plugins.load_plugins(getattr(args, "plugins", None))
 
         status = {"run": cmd_run, "list": cmd_list, "export": cmd_export, "plot": cmd_plot}[args.command](args)
         sys.stdout.flush()  # a closed pipe (`list | head`) raises here, not at interpreter exit

@@ -12,16 +12,22 @@ from bench.errors import BenchError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+def check(device: str, precision: str, where: str = "--precision") -> None:
+    """Raise :class:`BenchError` for a precision ``device`` cannot run; ``where`` names the setting that asked for
+    it (a flag or a config key), so the message says what to change."""
     if precision not in PRECISIONS:
-        raise BenchError(f"unknown precision {precision!r}: use one of {sorted(PRECISIONS)}")
+        raise BenchError(f"unknown precision {precision!r} in {where}: use one of {sorted(PRECISIONS)}")
+    if PRECISIONS[precision] is torch.float16 and torch.device(device).type == "cpu":
+        raise BenchError(f"{where} asks for fp16, and fp16 autocast is for CUDA: on the CPU use bf16 or fp32")
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a null context for fp32)."""
+    check(device, precision)
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    if dtype is torch.float16 and device_type == "cpu":
-        raise BenchError("fp16 autocast is for CUDA: use --precision bf16 or fp32 on CPU")
-    return torch.autocast(device_type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 #: /proc/cpuinfo flags of bf16 arithmetic: x86 AVX-512 BF16 and AMX-BF16, Arm's BF16 extension

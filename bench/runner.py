@@ -26,7 +26,7 @@ from bench.accuracy import evaluate, pack_hits
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
 from bench.latency import heap_policy, paired_ratio, time_interleaved
-from bench.precision import autocast, emulation_warning, native_bf16
+from bench.precision import autocast, check as check_precision, emulation_warning, native_bf16
 from bench.store import Store, cell_key, pack_state
 from methods.blocks import ModelDims
 from methods.ltmp import flops_ratio
@@ -143,7 +143,7 @@ def prepare(config: dict[str, Any]) -> Workload:
         raise BenchError(f"unknown dataset {config['dataset']!r}: use fashion-mnist or imagefolder (with --data)")
     if config["dataset"] == "fashion-mnist":
         data_mod.resolve_fmnist_dir(config["data_dir"])  # fail on missing data before loading any model
-    if config["threads"]:
+    if config["threads"] is not None:
         torch.set_num_threads(int(config["threads"]))
     model = models.create(config["model"], pretrained=config["pretrained"], checkpoint=config["checkpoint"])
     if config["checkpoint"]:
@@ -250,6 +250,13 @@ def entry_fits(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
               if entry.get("fit"))]
 
 
+def named_precisions(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, precision) of every precision the config sets, ``where`` naming the key and its flag for errors."""
+    return [("eval_precision (--eval-precision)", config["eval_precision"]),
+            *(("latency.precisions (--precisions)", precision) for precision in config["latency"]["precisions"]),
+            *((f"{where}.precision", fit["precision"]) for where, fit in entry_fits(config))]
+
+
 def run_precisions(config: dict[str, Any]) -> list[str]:
     """Every precision the run uses: evaluation, latency, and the fits of the methods that train (an entry's own
     ``fit.precision`` included)."""
@@ -257,14 +264,32 @@ def run_precisions(config: dict[str, Any]) -> list[str]:
     return [config["eval_precision"], *config["latency"]["precisions"], *fitted]
 
 
+def check_data_settings(config: dict[str, Any]) -> None:
+    """Raise :class:`BenchError` for a data setting the run's dataset would silently ignore: Fashion-MNIST has its
+    own training split and no ImageFolder, an ImageFolder run reads no Fashion-MNIST files."""
+    if config["dataset"] == "fashion-mnist":
+        if config["train_data"]:
+            raise BenchError(f"train_data (--train-data) {config['train_data']} is for ImageFolder runs, but this run "
+                             "evaluates Fashion-MNIST, whose methods fit on its own training split: drop --train-data, "
+                             "or pass --data PATH too")
+        if config["data"]:
+            raise BenchError(f"data {config['data']} is set but the config's dataset is fashion-mnist: set "
+                             "`dataset: imagefolder` in the config, or pass --data PATH")
+    elif config["data_dir"]:
+        raise BenchError(f"data_dir (--data-dir) {config['data_dir']} names Fashion-MNIST's files, but this run "
+                         "evaluates an ImageFolder: drop --data-dir, or --data to evaluate Fashion-MNIST")
+
+
 def check_settings(config: dict[str, Any], device: str) -> None:
     """Raise :class:`BenchError` naming the fix for a run setting that could only fail later, after cells were
     measured: precisions this device cannot run, and batch sizes, iteration counts, timing windows and fit budgets
     out of range (in the config's ``fit`` and in each entry's own)."""
-    for precision in [*run_precisions(config), config["fit"]["precision"]]:
-        autocast(device, precision)  # unknown names, fp16 on the CPU
+    check_data_settings(config)
+    for where, precision in named_precisions(config):
+        check_precision(device, precision, where)  # unknown names, fp16 on the CPU
     counts = {"latency batch size": config["latency"]["batch_sizes"], "eval_batch_size": [config["eval_batch_size"]],
-              "latency.min_iters": [config["latency"]["min_iters"]], "threads": [config["threads"] or 1],
+              "latency.min_iters": [config["latency"]["min_iters"]],
+              "threads": [] if config["threads"] is None else [config["threads"]],
               **{f"{where}.batch_size": [fit["batch_size"]] for where, fit in entry_fits(config)}}
     for name, values in counts.items():
         for value in values:

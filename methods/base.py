@@ -66,6 +66,17 @@ class Knob:
             raise BenchError(f"knob {method}.{self.name}={value} is outside [{self.low}, {self.high}]: pick a value in range")
         return value
 
+    def check_declaration(self, method: str) -> None:
+        """Raise a one-line :class:`BenchError` naming the fix when the plug-in's own default or sweep fails
+        :meth:`check` (caught when the plug-in registers, not when a run reaches it)."""
+        for what, value in (("default", self.default), *(("sweep value", v) for v in self.sweep)):
+            try:
+                self.check(method, value)
+            except BenchError as exc:
+                problem = str(exc).split(": ")[0]  # without check's advice to the user, which does not apply
+                raise BenchError(f"plug-in {method!r} declares knob {self.name!r} with {what} {value!r}, which its own "
+                                 f"declaration refuses ({problem}): fix the Knob(...) in the plug-in") from None
+
 
 @dataclass
 class FitReport:
@@ -243,7 +254,11 @@ def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenRedu
 
     def decorate(cls: type[TokenReducer]) -> type[TokenReducer]:
         if name in REGISTRY and REGISTRY[name] is not cls:
-            raise ValueError(f"reducer {name!r} registered twice")
+            taken = REGISTRY[name]
+            raise BenchError(f"method name {name!r} is taken by {taken.__module__}.{taken.__qualname__}: register "
+                             f"{cls.__module__}.{cls.__qualname__} under another name")
+        for knob in cls.knobs:
+            knob.check_declaration(name)
         cls.name = name
         REGISTRY[name] = cls
         return cls

@@ -75,17 +75,29 @@ CASES = {
     "reports not writable": (lambda f: tiny_args(f, "--reports", str(f["file"] / "r")), "writable"),
     "zero latency batch": (lambda f: tiny_args(f, "--batch-sizes", "1,0"), "latency batch size must be a positive"),
     "batch sizes not numbers": (lambda f: tiny_args(f, "--batch-sizes", "1,big"), "e.g. --batch-sizes 1,32"),
-    "fp16 latency on the CPU": (lambda f: tiny_args(f, "--precisions", "fp32,fp16"), "use --precision bf16 or fp32"),
-    "fp16 evaluation on the CPU": (lambda f: tiny_args(f, "--eval-precision", "fp16"), "use --precision bf16 or fp32"),
+    "fp16 latency on the CPU": (lambda f: tiny_args(f, "--precisions", "fp32,fp16"),
+                                "latency.precisions (--precisions) asks for fp16, and fp16 autocast is for CUDA"),
+    "fp16 evaluation on the CPU": (lambda f: tiny_args(f, "--eval-precision", "fp16"),
+                                   "eval_precision (--eval-precision) asks for fp16"),
     "training methods without --train-data": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["folder"]),
                                                          "--checkpoint", str(f["good"])], "ltmp, ltp, pm learn from training images"),
     "negative threads": (lambda f: tiny_args(f, "--threads", "-2"), "threads must be a positive"),
+    "zero threads": (lambda f: tiny_args(f, "--threads", "0"), "threads must be a positive whole number (got 0)"),
+    "--methods naming nothing": (lambda f: tiny_args(f, "--methods", ","), "--methods ',' names no method"),
+    "--train-data on Fashion-MNIST": (lambda f: ["run", "--train-data", str(f["folder"]), "--methods", "ltp"],
+                                      "whose methods fit on its own training split"),
+    "--data-dir on an ImageFolder": (lambda f: tiny_args(f, "--data-dir", str(f["root"])),
+                                     "names Fashion-MNIST's files, but this run evaluates an ImageFolder"),
+    "plug-in failing while importing": (lambda f: ["list", "--plugins", str(f["root"] / "raises.py")],
+                                        "raises.py:2: RuntimeError: my plug-in is broken: fix the plug-in"),
+    "data in a Fashion-MNIST config": (lambda f: ["run", "--config", str(f["root"] / "data_on_fmnist.yaml")],
+                                       "set `dataset: imagefolder` in the config"),
     "fit budget of no epochs": (lambda f: tiny_args(f, "--config", str(f["root"] / "bad_budget.yaml")),
                                 "fit.budget_epochs must be a number of passes over the training set > 0"),
     "entry's fit budget of negative images": (lambda f: tiny_args(f, "--config", str(f["root"] / "bad_entry_budget.yaml")),
                                               "methods[ltp].fit.budget_images must be a whole number of images >= 0"),
     "entry's fit in fp16 on the CPU": (lambda f: tiny_args(f, "--config", str(f["root"] / "fp16_entry_fit.yaml")),
-                                       "use --precision bf16 or fp32"),
+                                       "methods[ltp].fit.precision asks for fp16"),
     "entry's fit batch of zero": (lambda f: tiny_args(f, "--config", str(f["root"] / "zero_entry_batch.yaml")),
                                   "methods[ltmp].fit.batch_size must be a positive whole number"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
@@ -101,6 +113,8 @@ def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> 
                                                          "    fit: {budget_images: -5}\n")
     (files["root"] / "fp16_entry_fit.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: none\n"
                                                        "  - method: ltp\n    fit: {precision: fp16}\n")
+    (files["root"] / "raises.py").write_text("import torch\nraise RuntimeError('my plug-in is broken')\n")
+    (files["root"] / "data_on_fmnist.yaml").write_text(f"data: {files['folder']}\nmethods:\n  - method: none\n")
     (files["root"] / "zero_entry_batch.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: ltmp\n"
                                                          "    fit: {batch_size: 0}\n")
     make_args, expected = CASES[case]
@@ -145,7 +159,7 @@ def test_corrupt_or_missing_embedded_checkpoint_names_the_retrain_command(tmp_pa
 
 SPEED_CASES = {
     "cuda without a GPU": (["all", "--device", "cuda", "--precision", "fp16", "--batch", "256"], "no CUDA GPU"),
-    "fp16 on the CPU": (["ltmp", "--precision", "fp16"], "use --precision bf16 or fp32"),
+    "fp16 on the CPU": (["ltmp", "--precision", "fp16"], "--precision asks for fp16"),
     "unknown device": (["ltmp", "--device", "tpu"], "unknown device 'tpu'"),
     "empty batch": (["tome", "--batch", "0"], "--batch must be positive"),
     "no threads": (["pm", "--threads", "-1"], "--threads must be positive"),

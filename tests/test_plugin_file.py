@@ -1,9 +1,16 @@
 """A user's method in one file outside the project, loaded with ``--plugins``: it runs, is listed, and plots."""
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+
+from bench import plugins
+from bench.errors import BenchError
+from methods import REGISTRY
 
 from tests.conftest import ROOT, run_cli
 from tests.test_store import tiny_config
@@ -29,9 +36,9 @@ class FirstK(TokenReducer):
 
 
 def test_a_plug_in_file_outside_the_project_runs_lists_and_plots(tmp_path: Path, tiny_imagefolder: Path) -> None:
-    """``--plugins first_k`` on a file in another folder (on PYTHONPATH): ``list`` shows its knob, ``run --methods
-    none,first_k`` measures its declared sweep beside the baseline (fewer GMACs for fewer tokens: the tiny ViT has
-    64 patches, 2 blocks), and ``plot`` draws it from the store."""
+    """A plug-in file in another folder: ``list --plugins first_k`` (the folder on PYTHONPATH) shows its knob,
+    ``run --plugins FOLDER/first_k.py --methods none,first_k`` (by its path) measures its declared sweep beside the
+    baseline (fewer GMACs for fewer tokens: the tiny ViT has 64 patches, 2 blocks), and ``plot`` draws it."""
     plugins = tmp_path / "mine"
     plugins.mkdir()
     (plugins / "first_k.py").write_text(PLUGIN)
@@ -41,12 +48,72 @@ def test_a_plug_in_file_outside_the_project_runs_lists_and_plots(tmp_path: Path,
     assert "first_k" in listed.stdout and "keep: int = 32" in listed.stdout
     config = tiny_config(tmp_path, tiny_imagefolder, [2])
     store, reports = tmp_path / "s.sqlite", tmp_path / "r"
-    ran = run_cli("run", "--config", str(config), "--methods", "none,first_k", "--plugins", "first_k", "--store",
-                  str(store), "--reports", str(reports), "--quiet", env=env)
+    by_path = {"PYTHONPATH": str(ROOT), "TOKENBENCH_PLUGINS": "tests.tiny_model"}  # the file, not on PYTHONPATH
+    ran = run_cli("run", "--config", str(config), "--methods", "none,first_k", "--plugins", str(plugins / "first_k.py"),
+                  "--store", str(store), "--reports", str(reports), "--quiet", env=by_path)
     assert ran.returncode == 0, ran.stderr[-2000:]
     rows = pd.read_csv(reports / "results.csv").set_index("knobs")
     assert sorted(rows["method"]) == ["first_k", "first_k", "none"]  # tome: in the config, not run, not stored
     assert rows.loc["keep=16", "gmacs"] < rows.loc["keep=48", "gmacs"] < rows.loc["-", "gmacs"]
-    plotted = run_cli("plot", "--store", str(store), "--reports", str(tmp_path / "p"), "--plugins", "first_k", env=env)
+    plotted = run_cli("plot", "--store", str(store), "--reports", str(tmp_path / "p"), "--plugins",
+                      str(plugins / "first_k.py"), env=by_path)
     assert plotted.returncode == 0, plotted.stderr[-2000:]
     assert (tmp_path / "p" / "frontier_test_tiny_vit__imagefolder.pdf").is_file()
+
+
+BROKEN_PLUGINS = {
+    "syntax error": ("def broken(:\n", r"'{path}' failed while importing, at {path}:1: SyntaxError"),
+    "error in a library call": ("import torch\n\ntorch.zeros(2, 3) @ torch.zeros(2, 3)\n",
+                                r"at {path}:3: RuntimeError: mm: mat1 and mat2 shapes cannot be multiplied"),
+    "missing dependency": ("import not_a_package_xyz\n", r"at {path}:1: ModuleNotFoundError: No module named "
+                                                         r"'not_a_package_xyz'"),
+    "name of a shipped method": (PLUGIN.replace('"first_k"', '"tome"'),
+                                 r"method name 'tome' is taken by methods.tome.ToMe: register \w+.FirstK under another"),
+    "default outside its range": (PLUGIN.replace("default=32", "default=0"), r"plug-in 'first_k' declares knob 'keep' "
+                                  r"with default 0, which its own declaration refuses \(knob first_k.keep=0 is outside "
+                                  r"\[1, None\]\): fix the Knob"),
+    "sweep of the wrong type": (PLUGIN.replace("sweep=(48, 16)", "sweep=(48, 'half')"),
+                                r"with sweep value 'half', which its own declaration refuses \(knob first_k.keep='half' "
+                                r"is not a int\)"),
+    "its own BenchError": ("from bench.errors import BenchError\nraise BenchError('no weights for my method')\n",
+                           r"^no weights for my method$"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_PLUGINS))
+def test_a_broken_plug_in_file_is_one_error_naming_its_line(case: str, tmp_path: Path) -> None:
+    """A plug-in that fails while importing is one :class:`BenchError` naming the file and line (the plug-in's own
+    line, not the library's), a name clash, or a knob its own declaration refuses; nothing is registered."""
+    source, expected = BROKEN_PLUGINS[case]
+    path = tmp_path / f"broken_{abs(hash(case))}.py"
+    path.write_text(source)
+    registered = dict(REGISTRY)
+    with pytest.raises(BenchError, match=expected.format(path=re.escape(str(path)))):
+        plugins.load_plugins(str(path))
+    assert REGISTRY == registered and path.stem not in sys.modules
+
+
+def test_plug_ins_that_are_not_there_name_the_fix(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(plugins.ENV_VAR, raising=False)
+    with pytest.raises(BenchError, match=r"cannot import plug-in module 'not_there_xyz' .* --plugins path/to/my_method.py"):
+        plugins.load_plugins("not_there_xyz")
+    with pytest.raises(BenchError, match=r"plug-in file .*nowhere.py not found"):
+        plugins.load_plugins(str(tmp_path / "nowhere.py"))
+    (tmp_path / "bench.py").write_text("")
+    with pytest.raises(BenchError, match=r"has the name of the module 'bench' already imported .* rename the file"):
+        plugins.load_plugins(str(tmp_path / "bench.py"))
+
+
+def test_a_plug_in_file_loads_once_under_its_stem(tmp_path: Path, monkeypatch) -> None:
+    """Named twice (flag and environment), a file is imported once; its class registers under its module's stem."""
+    path = tmp_path / "first_k_once.py"
+    path.write_text(PLUGIN)
+    monkeypatch.setenv(plugins.ENV_VAR, f" {path} ,")
+    assert plugins.plugin_names(f"{path},") == [str(path), str(path)]
+    try:
+        plugins.load_plugins(str(path))
+        assert REGISTRY["first_k"].__module__ == "first_k_once"
+        assert sys.modules["first_k_once"].__file__ == str(path)
+    finally:
+        REGISTRY.pop("first_k", None)
+        sys.modules.pop("first_k_once", None)
