@@ -121,6 +121,27 @@ def seeded_subset_indices(n_total: int, limit: int | None, seed: int = 0) -> tor
     return torch.randperm(n_total, generator=generator)[:limit].sort().values
 
 
+class UnreadableImage(BenchError):
+    """An image file that cannot be decoded. Raised in a ``DataLoader`` worker, it reaches the main process
+    re-raised by torch with the worker's traceback as its message; :meth:`one_line` gives the original message."""
+
+    def one_line(self) -> str:
+        last = str(self).strip().splitlines()[-1]
+        return last.split(f"{type(self).__name__}: ", 1)[-1]
+
+
+def read_rgb(path: str) -> Any:
+    """``path`` as an RGB PIL image (torchvision's loader), or :class:`UnreadableImage` naming the file and the fix."""
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        return pil_loader(path)
+    except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        reason = str(exc).split(" <")[0]  # without PIL's "<_io.BufferedReader name=...>", the path again
+        raise UnreadableImage(f"image {path} cannot be read ({reason}): replace it (a partial copy?) or move it out of "
+                              "the folder; finished cells are kept in the store") from None
+
+
 def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
     """An ImageNet-style folder (``class/xxx.jpg``) with the model's own timm eval preprocessing, its labels the
     model's class indices (:func:`align_labels`)."""
@@ -132,7 +153,7 @@ def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
         raise BenchError(f"data folder {root} does not exist: pass --data PATH to an ImageFolder (class/image.jpg)")
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     try:
-        folder = ImageFolder(str(root), transform=transform)
+        folder = ImageFolder(str(root), transform=transform, loader=read_rgb)
     except (FileNotFoundError, RuntimeError) as exc:
         raise BenchError(f"{root} is not an ImageFolder ({str(exc).splitlines()[0]}): expected class/image.jpg") from exc
     align_labels(folder, int(model.num_classes))

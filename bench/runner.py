@@ -128,7 +128,10 @@ def _loader_batches(dataset: torch.utils.data.Dataset, indices: torch.Tensor, ba
         generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, shuffle=generator is not None,
                                              generator=generator, pin_memory=device.startswith("cuda"))
-        yield from loader
+        try:
+            yield from loader
+        except data_mod.UnreadableImage as exc:  # from a worker, its message is the worker's whole traceback
+            raise BenchError(exc.one_line()) from None
     return batches
 
 

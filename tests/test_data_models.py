@@ -144,6 +144,33 @@ def test_an_unreachable_hub_goes_straight_to_its_cache(tmp_path: Path, monkeypat
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path: Path, tiny_imagefolder: Path, workers: int,
+                                                          damage: str) -> None:
+    """A file PIL cannot decode, in the main process or in a DataLoader worker (whose error torch re-raises with the
+    worker's traceback as its message), ends the batches with one line naming the file and the fix."""
+    import shutil
+
+    from bench import runner
+
+    root = tmp_path / "folder"
+    shutil.copytree(tiny_imagefolder, root)
+    broken = root / "green" / "3.jpg"
+    content = broken.read_bytes()
+    broken.write_bytes(b"\xff\xd8\xff garbage" if damage == "not an image" else content[:len(content) // 2])
+    folder = data.image_folder(root, make_tiny(num_classes=3))
+    batches = runner._loader_batches(folder, torch.arange(len(folder)), 4, workers, "cpu")
+    reasons = ["cannot identify image file"] if damage == "not an image" else ["image file is truncated", "Truncated File Read"]
+    with pytest.raises(BenchError) as raised:
+        for _ in batches():
+            pass
+    message = str(raised.value)
+    assert any(message.startswith(f"image {broken} cannot be read ({reason})") for reason in reasons), message
+    assert "\n" not in message
+    assert message.endswith("move it out of the folder; finished cells are kept in the store")
+
+
 def test_hub_reachable_asks_the_endpoints_host(monkeypatch) -> None:
     """The check connects to $HF_ENDPOINT's host and port: a listening local socket is reachable, a closed port is
     not, and an endpoint without a host name is unreachable without any connection (getaddrinfo would try
