@@ -90,7 +90,10 @@ def load(name_or_path: str | None) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise BenchError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BenchError(f"config {path} is not valid YAML{where} ({problem}): fix the file") from exc
     if not isinstance(raw, dict):
         raise BenchError(f"config {path} must be a mapping of keys to values")
     config = _merge(DEFAULTS, raw, "")

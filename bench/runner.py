@@ -312,6 +312,9 @@ def check_settings(config: dict[str, Any], device: str) -> None:
 
 def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(entry, knobs) pairs of the run, validated before anything is measured."""
+    if not config["methods"]:
+        raise BenchError("the config lists no methods: add entries under `methods:` (e.g. `- method: none`), or pass "
+                         "--methods none,tome")
     cells = []
     for entry in config["methods"]:
         for knobs in config_mod.expand(entry, methods.REGISTRY):

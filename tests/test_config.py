@@ -55,6 +55,7 @@ MALFORMED = {  # YAML text -> the one-line error's telling part (each raised a T
     "latency: 5": "config key latency must be a mapping (got 5)",
     "fit: {budget_images: 1e4}": "config key fit.budget_images must be a whole number (got '1e4')",  # YAML 1.1: text
     "seed: true": "config key seed must be a whole number (got True)",
+    "seed: 3\nmodel: [unclosed": "is not valid YAML at line 3, column 1 (expected ',' or ']', but got '<stream end>')",
 }
 
 
@@ -72,3 +73,15 @@ def test_well_formed_values_of_related_kinds_pass() -> None:
     for name in ("fmnist_default", "fmnist_full", "imagenet_deit_small"):  # the shipped configs and their quick runs
         quick = config.apply_quick(config.load(name))
     assert quick["fit"]["budget_epochs"] is None  # null over the config's 1: a kind the defaults allow
+
+
+def test_a_config_without_methods_runs_nothing_and_says_so(tmp_path: Path) -> None:
+    """``methods: []`` used to run nothing and then blame an empty store; with ``--methods`` it has cells."""
+    from bench import runner
+
+    (tmp_path / "none.yaml").write_text("methods: []\n")
+    with pytest.raises(BenchError, match=r"^the config lists no methods: add entries under `methods:`"):
+        runner.planned_cells(config_of("--config", str(tmp_path / "none.yaml")))
+    cells = runner.planned_cells(config_of("--config", str(tmp_path / "none.yaml"), "--methods", "none,tome"))
+    assert [(entry["method"], knobs) for entry, knobs in cells] == [("none", {}), ("tome", {"r": 8}), ("tome", {"r": 13}),
+                                                                     ("tome", {"r": 16})]
