@@ -109,11 +109,12 @@ def read_checkpoint(path: Path) -> Any:
                          "re-download it") from exc
 
 
-def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict in a checkpoint file, with a one-line error if the file is missing or holds none."""
+def read_state(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file, with a one-line error (naming ``flag``, the option that gave the path)
+    if the file is missing or holds none."""
     path = Path(path)
     if not path.is_file():
-        raise BenchError(f"checkpoint {path} not found: pass --checkpoint PATH to an existing file")
+        raise BenchError(f"checkpoint {path} not found: pass {flag} PATH to an existing file")
     return extract_state_dict(read_checkpoint(path))
 
 
@@ -123,11 +124,11 @@ def head_classes(state: dict[str, torch.Tensor]) -> int | None:
     return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike,
-                    state: dict[str, torch.Tensor] | None = None) -> None:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
+                    flag: str = "--checkpoint") -> None:
     """Load weights strictly (``state``, when already read from ``path``); any mismatch is a one-line error
-    naming the first offending keys."""
-    state = read_state(path) if state is None else state
+    naming the first offending keys (and ``flag``, the option that gave the path, where it does not name one)."""
+    state = read_state(path, flag) if state is None else state
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -140,7 +141,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike,
             parts.append(f"unexpected {unexpected[:3]}")
         if shape:
             parts.append(f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in shape[:2]]}")
-        raise BenchError(f"checkpoint {path} does not fit this architecture ({'; '.join(parts)}): pass the matching --model")
+        fix = "pass the matching --model" if flag == "--checkpoint" else f"pass {flag} a checkpoint of this model"
+        raise BenchError(f"checkpoint {path} does not fit this architecture ({'; '.join(parts)}): {fix}")
     model.load_state_dict(state)
 
 

@@ -84,7 +84,7 @@ def train(args: argparse.Namespace) -> dict:
     previous_stages: list[dict] = []
     if args.init_from:
         init = Path(args.init_from)
-        models.load_checkpoint(model, init)
+        models.load_checkpoint(model, init, flag="--init-from")
         if init.resolve() == models.EMBEDDED_CHECKPOINT.resolve() and models.EMBEDDED_MANIFEST.is_file():
             earlier = json.loads(models.EMBEDDED_MANIFEST.read_text())
             previous_stages = earlier.pop("stages", []) + [earlier]

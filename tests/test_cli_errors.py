@@ -63,7 +63,7 @@ CASES = {
                                                        "has 2 class folders but the model predicts 3 classes"),
     "imagefolder of the wrong format": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["junk"])], "ImageFolder"),
     "missing imagefolder": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["root"] / "nope")], "does not exist"),
-    "missing checkpoint": (lambda f: tiny_args(f, "--checkpoint", str(f["root"] / "nope.pt")), "not found"),
+    "missing checkpoint": (lambda f: tiny_args(f, "--checkpoint", str(f["root"] / "nope.pt")), "not found: pass --checkpoint PATH"),
     "corrupt checkpoint": (lambda f: tiny_args(f, "--checkpoint", str(f["corrupt"])), "corrupt"),
     "checkpoint of another architecture": (lambda f: tiny_args(f, "--checkpoint", str(f["other"])), "unexpected ['blocks.2"),
     "cuda without a GPU": (lambda f: tiny_args(f, "--device", "cuda"), "no CUDA GPU"),
@@ -101,6 +101,10 @@ CASES = {
     "entry's fit batch of zero": (lambda f: tiny_args(f, "--config", str(f["root"] / "zero_entry_batch.yaml")),
                                   "methods[ltmp].fit.batch_size must be a positive whole number"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
+    "train-base from a missing checkpoint": (lambda f: ["train-base", "--init-from", str(f["root"] / "nope.pt")],
+                                             "not found: pass --init-from PATH"),
+    "train-base from another architecture": (lambda f: ["train-base", "--init-from", str(f["other"])],
+                                             "pass --init-from a checkpoint of this model"),
     "train-base batch over the data": (lambda f: ["train-base", "--batch-size", "100000"], "exceeds the 60000 training"),
 }
 
