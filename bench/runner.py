@@ -280,7 +280,7 @@ def check_data_settings(config: dict[str, Any]) -> None:
                              "`dataset: imagefolder` in the config, or pass --data PATH")
     elif config["data_dir"]:
         raise BenchError(f"data_dir (--data-dir) {config['data_dir']} names Fashion-MNIST's files, but this run "
-                         "evaluates an ImageFolder: drop --data-dir, or --data to evaluate Fashion-MNIST")
+                         "evaluates an ImageFolder: drop --data-dir, or drop --data to evaluate Fashion-MNIST")
 
 
 def check_settings(config: dict[str, Any], device: str) -> None:

@@ -39,24 +39,24 @@ def test_a_plug_in_file_outside_the_project_runs_lists_and_plots(tmp_path: Path,
     """A plug-in file in another folder: ``list --plugins first_k`` (the folder on PYTHONPATH) shows its knob,
     ``run --plugins FOLDER/first_k.py --methods none,first_k`` (by its path) measures its declared sweep beside the
     baseline (fewer GMACs for fewer tokens: the tiny ViT has 64 patches, 2 blocks), and ``plot`` draws it."""
-    plugins = tmp_path / "mine"
-    plugins.mkdir()
-    (plugins / "first_k.py").write_text(PLUGIN)
-    env = {"PYTHONPATH": f"{ROOT}:{plugins}", "TOKENBENCH_PLUGINS": "tests.tiny_model"}
+    plugin_dir = tmp_path / "mine"
+    plugin_dir.mkdir()
+    (plugin_dir / "first_k.py").write_text(PLUGIN)
+    env = {"PYTHONPATH": f"{ROOT}:{plugin_dir}", "TOKENBENCH_PLUGINS": "tests.tiny_model"}
     listed = run_cli("list", "--plugins", "first_k", env=env)
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "first_k" in listed.stdout and "keep: int = 32" in listed.stdout
     config = tiny_config(tmp_path, tiny_imagefolder, [2])
     store, reports = tmp_path / "s.sqlite", tmp_path / "r"
     by_path = {"PYTHONPATH": str(ROOT), "TOKENBENCH_PLUGINS": "tests.tiny_model"}  # the file, not on PYTHONPATH
-    ran = run_cli("run", "--config", str(config), "--methods", "none,first_k", "--plugins", str(plugins / "first_k.py"),
+    ran = run_cli("run", "--config", str(config), "--methods", "none,first_k", "--plugins", str(plugin_dir / "first_k.py"),
                   "--store", str(store), "--reports", str(reports), "--quiet", env=by_path)
     assert ran.returncode == 0, ran.stderr[-2000:]
     rows = pd.read_csv(reports / "results.csv").set_index("knobs")
     assert sorted(rows["method"]) == ["first_k", "first_k", "none"]  # tome: in the config, not run, not stored
     assert rows.loc["keep=16", "gmacs"] < rows.loc["keep=48", "gmacs"] < rows.loc["-", "gmacs"]
     plotted = run_cli("plot", "--store", str(store), "--reports", str(tmp_path / "p"), "--plugins",
-                      str(plugins / "first_k.py"), env=by_path)
+                      str(plugin_dir / "first_k.py"), env=by_path)
     assert plotted.returncode == 0, plotted.stderr[-2000:]
     assert (tmp_path / "p" / "frontier_test_tiny_vit__imagefolder.pdf").is_file()
 
@@ -85,7 +85,7 @@ def test_a_broken_plug_in_file_is_one_error_naming_its_line(case: str, tmp_path:
     """A plug-in that fails while importing is one :class:`BenchError` naming the file and line (the plug-in's own
     line, not the library's), a name clash, or a knob its own declaration refuses; nothing is registered."""
     source, expected = BROKEN_PLUGINS[case]
-    path = tmp_path / f"broken_{abs(hash(case))}.py"
+    path = tmp_path / f"broken_{re.sub(r'[^a-z]', '_', case)}.py"
     path.write_text(source)
     registered = dict(REGISTRY)
     with pytest.raises(BenchError, match=expected.format(path=re.escape(str(path)))):
