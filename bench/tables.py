@@ -83,6 +83,49 @@ def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["model", "dataset", "gmacs"], ascending=[True, True, False]).reset_index(drop=True)
 
 
+def swept_text(method: str, knobs_json: str) -> str:
+    """A cell's setting as a paper names it: the knobs its plug-in sweeps, ``r_target 0.8`` (``-`` for none); every
+    knob for plug-ins not loaded."""
+    import methods
+
+    values = json.loads(knobs_json)
+    if method in methods.REGISTRY:
+        values = {k: v for k, v in values.items() if k in methods.REGISTRY[method].swept_knobs()}
+    return ", ".join(f"{k} {v}" for k, v in values.items()) or "–"
+
+
+def paper_table(table: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """:func:`comparison`'s rows (one setting) condensed to what a paper prints, as text: method, its swept knobs,
+    top-1 and its paired drop from the baseline (each ± its 95 % interval), GMACs per image (mean), how many times
+    fewer than the baseline's, each measured speedup, and the images its fit saw. Nothing is bold: which method is
+    best depends on the cost, and :mod:`bench.matched` reads that off."""
+    by_key = cells.set_index("cell_key")
+    speedups = [c for c in table.columns if c.startswith("speedup ")]
+    paper = pd.DataFrame({
+        "method": table["method"],
+        "setting": [swept_text(by_key.at[k, "method"], by_key.at[k, "knobs"]) for k in table["cell_key"]],
+        "top-1 (%)": [f"{t:.2f} ± {p:.2f}" for t, p in zip(table["top1"], table["top1_pm"])],
+        "drop (points)": ["–" if pd.isna(d) else f"{d:.2f} ± {p:.2f}" for d, p in zip(table["top1_drop"],
+                                                                                      table["top1_drop_pm"])],
+        "GMACs": [f"{g:.3f}" for g in table["gmacs"]],
+        "×fewer": [f"{r:.2f}" for r in table["gmacs_ratio"]],
+        **{f"speedup ({c.removeprefix('speedup ')})": ["–" if pd.isna(v) else f"{v:.2f}" for v in table[c]]
+           for c in speedups},
+        "fine-tune images": [fit_text(n, by_key.at[k, "ft_extra"] if "ft_extra" in by_key else None)
+                             for n, k in zip(table["ft_images"], table["cell_key"])],
+    })
+    return paper
+
+
+def fit_text(images: int, extra_json: str | None) -> str:
+    """The images a cell's fit saw, ``512 (calibration)`` where it took no optimiser step (forward passes only, as
+    Prune-and-Merge's calibrated regime), ``–`` for none."""
+    if images == 0:
+        return "–"
+    extra = json.loads(extra_json) if isinstance(extra_json, str) else {}
+    return f"{images:,} (calibration)" if extra.get("steps") == 0 else f"{images:,}"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["cell_key", "top1_pm", "top1_drop_pm"]).copy()
     shown["top1"] = [f"{t:.2f} ± {p:.2f}" for t, p in zip(table["top1"], table["top1_pm"])]
@@ -183,17 +226,22 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     :mod:`bench.settings`), each with its comparison table and its top-1 at matched cost (:mod:`bench.matched`).
     The CSV holds every row with the setting's weights, device and precision, and the fit's own record (``ft_extra``,
     JSON: steps, skipped steps, LTMP's largest gradient norm and clipped steps, ...); ``results_matched.csv`` the
-    matched-cost readings in long form (one row per setting, cost, level and method)."""
+    matched-cost readings in long form (one row per setting, cost, level and method); ``results_paper.{md,tex}`` the
+    compact tables a paper prints (:func:`paper_table`)."""
     out = reports_dir(out_dir)
     require_results(cells)  # before any file is written (the sections below would be empty)
-    paths = [out / "results.csv", out / "results.md", out / "results.tex", out / "results_matched.csv"]
-    rows, readings, sections_md, sections_tex = [], [], [], []
+    paths = [out / "results.csv", out / "results.md", out / "results.tex", out / "results_matched.csv",
+             out / "results_paper.md", out / "results_paper.tex"]
+    rows, readings, sections_md, sections_tex, paper_md, paper_tex = [], [], [], [], [], []
     for setting, group in split_by_setting(cells, naming):
         group = group.assign(label=series_labels(group))  # a label's variants: separate rows of the matched table
         table = comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])
         at_cost = matched.matched_all(table, hits=cell_hits(group))
         sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")
         sections_tex.append(f"% {setting.title}\n{to_latex(table)}")
+        paper = paper_table(table, group)
+        paper_md.append(f"### {setting.title}\n\n{paper.to_markdown(index=False, disable_numparse=True)}\n")
+        paper_tex.append(f"% {setting.title}\n{text_latex(paper, text_columns=2)}")
         if not at_cost.empty:
             sections_md.append(f"#### {setting.title}: top-1 at matched cost\n\n{matched_markdown(at_cost)}")
             sections_tex.append(f"% {setting.title}: top-1 at matched cost\n{matched_latex(at_cost)}")
@@ -213,6 +261,8 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     paths[2].write_text("\n".join(sections_tex))
     long = pd.concat(readings, ignore_index=True) if readings else pd.DataFrame(columns=["setting", *MATCHED_COLUMNS])
     long[["setting", *MATCHED_COLUMNS]].to_csv(paths[3], index=False)
+    paths[4].write_text("\n".join(paper_md))
+    paths[5].write_text("\n".join(paper_tex))
     return paths
 
 

@@ -252,3 +252,30 @@ def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) ->
     markdown = tables.export(store.cells(), store.timings(), tmp_path / "out")[1].read_text()
     assert "| 60.00 ± 42.94 |" in markdown and "| 0.25 " in markdown
     store.close()
+
+
+def test_the_paper_table_condenses_each_cell_to_what_a_paper_prints(tmp_path: Path) -> None:
+    """``results_paper.{md,tex}``: method, swept knobs, top-1 and paired drop with their intervals, GMACs, ×fewer,
+    speedups and the fit's images (a fit with no optimiser step is a calibration), hand-checked on fake cells."""
+    from bench.accuracy import pack_hits
+
+    store = Store(tmp_path / "s.sqlite")
+    base, tome = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool), torch.tensor([0, 0, 0, 0, 1], dtype=torch.bool)
+    store.write_cell({**fake_row("k1", "none", 0.8, 2.0), "eval_images": 5, "top1_hits": pack_hits(base)}, [fake_timing()])
+    store.write_cell({**fake_row("k2", "tome", 0.2, 1.0), "eval_images": 5, "top1_hits": pack_hits(tome)}, [fake_timing()])
+    store.write_cell({**fake_row("k3", "ltmp", 0.4, 1.6), "eval_images": 5, "ft_images": 1536, "ft_extra": {"steps": 24}}, [])
+    store.write_cell({**fake_row("k4", "ltp", 0.4, 1.25), "eval_images": 5, "ft_images": 512, "ft_extra": {"steps": 0}}, [])
+    paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
+    assert [p.name for p in paths[4:]] == ["results_paper.md", "results_paper.tex"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in paths[4].read_text().splitlines()
+            if line.startswith("| ")]
+    assert rows[0] == ["method", "setting", "top-1 (%)", "drop (points)", "GMACs", "×fewer", "speedup (cpu bf16 b32)",
+                       "fine-tune images"]
+    assert rows[1:] == [["none", "–", "80.00 ± 5.00", "–", "2.000", "1.00", "1.50", "–"],
+                        ["ltmp", "r_target 0.7", "40.00 ± 5.00", "–", "1.600", "1.25", "–", "1,536"],
+                        ["ltp", "r_target 0.7", "40.00 ± 5.00", "–", "1.250", "1.60", "–", "512 (calibration)"],
+                        ["tome", "r 8", "20.00 ± 5.00", "60.00 ± 42.94", "1.000", "2.00", "1.50", "–"]]
+    latex = paths[5].read_text()
+    assert "tome & r 8 & 20.00 $\\pm$ 5.00 & 60.00 $\\pm$ 42.94 & 1.000 & 2.00 & 1.50 & -- \\\\" in latex
+    assert "ltmp & r\\_target 0.7 &" in latex and "\\textbf" not in latex
+    store.close()
