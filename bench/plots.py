@@ -53,12 +53,9 @@ def style_of(label: str, labels: Iterable[str]) -> tuple[str, str]:
 def knob_text(method: str, knobs: str) -> str:
     """A point's label: the values of the knobs the plug-in sweeps (``16`` for ToMe r=16); all values for plug-ins
     not loaded."""
-    import methods
+    from methods.base import swept_values
 
-    values = json.loads(knobs)
-    if method in methods.REGISTRY:
-        values = {k: v for k, v in values.items() if k in methods.REGISTRY[method].swept_knobs()}
-    return ", ".join(f"{v}" for v in values.values())
+    return ", ".join(f"{v}" for v in swept_values(method, json.loads(knobs)).values())
 
 
 #: No dates in the files and fixed SVG ids: re-plotting the same store writes byte-identical figures.

@@ -86,12 +86,9 @@ def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
 def swept_text(method: str, knobs_json: str) -> str:
     """A cell's setting as a paper names it: the knobs its plug-in sweeps, ``r_target 0.8`` (``-`` for none); every
     knob for plug-ins not loaded."""
-    import methods
+    from methods.base import swept_values
 
-    values = json.loads(knobs_json)
-    if method in methods.REGISTRY:
-        values = {k: v for k, v in values.items() if k in methods.REGISTRY[method].swept_knobs()}
-    return ", ".join(f"{k} {v}" for k, v in values.items()) or "–"
+    return ", ".join(f"{k} {v}" for k, v in swept_values(method, json.loads(knobs_json)).items()) or "–"
 
 
 def paper_table(table: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:

@@ -266,6 +266,15 @@ def register_reducer(name: str) -> Callable[[type[TokenReducer]], type[TokenRedu
     return decorate
 
 
+def swept_values(method: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Of a cell's knob ``values``, those its plug-in sweeps (what a figure or a paper labels the cell by); every
+    knob for a plug-in that is not loaded."""
+    if method not in REGISTRY:
+        return dict(values)
+    swept = REGISTRY[method].swept_knobs()
+    return {k: v for k, v in values.items() if k in swept}
+
+
 def create(name: str, **values: Any) -> TokenReducer:
     """Instantiate a registered plug-in with validated knob values."""
     if name not in REGISTRY:
