@@ -91,6 +91,12 @@ def swept_text(method: str, knobs_json: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in swept_values(method, json.loads(knobs_json)).items()) or "–"
 
 
+PAPER_NOTE = ("top-1: ± half the width of its 95 % Wilson interval; drop: the baseline's top-1 minus the method's in points, measured "
+              "paired on the same images, ± its 95 % interval; GMACs: multiply-adds per image (mean over the evaluation "
+              "set); speedup: against the unreduced model timed interleaved in the same process (device, precision, "
+              "batch); fine-tune images: what the method's fit saw.")
+
+
 def paper_table(table: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """:func:`comparison`'s rows (one setting) condensed to what a paper prints, as text: method, its swept knobs,
     top-1 and its paired drop from the baseline (each ± its 95 % interval), GMACs per image (mean), how many times
@@ -237,8 +243,8 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
         sections_md.append(f"### {setting.title}\n\n{to_markdown(table)}\n")
         sections_tex.append(f"% {setting.title}\n{to_latex(table)}")
         paper = paper_table(table, group)
-        paper_md.append(f"### {setting.title}\n\n{paper.to_markdown(index=False, disable_numparse=True)}\n")
-        paper_tex.append(f"% {setting.title}\n{text_latex(paper, text_columns=2)}")
+        paper_md.append(f"### {setting.title}\n\n{PAPER_NOTE}\n\n{paper.to_markdown(index=False, disable_numparse=True)}\n")
+        paper_tex.append(f"% {setting.title}\n% {PAPER_NOTE}\n{text_latex(paper, text_columns=2)}")
         if not at_cost.empty:
             sections_md.append(f"#### {setting.title}: top-1 at matched cost\n\n{matched_markdown(at_cost)}")
             sections_tex.append(f"% {setting.title}: top-1 at matched cost\n{matched_latex(at_cost)}")
