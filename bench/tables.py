@@ -84,17 +84,17 @@ def comparison(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:
 
 
 def swept_text(method: str, knobs_json: str) -> str:
-    """A cell's setting as a paper names it: the knobs its plug-in sweeps, ``r_target 0.8`` (``-`` for none); every
+    """A cell's setting as a paper names it: the knobs its plug-in sweeps, ``r_target 0.8`` (``–`` for none); every
     knob for plug-ins not loaded."""
     from methods.base import swept_values
 
     return ", ".join(f"{k} {v}" for k, v in swept_values(method, json.loads(knobs_json)).items()) or "–"
 
 
-PAPER_NOTE = ("top-1: ± half the width of its 95 % Wilson interval; drop: the baseline's top-1 minus the method's in points, measured "
-              "paired on the same images, ± its 95 % interval; GMACs: multiply-adds per image (mean over the evaluation "
-              "set); speedup: against the unreduced model timed interleaved in the same process (device, precision, "
-              "batch); fine-tune images: what the method's fit saw.")
+PAPER_NOTE = ("top-1: ± half the width of its 95 % Wilson interval; drop: the baseline's top-1 minus the method's "
+              "in points, measured paired on the same images, ± its 95 % interval; GMACs: multiply-adds per image "
+              "(mean over the evaluation set); speedup: against the unreduced model timed interleaved in the same "
+              "process (device, precision, batch); fine-tune images: what the method's fit saw.")
 
 
 def paper_table(table: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
