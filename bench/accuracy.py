@@ -18,7 +18,11 @@ from bench.flops import image_macs
 from bench.precision import autocast
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
+#: The two-sided 95 % quantile of the standard normal distribution.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     """95 % Wilson score interval of a binomial proportion. Its ends at 0 and at ``total`` correct are exactly 0 and 1
     (in floating point ``centre - half`` can land a hair above 0, an interval that no longer holds the proportion)."""
     if total == 0:
@@ -42,20 +46,25 @@ def unpack_hits(packed: bytes, images: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[:images].astype(bool)
 
 
-def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, z: float = 1.959963984540054) -> tuple[float, float, float]:
+def mean_difference(differences: np.ndarray, z: float = Z95) -> tuple[float, float]:
+    """``differences: (n,)`` per-image differences between two readings of the same images -> ``(mean, half-width
+    of its 95 % interval)``, the standard error being that of a mean, ``sqrt(mean(d**2) - mean(d)**2) / sqrt(n)``."""
+    mean = float(differences.mean())
+    return mean, z * math.sqrt(max(float((differences ** 2).mean()) - mean ** 2, 0.0) / len(differences))
+
+
+def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
     """Top-1 of A minus top-1 of B on the same images (``hits_*: (n,)`` bool, image i of A is image i of B):
     ``(difference, half-width of its 95 % interval, two-sided p-value of McNemar's exact test)``.
 
     Only the discordant images carry information: ``b`` that A gets right and B wrong, ``c`` the reverse. The
     difference is ``(b - c) / n``; its standard error is that of the mean of the per-image differences (each -1, 0
-    or 1), ``sqrt((b + c) / n - ((b - c) / n)**2) / sqrt(n)``; McNemar's p is the binomial probability of a split at
-    least as uneven as ``b : c`` among ``b + c`` fair coin flips."""
+    or 1, :func:`mean_difference`), ``sqrt((b + c) / n - ((b - c) / n)**2) / sqrt(n)``; McNemar's p is the binomial
+    probability of a split at least as uneven as ``b : c`` among ``b + c`` fair coin flips."""
     if hits_a.shape != hits_b.shape:
         raise ValueError(f"paired cells must cover the same images ({hits_a.shape} vs {hits_b.shape})")
-    n = len(hits_a)
     b, c = int((hits_a & ~hits_b).sum()), int((~hits_a & hits_b).sum())
-    difference = (b - c) / n
-    half = z * math.sqrt(max((b + c) / n - difference ** 2, 0.0) / n)
+    difference, half = mean_difference(hits_a.astype(float) - hits_b.astype(float), z)
     tail = Fraction(sum(math.comb(b + c, i) for i in range(min(b, c) + 1)), 2 ** (b + c))
     return difference, half, float(min(Fraction(1), 2 * tail))
 

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from bench.accuracy import mean_difference
+
 #: Cost levels: how many times fewer GMACs (or how much speedup) than the unreduced model.
 LEVELS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
 #: A cell this close to a level counts as measured there.
@@ -110,14 +112,13 @@ def matched(table: pd.DataFrame, axis: str, levels: Sequence[float] = LEVELS,
     return frame[reach >= 2].reset_index(drop=True)
 
 
-def paired_gap(mix: np.ndarray, best: np.ndarray, z: float = 1.959963984540054) -> tuple[float, float]:
+def paired_gap(mix: np.ndarray, best: np.ndarray) -> tuple[float, float]:
     """``(gap, half-width)`` in points of a reading against the best one on the same images. ``mix``, ``best``:
     ``(images,)`` each image's interpolated hit (the readings' weights over their cells' 0/1 hits). The gap is the mean
-    of the per-image differences; its standard error is theirs, as in :func:`bench.accuracy.paired_difference`
-    (which this equals where both readings are single measured cells)."""
-    difference = mix - best
-    gap = float(difference.mean())
-    return 100 * gap, 100 * z * float(np.sqrt(max(float((difference ** 2).mean()) - gap ** 2, 0.0) / len(difference)))
+    of the per-image differences with its interval (:func:`bench.accuracy.mean_difference`, as
+    :func:`bench.accuracy.paired_difference` reads it, which this equals where both readings are single cells)."""
+    gap, half = mean_difference(mix - best)
+    return 100 * gap, 100 * half
 
 
 def cost_axes(table: pd.DataFrame) -> list[str]:
