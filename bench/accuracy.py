@@ -36,6 +36,16 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
     return (low, high)
 
 
+def interval_text(value: float, half: float) -> str:
+    """``90.32 ± 0.58`` (two decimals), ``–`` where ``value`` is missing (NaN)."""
+    return "–" if math.isnan(value) else f"{value:.2f} ± {half:.2f}"
+
+
+def interval_texts(values: Iterable[float], halves: Iterable[float]) -> list[str]:
+    """:func:`interval_text` of each value and its interval's half-width."""
+    return [interval_text(float(v), float(h)) for v, h in zip(values, halves)]
+
+
 def pack_hits(hits: torch.Tensor) -> bytes:
     """``hits: (n,)`` bool -> n bits, packed 8 to a byte (1,250 bytes for 10,000 images)."""
     return np.packbits(hits.cpu().numpy().astype(bool)).tobytes()

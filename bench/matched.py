@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.accuracy import mean_difference
+from bench.accuracy import interval_text, mean_difference
 
 #: Cost levels: how many times fewer GMACs (or how much speedup) than the unreduced model.
 LEVELS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
@@ -139,7 +139,7 @@ def axis_text(axis: str, level: float) -> str:
 
 def reading_text(row: pd.Series, best: bool) -> str:
     """``top1 ± pm`` with its :data:`MARKS`, in ``**`` where it is the best of its cost."""
-    text = f"{row['top1']:.2f} ± {row['top1_pm']:.2f}" + MARKS[row["cells"]]
+    text = interval_text(row["top1"], row["top1_pm"]) + MARKS[row["cells"]]
     return f"**{text}**" if best else text
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bench.accuracy import interval_texts
 from bench.errors import BenchError
-from bench.matched import pareto_front, read_at
+from bench.matched import MARKS, pareto_front, read_at
 from bench.settings import dataset_kind
 
 PUBLISHED_FILE = Path(__file__).resolve().parent / "assets" / "published.yaml"
@@ -91,10 +92,11 @@ def compare(table: pd.DataFrame, methods_of: pd.Series, points: pd.DataFrame) ->
 def shown(compared: pd.DataFrame) -> pd.DataFrame:
     """``compared`` as text columns for the reports: here as ``top1 ± pm`` with ``=`` where measured, ``–``
     where out of range."""
-    text = [("–" if pd.isna(v) else f"{v:.2f} ± {p:.2f}" + (" =" if how == "measured" else ""))
-            for v, p, how in zip(compared["top1_here"], compared["top1_here_pm"], compared["cells"])]
+    text = [here + MARKS.get(how, "")
+            for here, how in zip(interval_texts(compared["top1_here"], compared["top1_here_pm"]), compared["cells"])]
     return pd.DataFrame({
         "method": compared["method"], "paper's setting": compared["knobs"].replace("", "–"),
         "source": compared["source"], "series": compared["series"], "GMACs": [f"{g:.1f}" for g in compared["gmacs"]],
-        "top-1 published": [f"{t:.1f}" for t in compared["top1_published"]], "top-1 here": text, "difference": ["–" if pd.isna(d) else f"{d:+.2f}" for d in compared["difference"]],
+        "top-1 published": [f"{t:.1f}" for t in compared["top1_published"]], "top-1 here": text,
+        "difference": ["–" if pd.isna(d) else f"{d:+.2f}" for d in compared["difference"]],
     })

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench import matched, published
-from bench.accuracy import paired_difference, unpack_hits
+from bench.accuracy import interval_texts, paired_difference, unpack_hits
 from bench.errors import BenchError
 from bench.settings import SETTING_COLUMNS, series_labels, split_by_setting
 
@@ -107,9 +107,8 @@ def paper_table(table: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     paper = pd.DataFrame({
         "method": table["method"],
         "setting": [swept_text(by_key.at[k, "method"], by_key.at[k, "knobs"]) for k in table["cell_key"]],
-        "top-1 (%)": [f"{t:.2f} ± {p:.2f}" for t, p in zip(table["top1"], table["top1_pm"])],
-        "drop (points)": ["–" if pd.isna(d) else f"{d:.2f} ± {p:.2f}" for d, p in zip(table["top1_drop"],
-                                                                                      table["top1_drop_pm"])],
+        "top-1 (%)": interval_texts(table["top1"], table["top1_pm"]),
+        "drop (points)": interval_texts(table["top1_drop"], table["top1_drop_pm"]),
         "GMACs": [f"{g:.3f}" for g in table["gmacs"]],
         "×fewer": [f"{r:.2f}" for r in table["gmacs_ratio"]],
         **{f"speedup ({c.removeprefix('speedup ')})": ["–" if pd.isna(v) else f"{v:.2f}" for v in table[c]]
@@ -131,9 +130,8 @@ def fit_text(images: int, extra_json: str | None) -> str:
 
 def to_markdown(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["cell_key", "top1_pm", "top1_drop_pm"]).copy()
-    shown["top1"] = [f"{t:.2f} ± {p:.2f}" for t, p in zip(table["top1"], table["top1_pm"])]
-    shown["top1_drop"] = ["–" if pd.isna(d) else f"{d:.2f} ± {p:.2f}" for d, p in zip(table["top1_drop"],
-                                                                                   table["top1_drop_pm"])]
+    shown["top1"] = interval_texts(table["top1"], table["top1_pm"])
+    shown["top1_drop"] = interval_texts(table["top1_drop"], table["top1_drop_pm"])
     shown["p_paired"] = ["–" if pd.isna(p) else f"{p:.3g}" for p in table["p_paired"]]
     return shown.to_markdown(index=False, floatfmt=".3f")
 
