@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, type["TokenReducer"]] = {}
 
 
+class KnobValueError(BenchError):
+    """A value a knob's declaration refuses; ``problem`` says what is wrong, without the advice to the user."""
+
+    def __init__(self, problem: str, advice: str = "") -> None:
+        super().__init__(f"{problem}: {advice}" if advice else problem)
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class Knob:
     """One tunable setting: its type, default, valid closed range ``[low, high]`` and default sweep."""
@@ -51,7 +59,7 @@ class Knob:
     choices: tuple = ()
 
     def check(self, method: str, value: Any) -> Any:
-        """Return ``value`` converted to the knob's type, or raise a one-line :class:`BenchError`."""
+        """Return ``value`` converted to the knob's type, or raise a one-line :class:`KnobValueError`."""
         if self.type is bool and isinstance(value, str):
             value = value.lower() in ("1", "true", "yes", "on")
         if isinstance(value, (list, tuple)) and self.type is not tuple:
@@ -59,11 +67,13 @@ class Knob:
         try:
             value = self.type(value)
         except (TypeError, ValueError):
-            raise BenchError(f"knob {method}.{self.name}={value!r} is not a {self.type.__name__}: {self.help or 'see run_bench.py list'}") from None
+            raise KnobValueError(f"knob {method}.{self.name}={value!r} is not a {self.type.__name__}",
+                                 self.help or "see run_bench.py list") from None
         if self.choices and value not in self.choices:
-            raise BenchError(f"knob {method}.{self.name}={value!r} is not one of {list(self.choices)}")
+            raise KnobValueError(f"knob {method}.{self.name}={value!r} is not one of {list(self.choices)}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise BenchError(f"knob {method}.{self.name}={value} is outside [{self.low}, {self.high}]: pick a value in range")
+            raise KnobValueError(f"knob {method}.{self.name}={value} is outside [{self.low}, {self.high}]",
+                                 "pick a value in range")
         return value
 
     def check_declaration(self, method: str) -> None:
@@ -72,10 +82,9 @@ class Knob:
         for what, value in (("default", self.default), *(("sweep value", v) for v in self.sweep)):
             try:
                 self.check(method, value)
-            except BenchError as exc:
-                problem = str(exc).split(": ")[0]  # without check's advice to the user, which does not apply
+            except KnobValueError as exc:  # its problem, without the advice to a user, which does not apply
                 raise BenchError(f"plug-in {method!r} declares knob {self.name!r} with {what} {value!r}, which its own "
-                                 f"declaration refuses ({problem}): fix the Knob(...) in the plug-in") from None
+                                 f"declaration refuses ({exc.problem}): fix the Knob(...) in the plug-in") from None
 
 
 @dataclass
