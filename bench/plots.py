@@ -102,7 +102,7 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
             if labels_on:  # one label per drawn point: knob values whose cells coincide share it ("0.9/0.8")
                 for (gmacs, top1), same in group.groupby(["gmacs", "top1"], sort=False):
                     text = "/".join(knob_text(row.method, row.knobs) for row in same.itertuples())
-                    knob_labels.append(ax.annotate(text, (gmacs, 100 * top1), fontsize=5, xytext=(3, -6),
+                    knob_labels.append(ax.annotate(text, (gmacs, 100 * top1), fontsize=5, xytext=LABEL_SPOTS[0][1:3],
                                                    textcoords="offset points", color=colour))
         for method, points in ([] if published is None else published.groupby("method", sort=True)):
             colour = style_of(cells.loc[cells["method"] == method, "label"].iloc[0], labels)[0]
@@ -116,32 +116,73 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
         ax.grid(alpha=0.3, linewidth=0.5)
         ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         ax.set_title(title or f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
-        separate_labels(fig, knob_labels)
+        place_labels(fig, ax, knob_labels)
         return fig
 
 
-def separate_labels(fig: plt.Figure, labels: list[matplotlib.text.Annotation], step_points: float = 5.0,
-                    max_steps: int = 12) -> None:
-    """Move point labels that overlap an earlier one down by ``step_points`` at a time (then up, if down runs out
-    of tries), so that two methods' knob labels at nearby points stay readable. Labels are placed in order of
-    their points' x; the point each label names does not move."""
+#: Where a knob label may sit, most preferred first: ``(ring, dx, dy, horizontal alignment)``, offsets in points from
+#: its point. Right and below first (where labels always sat), then above, then left; each ring farther out.
+LABEL_SPOTS = [(ring, side * (3 + 4 * ring), dy, "left" if side > 0 else "right")
+               for ring in range(4) for side in (1, -1) for dy in (-6 - 5 * ring, 2 + 5 * ring)]
+#: What a label may cover, cheapest first, as the cost of covering one: a line joining a series' points, an error
+#: bar, a marker, the axes' edge, another label; and the cost of each ring of :data:`LABEL_SPOTS` farther from its
+#: point (a label far away is hard to tell apart). A label takes the first spot of least total cost.
+COVER_COST = {"line": 1.0, "ring": 2.0, "error bar": 3.0, "marker": 30.0, "outside": 100.0, "label": 1000.0}
+
+
+def _obstacles(ax: plt.Axes) -> tuple[list[matplotlib.transforms.Bbox], list[tuple[str, matplotlib.path.Path]]]:
+    """What is drawn in ``ax``, in display coordinates: one box per marker, and the lines (series and error bars)
+    as ``(kind, path)``."""
+    markers, paths = [], []
+    for line in ax.get_lines():
+        if not line.get_visible():
+            continue
+        if line.get_marker() not in (None, "None", "", " "):
+            half = line.get_markersize() * ax.figure.dpi / 72 / 2
+            for x, y in line.get_transform().transform(line.get_xydata()):
+                markers.append(matplotlib.transforms.Bbox([[x - half, y - half], [x + half, y + half]]))
+        if line.get_linestyle() not in ("None", "", " ") and len(line.get_xydata()) > 1:
+            paths.append(("line", line.get_transform().transform_path(line.get_path())))
+    for collection in ax.collections:  # error bars
+        transform = collection.get_transform()
+        paths += [("error bar", transform.transform_path(path)) for path in collection.get_paths()]
+    return markers, paths
+
+
+def place_labels(fig: plt.Figure, ax: plt.Axes, labels: list[matplotlib.text.Annotation]) -> None:
+    """Put each point label at the spot (:data:`LABEL_SPOTS`) where it covers least (:data:`COVER_COST`): no other
+    label, marker or error bar where the plot leaves room, so that knob labels of nearby points stay readable.
+    Labels are placed in order of their points' x; the point each label names does not move."""
     if not labels:  # labels_on=False: nothing to place, so no extra draw
         return
     fig.canvas.draw()  # lays the axes out: before it, their limits are not final and unplaced labels have no extent
     renderer = fig.canvas.get_renderer()
+    markers, paths = _obstacles(ax)
+    frame = ax.get_window_extent(renderer)
     placed: list[matplotlib.transforms.Bbox] = []
+
+    def cost(box: matplotlib.transforms.Bbox, ring: int) -> float:
+        covered = {"ring": ring, "label": sum(box.overlaps(other) for other in placed),
+                   "marker": sum(box.overlaps(marker) for marker in markers),
+                   "outside": not (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1))}
+        for kind in ("line", "error bar"):
+            covered[kind] = sum(path.intersects_bbox(box, filled=False) for k, path in paths if k == kind)
+        return sum(COVER_COST[kind] * count for kind, count in covered.items())
+
     for label in sorted(labels, key=lambda text: text.xy[0]):
-        x_offset, y_offset = label.get_position()
-        for shift in [-step * step_points for step in range(max_steps)] + \
-                     [step * step_points for step in range(1, max_steps)]:
-            label.set_position((x_offset, y_offset + shift))
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
+        best: tuple[float, tuple[float, float, str]] | None = None
+        for ring, dx, dy, align in LABEL_SPOTS:
+            label.set_position((dx, dy))
+            label.set_horizontalalignment(align)
+            spot_cost = cost(label.get_window_extent(renderer), ring)
+            if best is None or spot_cost < best[0]:
+                best = (spot_cost, (dx, dy, align))
+            if spot_cost == 0:
                 break
-        else:
-            label.set_position((x_offset, y_offset))
-            box = label.get_window_extent(renderer)
-        placed.append(box)
+        dx, dy, align = best[1]
+        label.set_position((dx, dy))
+        label.set_horizontalalignment(align)
+        placed.append(label.get_window_extent(renderer))
 
 
 def _throughput_rows(cells: pd.DataFrame, timings: pd.DataFrame) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.transforms
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,6 +80,47 @@ def test_knob_labels_of_nearby_points_do_not_overlap(tmp_path: Path) -> None:
     assert first.width > 1 and second.width > 1  # drawn labels, not matplotlib's placeholder unit box
     assert not first.overlaps(second)
     assert {text.xy for text in labels} == {(1.0, 90.0), (1.002, 90.05)}  # the labelled points stay where they are
+
+
+#: The embedded default's cells (reports/results.csv, rounded): label, method, swept knob, GMACs, top-1
+EMBEDDED_CELLS = [("none", "none", {}, 0.188, 0.9032), ("ltmp", "ltmp", {"r_target": 0.8}, 0.148, 0.9030),
+                  ("ltmp", "ltmp", {"r_target": 0.65}, 0.127, 0.9014), ("ltmp", "ltmp", {"r_target": 0.5}, 0.101, 0.8977),
+                  ("ltp", "ltp", {"r_target": 0.65}, 0.129, 0.9022), ("tome", "tome", {"r": 16}, 0.140, 0.9029),
+                  ("tome", "tome", {"r": 24}, 0.117, 0.9002), ("tome", "tome", {"r": 32}, 0.097, 0.8954),
+                  ("pm", "pm", {"keep_rate": 0.6}, 0.136, 0.8994), ("pm", "pm", {"keep_rate": 0.4}, 0.091, 0.8950),
+                  ("pm-ft", "pm", {"keep_rate": 0.6}, 0.136, 0.8909), ("topk", "topk", {"keep_rate": 0.7}, 0.112, 0.8947),
+                  ("topk", "topk", {"keep_rate": 0.5}, 0.084, 0.8863)]
+
+
+def test_knob_labels_cover_no_marker_and_no_other_label(tmp_path: Path) -> None:
+    """The embedded default's frontier, crowded between 0.12 and 0.15 GMACs: labels placed only apart from each
+    other covered other methods' markers (LTP's 0.65 sat on PM's triangle). Every label now clears every marker
+    (boxes of the markers' drawn size, computed here from the cells) and every other label, inside the axes."""
+    store = Store(tmp_path / "s.sqlite")
+    for index, (label, method, knobs, gmacs, top1) in enumerate(EMBEDDED_CELLS):
+        row = fake_row(f"c{index}", method, top1, gmacs)
+        row.update(label=label, knobs=knobs, top1_low=top1 - 0.006, top1_high=top1 + 0.006)
+        store.write_cell(row, [])
+    store.close()
+    fig = plots.frontier(Store(tmp_path / "s.sqlite").cells())
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    points_to_pixels = fig.dpi / 72
+    markers = []
+    for label, _, _, gmacs, top1 in EMBEDDED_CELLS:
+        x, y = ax.transData.transform((gmacs, 100 * top1))
+        half = (10 if label == "none" else 5) / 2 * points_to_pixels
+        markers.append(matplotlib.transforms.Bbox([[x - half, y - half], [x + half, y + half]]))
+    labels = [text for text in ax.texts if text.get_text()]
+    assert len(labels) == len(EMBEDDED_CELLS) - 1  # every reduced cell, the baseline unlabelled
+    boxes = [text.get_window_extent(renderer) for text in labels]
+    frame = ax.get_window_extent(renderer)
+    for text, box in zip(labels, boxes):
+        assert box.width > 1, text.get_text()
+        assert not any(box.overlaps(marker) for marker in markers), (text.get_text(), text.xy)
+        assert sum(box.overlaps(other) for other in boxes) == 1, (text.get_text(), text.xy)  # itself only
+        assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1), text.get_text()
 
 
 def test_cells_at_the_same_point_share_one_label(tmp_path: Path) -> None:
