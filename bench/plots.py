@@ -99,11 +99,8 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
             front = group[group["pareto"]]
             ax.plot(front["gmacs"], 100 * front["top1"], linestyle="none", marker=marker, color=colour, zorder=4,
                     gid=f"pareto:{label}")
-            if labels_on:  # one label per drawn point: knob values whose cells coincide share it ("0.9/0.8")
-                for (gmacs, top1), same in group.groupby(["gmacs", "top1"], sort=False):
-                    text = "/".join(knob_text(row.method, row.knobs) for row in same.itertuples())
-                    knob_labels.append(ax.annotate(text, (gmacs, 100 * top1), fontsize=5, xytext=LABEL_SPOTS[0][1:3],
-                                                   textcoords="offset points", color=colour))
+            if labels_on:
+                knob_labels += annotate_knobs(ax, group, "gmacs", colour)
         for method, points in ([] if published is None else published.groupby("method", sort=True)):
             colour = style_of(cells.loc[cells["method"] == method, "label"].iloc[0], labels)[0]
             points = points.sort_values("gmacs")
@@ -118,6 +115,17 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
         ax.set_title(title or f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
         place_labels(fig, ax, knob_labels)
         return fig
+
+
+def annotate_knobs(ax: plt.Axes, group: pd.DataFrame, x: str, colour: str) -> list[matplotlib.text.Annotation]:
+    """One knob label per drawn point of a method's cells ``group`` at (``group[x]``, top-1 in %): knob values whose
+    cells coincide share it ("0.9/0.8"). :func:`place_labels` then moves them apart."""
+    labels = []
+    for (x_value, top1), same in group.groupby([x, "top1"], sort=False):
+        text = "/".join(knob_text(row.method, row.knobs) for row in same.itertuples())
+        labels.append(ax.annotate(text, (x_value, 100 * top1), fontsize=5, xytext=LABEL_SPOTS[0][1:3],
+                                  textcoords="offset points", color=colour))
+    return labels
 
 
 #: Where a knob label may sit, most preferred first: ``(ring, dx, dy, horizontal alignment)``, offsets in points from
@@ -199,15 +207,19 @@ def throughput(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
         fig, axes = plt.subplots(1, len(panels), figsize=(COLUMN_WIDTH * len(panels), 2.6), squeeze=False)
         for ax, (device, precision) in zip(axes[0], panels):
             panel = rows[(rows["device"] == device) & (rows["precision"] == precision)]
+            knob_labels = []
             for label, group in panel.groupby("label", sort=True):
                 colour, marker = style_of(label, labels)
                 group = group.sort_values("images_per_s")
                 ax.plot(group["images_per_s"], 100 * group["top1"], color=colour, marker=marker,
                         markersize=10 if label == "none" else 5, label="baseline" if label == "none" else label)
+                if label != "none":
+                    knob_labels += annotate_knobs(ax, group, "images_per_s", colour)
             ax.set_xlabel(f"images/s ({device}, {precision}, batch {int(panel['batch'].iloc[0])})")
             ax.set_ylabel("top-1 accuracy (%)")
             ax.grid(alpha=0.3, linewidth=0.5)
-            ax.legend(frameon=False, ncol=2)
+            ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+            place_labels(fig, ax, knob_labels)
         return fig
 
 
@@ -237,7 +249,7 @@ def realisation(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
                 colour, marker = style_of(label, labels)
                 group = group.sort_values("gmacs_ratio")
                 ax.plot(group["gmacs_ratio"], group["speedup"], color=colour, marker=marker,
-                        linestyle="-" if precision == "bf16" else ":", label=f"{label} ({precision})")
+                        linestyle="-" if precision == "bf16" else ":", label=f"{'baseline' if label == 'none' else label} ({precision})")
                 spread = speedup_spread(group)
                 if spread is not None:
                     ax.errorbar(group["gmacs_ratio"], group["speedup"], yerr=spread, fmt="none", ecolor=colour,

@@ -61,8 +61,13 @@ def test_every_figure_is_written_with_the_expected_series(tmp_path: Path) -> Non
     assert len(realisation.axes) == 2  # batch 1 and batch 32
     tokens = plots.tokens_per_layer(cells)
     assert len(tokens.axes[0].get_lines()) == 3  # one per method
+    assert "baseline (bf16)" in [t.get_text() for t in realisation.axes[0].get_legend().get_texts()]
     through = plots.throughput(cells, timings)
     assert len(through.axes) == 1 and len(through.axes[0].get_lines()) == 3
+    knob_labels = [text for text in through.axes[0].texts if text.get_text()]  # the reduced cells' swept knobs
+    assert sorted(text.get_text() for text in knob_labels) == ["0.7", "0.7", "0.7", "8", "8"]
+    boxes = [text.get_window_extent(through.canvas.get_renderer()) for text in knob_labels]
+    assert all(sum(box.overlaps(other) for other in boxes) == 1 for box in boxes)  # only itself
 
 
 def test_knob_labels_of_nearby_points_do_not_overlap(tmp_path: Path) -> None:
