@@ -281,9 +281,10 @@ def tokens_per_layer(cells: pd.DataFrame) -> plt.Figure:
                     ax.fill_between(layers, low, high, color=colour, alpha=0.15, linewidth=0)
         ax.set_xlabel("block")
         ax.set_ylabel("tokens entering attention")
-        ax.set_title(f"at matched cost (~{target:.3f} GMACs)", fontsize=7)
+        shaded = "; shaded: range over images" if ax.collections else ""
+        ax.set_title(f"at matched cost (~{target:.3f} GMACs){shaded}", fontsize=7)
         ax.grid(alpha=0.3, linewidth=0.5)
-        ax.legend(frameon=False, fontsize=5)
+        ax.legend(frameon=False, fontsize=5, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # off the spread
         return fig
 
 

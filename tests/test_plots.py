@@ -61,6 +61,7 @@ def test_every_figure_is_written_with_the_expected_series(tmp_path: Path) -> Non
     assert len(realisation.axes) == 2  # batch 1 and batch 32
     tokens = plots.tokens_per_layer(cells)
     assert len(tokens.axes[0].get_lines()) == 3  # one per method
+    assert tokens.axes[0].get_title().endswith("shaded: range over images")  # small_store has spreads
     assert "baseline (bf16)" in [t.get_text() for t in realisation.axes[0].get_legend().get_texts()]
     through = plots.throughput(cells, timings)
     assert len(through.axes) == 1 and len(through.axes[0].get_lines()) == 3
