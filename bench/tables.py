@@ -151,10 +151,10 @@ def to_latex(table: pd.DataFrame) -> str:
             text = (f"{value:.3g}" if column == "p_paired" else
                     f"{value:.3f}" if column.startswith("gmacs") and column != "gmacs_ratio" else f"{value:.2f}")
             return f"\\textbf{{{text}}}" if column in best and value == best[column] else text
-        return str(value).replace("_", "\\_")
+        return latex_escape(str(value))
 
     rows = [[fmt(c, v) for c, v in zip(shown.columns, row)] for row in shown.itertuples(index=False)]
-    return booktabs([c.replace("_", "\\_") for c in shown.columns], rows, text_columns=2)
+    return booktabs([latex_escape(c) for c in shown.columns], rows, text_columns=2)
 
 
 def booktabs(header: list[str], rows: list[list[str]], text_columns: int) -> str:
@@ -177,12 +177,25 @@ def matched_markdown(long: pd.DataFrame) -> str:
     return text
 
 
+#: LaTeX's special characters in text, and how a table writes each (labels and knob values are the user's own text)
+LATEX_SPECIALS = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
+                  "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "<": "\\textless{}",
+                  ">": "\\textgreater{}", "|": "\\textbar{}"}
+#: The reports' non-ASCII marks, as LaTeX writes them
+LATEX_MARKS = {"±": "$\\pm$", "×": "$\\times$", "–": "--", "≥": "$\\geq$"}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` as LaTeX typesets it literally: its special characters escaped, the reports' marks (±, ×, –, ≥) as
+    LaTeX writes them."""
+    return "".join(LATEX_SPECIALS.get(char) or LATEX_MARKS.get(char, char) for char in text)
+
+
 def latex_cell(text: str) -> str:
-    """A report cell's text in LaTeX: ±, ×, –, ≥, & and _ escaped, ``**bold**`` as ``\\textbf``."""
-    for plain, latex in (("±", "$\\pm$"), ("×", "$\\times$"), ("–", "--"), ("≥", "$\\geq$"), ("&", "\\&"),
-                         ("_", "\\_")):
-        text = text.replace(plain, latex)
-    return f"\\textbf{{{text.strip('*')}}}" if text.startswith("**") else text
+    """A report cell's text in LaTeX (:func:`latex_escape`), ``**bold**`` as ``\\textbf``."""
+    bold = text.startswith("**") and text.endswith("**") and len(text) > 4
+    text = latex_escape(text[2:-2] if bold else text)
+    return f"\\textbf{{{text}}}" if bold else text
 
 
 def text_latex(table: pd.DataFrame, text_columns: int) -> str:

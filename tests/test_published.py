@@ -2,6 +2,8 @@
 read off the run's cells, and where they appear (tables and frontier)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,25 @@ def test_a_broken_published_file_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "published.yaml").write_text("deit_small_patch16_224: 5\n")  # points not a list of rows
     with pytest.raises(BenchError, match="published numbers .* unreadable .*git checkout bench/assets"):
         published.load(tmp_path / "published.yaml")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (apt-get install texlive-latex-recommended)")
+def test_every_latex_table_compiles(tmp_path: Path) -> None:
+    """Every .tex the export writes, typeset by pdflatex with booktabs: the DeiT-S cells (comparison, matched-cost and
+    published tables) and a cell whose label holds every LaTeX special character. The paper table's ``top-1 (%)``
+    header once commented out the end of its row (``Misplaced \\noalign``)."""
+    from tests.test_store import SPECIAL_LABEL
+
+    store = Store(tmp_path / "s.sqlite")
+    for row in deit_cells().to_dict("records"):
+        store.write_cell(row, [fake_timing(32)])
+    store.write_cell({**fake_row("odd", "tome", 0.8, 1.0), "label": SPECIAL_LABEL}, [fake_timing(32)])
+    paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
+    store.close()
+    for path in (p for p in paths if p.suffix == ".tex"):
+        document = tmp_path / f"doc_{path.stem}.tex"
+        document.write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[landscape]{geometry}"
+                            f"\\begin{{document}}\\tiny\\input{{{path}}}\\end{{document}}\n")
+        result = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", document.name],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (path.name, result.stdout[-1500:])

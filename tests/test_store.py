@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -279,3 +280,30 @@ def test_the_paper_table_condenses_each_cell_to_what_a_paper_prints(tmp_path: Pa
     assert "tome & r 8 & 20.00 $\\pm$ 5.00 & 60.00 $\\pm$ 42.94 & 1.000 & 2.00 & 1.50 & -- \\\\" in latex
     assert "ltmp & r\\_target 0.7 &" in latex and "\\textbf" not in latex
     store.close()
+
+
+#: A label of every LaTeX special character and report mark, and how LaTeX must be given it (derived by hand)
+SPECIAL_LABEL = "a&b%c$d#e_f{g}h~i^j\\k<l>m|n±×–≥"
+SPECIAL_LABEL_LATEX = ("a\\&b\\%c\\$d\\#e\\_f\\{g\\}h\\textasciitilde{}i\\textasciicircum{}j\\textbackslash{}k"
+                       "\\textless{}l\\textgreater{}m\\textbar{}n$\\pm$$\\times$--$\\geq$")
+
+
+def test_latex_escapes_every_special_character() -> None:
+    assert tables.latex_escape(SPECIAL_LABEL) == SPECIAL_LABEL_LATEX
+    assert tables.latex_cell(f"**{SPECIAL_LABEL}**") == f"\\textbf{{{SPECIAL_LABEL_LATEX}}}"
+
+
+def test_latex_tables_escape_headers_and_users_labels(tmp_path: Path) -> None:
+    """The paper table's header ``top-1 (%)`` began a LaTeX comment that swallowed the rest of the header row; a
+    config ``label:`` holding %, #, $, {, } or ~ broke every table it appeared in."""
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell(fake_row("k1", "none", 0.9, 2.0), [fake_timing()])
+    store.write_cell({**fake_row("k2", "tome", 0.8, 1.0), "label": SPECIAL_LABEL}, [fake_timing()])
+    paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
+    store.close()
+    comparison, paper = paths[2].read_text(), paths[5].read_text()
+    assert "method & setting & top-1 (\\%) & drop (points) &" in paper
+    assert f"\n{SPECIAL_LABEL_LATEX} & r 8 & 80.00 $\\pm$ 5.00 &" in paper
+    assert f"\n{SPECIAL_LABEL_LATEX} & r=8 & 80.00 & 5.00 &" in comparison
+    for text in (comparison, paper):  # outside comment lines, no % that is not escaped
+        assert not [line for line in text.splitlines() if not line.startswith("%") and re.search(r"(?<!\\)%", line)]
