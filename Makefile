@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test setup data clean-venv
+.PHONY: bench test setup data latex clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,10 +21,19 @@ data:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# pdflatex and booktabs, for the test that typesets every LaTeX table the reports hold (tests only)
+latex:
+	@if ! command -v pdflatex >/dev/null || ! kpsewhich booktabs.sty >/dev/null; then \
+	  echo "installing Debian packages texlive-latex-base texlive-latex-recommended (to typeset the LaTeX tables)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends \
+	    texlive-latex-base texlive-latex-recommended; \
+	fi
+
 bench: setup
 	$(PY) run_bench.py
 
-test: setup
+test: setup latex
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 clean-venv:
