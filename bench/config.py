@@ -99,7 +99,27 @@ def load(name_or_path: str | None) -> dict[str, Any]:
     config = _merge(DEFAULTS, raw, "")
     for index, entry in enumerate(config["methods"]):
         check_entry(entry, index)
+    check_labels(config["methods"])
     return config
+
+
+#: Characters a label may not hold, and why
+LABEL_SEPARATORS = {",": "--methods separates labels by commas", "|": "Markdown tables separate cells by '|'"}
+
+
+def check_labels(entries: list[dict[str, Any]]) -> None:
+    """Raise :class:`BenchError` where an entry's label (its ``label``, else its method) holds a separator
+    (:data:`LABEL_SEPARATORS`) or names entries of two methods: figures, tables and ``--methods`` know a series by its
+    label, so two methods under one label would be drawn as one line and read off as one method."""
+    owner: dict[str, str] = {}
+    for entry in entries:
+        label = str(entry.get("label") or entry["method"])
+        for separator, why in LABEL_SEPARATORS.items():
+            if separator in label:
+                raise BenchError(f"config methods[{label}].label holds {separator!r} ({why}): choose a label without it")
+        if owner.setdefault(label, entry["method"]) != entry["method"]:
+            raise BenchError(f"config label {label!r} names entries of two methods ({owner[label]} and "
+                             f"{entry['method']}): give each entry its own `label:`")
 
 
 def check_entry(entry: Any, index: int) -> None:

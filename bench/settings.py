@@ -94,7 +94,8 @@ def split_by_setting(cells: pd.DataFrame, naming: pd.DataFrame | None = None) ->
 def series_labels(cells: pd.DataFrame) -> pd.Series:
     """Each cell's series name within one setting: its label, with the knobs that tell variants apart appended
     where one label covers cells whose fixed (not swept) knobs differ, e.g. ``ltmp (clip_grad=0.0)`` beside
-    ``ltmp (clip_grad=1.0)`` after a config changed a knob, or two unlabelled entries of one method. Otherwise
+    ``ltmp (clip_grad=1.0)`` after a config changed a knob, or two unlabelled entries of one method; where one label
+    covers cells of several methods (configs run into one store), the method is appended: ``x (tome)``. Otherwise
     their sweeps would be drawn as one line and read as one method's Pareto front. A knob missing from a cell
     (stored before the knob existed) counts at its declared default; plug-ins not loaded keep their label, their
     swept knobs being unknown."""
@@ -110,6 +111,9 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
             fixed[index] = {k: v for k, v in values.items() if k not in reducer_cls.swept_knobs()}
     names = cells["label"].copy()
     for label, indices in cells.groupby("label").groups.items():
+        if cells.loc[indices, "method"].nunique() > 1:  # one label on two methods (configs run into one store)
+            names[indices] = [f"{label} ({method})" for method in cells.loc[indices, "method"]]
+            continue
         if not all(i in fixed for i in indices):
             continue
         differing = sorted(k for k in set().union(*(fixed[i] for i in indices))

@@ -100,6 +100,10 @@ CASES = {
                                        "methods[ltp].fit.precision asks for fp16"),
     "entry's fit batch of zero": (lambda f: tiny_args(f, "--config", str(f["root"] / "zero_entry_batch.yaml")),
                                   "methods[ltmp].fit.batch_size must be a positive whole number"),
+    "one label on two methods": (lambda f: tiny_args(f, "--config", str(f["root"] / "shared_label.yaml")),
+                                 "config label 'x' names entries of two methods (tome and topk)"),
+    "label holding a comma": (lambda f: tiny_args(f, "--config", str(f["root"] / "comma_label.yaml")),
+                              "config methods[a,b].label holds ','"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
     "train-base from a missing checkpoint": (lambda f: ["train-base", "--init-from", str(f["root"] / "nope.pt")],
                                              "not found: pass --init-from PATH"),
@@ -121,6 +125,9 @@ def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> 
     (files["root"] / "data_on_fmnist.yaml").write_text(f"data: {files['folder']}\nmethods:\n  - method: none\n")
     (files["root"] / "zero_entry_batch.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: ltmp\n"
                                                          "    fit: {batch_size: 0}\n")
+    (files["root"] / "shared_label.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: tome\n    label: x\n"
+                                                     "  - method: topk\n    label: x\n")
+    (files["root"] / "comma_label.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: tome\n    label: a,b\n")
     make_args, expected = CASES[case]
     foreign_before = files["foreign"].read_bytes()
     (files["root"] / "store.sqlite").unlink(missing_ok=True)  # each case starts without it (another may have failed)

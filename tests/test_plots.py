@@ -342,6 +342,13 @@ def test_variants_of_one_label_are_separate_series(tmp_path: Path, monkeypatch) 
     assert list(settings.series_labels(cells[cells["cell_key"].isin(["b", "c1", "c2"])])) == ["none", "ltmp", "ltmp"]
 
 
+def test_one_label_on_two_methods_is_two_series() -> None:
+    """Two configs run into one store, each calling a different method ``x``: the method tells the series apart."""
+    cells = pd.DataFrame({"label": ["x", "x", "x", "y"], "method": ["tome", "topk", "tome", "ltp"],
+                          "knobs": ['{"r": 8}', '{"keep_rate": 0.5}', '{"r": 16}', '{"r_target": 0.7}']})
+    assert list(settings.series_labels(cells)) == ["x (tome)", "x (topk)", "x (tome)", "y"]
+
+
 def test_token_maps_show_each_variant_of_a_label() -> None:
     """Two unlabelled LTMP entries of one config (clip_grad 0 and 1) get a token-map column each, not one."""
     from bench import tokenviz
