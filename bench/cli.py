@@ -137,6 +137,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def knob_line(knob) -> str:
+    """A knob as ``list`` shows it: ``name: type = default``, its allowed values, default sweep and help."""
+    if knob.choices:
+        allowed = "one of " + ", ".join(map(str, knob.choices))
+    elif knob.low is not None and knob.high is not None:
+        allowed = f"in [{knob.low}, {knob.high}]"
+    elif knob.low is not None or knob.high is not None:
+        allowed = f">= {knob.low}" if knob.low is not None else f"<= {knob.high}"
+    else:
+        allowed = ""
+    parts = [f"{knob.name}: {knob.type.__name__} = {knob.default}", allowed,
+             f"sweep {list(knob.sweep)}" if knob.sweep else "", knob.help]
+    return "  ".join(part for part in parts if part)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import methods
     from bench import config as config_mod
@@ -146,9 +161,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, cls in methods.list_reducers().items():
         print(f"  {name}{'  (trains)' if cls.trains else ''}")
         for knob in cls.knobs:
-            bounds = f"[{knob.low}, {knob.high}]" if knob.low is not None or knob.high is not None else ""
-            sweep = f" sweep {list(knob.sweep)}" if knob.sweep else ""
-            print(f"    {knob.name}: {knob.type.__name__} = {knob.default} {bounds}{sweep}  {knob.help}")
+            print(f"    {knob_line(knob)}")
     print("configs: " + ", ".join(sorted(p.stem for p in config_mod.CONFIG_DIR.glob("*.yaml"))))
     print("datasets: fashion-mnist (embedded default), imagefolder (--data PATH)")
     print(f"models: {models.EMBEDDED_MODEL} (embedded) or any timm ViT, e.g. deit_small_patch16_224")

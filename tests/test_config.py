@@ -85,3 +85,17 @@ def test_a_config_without_methods_runs_nothing_and_says_so(tmp_path: Path) -> No
     cells = runner.planned_cells(config_of("--config", str(tmp_path / "none.yaml"), "--methods", "none,tome"))
     assert [(entry["method"], knobs) for entry, knobs in cells] == [("none", {}), ("tome", {"r": 8}), ("tome", {"r": 13}),
                                                                      ("tome", {"r": 16})]
+
+
+def test_list_shows_each_knobs_allowed_values() -> None:
+    """``list`` printed ``[0.0, None]`` for a knob bounded below only and nothing for a knob of fixed choices."""
+    from bench.cli import knob_line
+    from methods.base import Knob
+
+    assert knob_line(Knob("r", int, default=8, low=0, sweep=(8, 16), help="tokens merged")) == \
+        "r: int = 8  >= 0  sweep [8, 16]  tokens merged"
+    assert knob_line(Knob("t", float, default=0.5, low=0.0, high=1.0)) == "t: float = 0.5  in [0.0, 1.0]"
+    assert knob_line(Knob("c", float, default=-1.0, high=0.0)) == "c: float = -1.0  <= 0.0"
+    assert knob_line(Knob("regime", str, default="a", choices=("a", "b"), help="which")) == \
+        "regime: str = a  one of a, b  which"
+    assert knob_line(Knob("flag", bool, default=False)) == "flag: bool = False"
