@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,18 @@ def read_rgb(path: str) -> Any:
                               "the folder; finished cells are kept in the store") from None
 
 
+def folder_problem(exc: Exception, named: int = 5) -> str:
+    """torchvision's reason for refusing a folder, in one line; its list of class folders without images is cut to
+    the first ``named`` (a train folder missing most of ImageNet's 1,000 classes listed them all)."""
+    text = str(exc).splitlines()[0]
+    empty = re.match(r"Found no valid file for the classes (.*?)\. Supported extensions are: (.*)", text)
+    if not empty:
+        return text
+    classes = empty.group(1).split(", ")
+    shown = ", ".join(classes[:named]) + (", ..." if len(classes) > named else "")
+    return f"{len(classes)} class folder(s) hold no image with the extensions {empty.group(2)}: {shown}"
+
+
 def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
     """An ImageNet-style folder (``class/xxx.jpg``) with the model's own timm eval preprocessing, its labels the
     model's class indices (:func:`align_labels`)."""
@@ -155,7 +168,7 @@ def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
     try:
         folder = ImageFolder(str(root), transform=transform, loader=read_rgb)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise BenchError(f"{root} is not an ImageFolder ({str(exc).splitlines()[0]}): expected class/image.jpg") from exc
+        raise BenchError(f"{root} is not an ImageFolder ({folder_problem(exc)}): expected class/image.jpg") from exc
     align_labels(folder, int(model.num_classes))
     return folder
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,16 @@ def test_shipped_checkpoint_hash_and_accuracy(fmnist) -> None:
     accuracy = float((logits.argmax(-1) == fmnist["test"].labels[index]).float().mean())
     assert accuracy >= 0.85
     assert manifest["test_top1"] >= 0.89 and manifest["test_images"] == 10000
+
+
+def test_class_folders_without_images_are_counted_and_a_few_named(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """A train folder holding images for a few of its classes listed every empty class folder (980 of ImageNet's
+    1,000 in one line); now it counts them and names the first five."""
+    shutil.copytree(tiny_imagefolder / "red", tmp_path / "c00")
+    for index in range(1, 9):
+        (tmp_path / f"c{index:02d}").mkdir()
+    with pytest.raises(BenchError) as caught:
+        data.image_folder(tmp_path, make_tiny(num_classes=9))
+    message = str(caught.value)
+    assert "8 class folder(s) hold no image with the extensions .jpg, .jpeg," in message
+    assert message.endswith(": c01, c02, c03, c04, c05, ...): expected class/image.jpg")
