@@ -5,6 +5,7 @@
     python run_bench.py run --config imagenet_deit_small --data /imagenet/val --train-data /imagenet/train
     python run_bench.py list                 # methods (knobs, ranges, sweeps), configs, models
     python run_bench.py export               # results.{csv,md,tex} from the store
+    python run_bench.py plot --methods ltmp,tome   # figures of those methods (and the baseline) from the store
     python run_bench.py train-base           # retrain the embedded Fashion-MNIST ViT
 
 Every user error ends in one line on stderr naming the fix, and exit code 2; the store is never damaged.
@@ -168,25 +169,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def stored_results(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``export`` and ``plot``: the store's cells and timings, only those of ``--methods`` where given, and every
+    cell (which names the settings' files as a run names them)."""
+    from bench.settings import select_labels
+    from bench.store import read_results
+
+    stored, timings = read_results(args.store)
+    cells, timings = select_labels(stored, timings, args.methods) if args.methods is not None else (stored, timings)
+    return cells, timings, stored
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from bench import tables
-    from bench.store import Store
 
-    if not Path(args.store).is_file():
-        raise BenchError(f"store {args.store} does not exist: run `python run_bench.py` first or pass --store")
-    store = Store(args.store)
-    try:
-        paths = tables.export(store.cells(), store.timings(), args.reports)
-    finally:
-        store.close()
-    print("\n".join(str(p) for p in paths))
+    cells, timings, stored = stored_results(args)
+    for path in tables.export(cells, timings, args.reports, naming=stored):
+        print(path)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from bench import plots
 
-    for path in plots.plot_all(args.store, args.reports):
+    cells, timings, stored = stored_results(args)
+    for path in plots.plot_cells(cells, timings, args.reports, naming=stored):
         print(path)
     return 0
 
@@ -203,11 +210,13 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     _add_run_arguments(sub.add_parser("run", help="measure a config's cells (default)"))
     sub.add_parser("list", help="methods, knobs, configs").add_argument("--plugins")
-    for name in ("export", "plot"):
-        p = sub.add_parser(name, help=f"{name} from the store")
-        p.add_argument("--store", default=str(DEFAULT_STORE))
-        p.add_argument("--reports", default=str(DEFAULT_REPORTS))
-        p.add_argument("--plugins")
+    for name, what in (("export", "tables (results*.{csv,md,tex})"), ("plot", "figures (*.{pdf,svg,png})")):
+        p = sub.add_parser(name, help=f"{what} of the cells in the store (nothing is measured)")
+        p.add_argument("--store", default=str(DEFAULT_STORE), help="SQLite results file")
+        p.add_argument("--reports", default=str(DEFAULT_REPORTS), help=f"folder for the {what.split(' ')[0]}")
+        p.add_argument("--methods", help="comma-separated labels to show (the baseline is always shown: every drop, "
+                       "ratio and speedup is measured against it)")
+        p.add_argument("--plugins", help="the plug-ins the store's methods came from (to name their swept knobs)")
     sub.add_parser("train-base", help="train the embedded Fashion-MNIST ViT (see --help there)", add_help=False)
     return parser
 

@@ -290,18 +290,9 @@ def tokens_per_layer(cells: pd.DataFrame) -> plt.Figure:
 
 def plot_all(store_path: str | Path, out_dir: str | Path, echo=print) -> list[Path]:
     """Every figure for every model/dataset in the store. One-line messages where data is missing."""
-    from bench.store import Store
+    from bench.store import read_results
 
-    if not Path(store_path).is_file():
-        raise BenchError(f"store {store_path} does not exist: run `python run_bench.py` first or pass --store")
-    store = Store(store_path)
-    try:
-        cells, timings = store.cells(), store.timings()
-    finally:
-        store.close()
-    if cells.empty:
-        raise BenchError(f"store {store_path} holds no results yet: run `python run_bench.py` first")
-    return plot_cells(cells, timings, out_dir, echo)
+    return plot_cells(*read_results(store_path), out_dir, echo)
 
 
 def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, echo=print,

@@ -121,3 +121,20 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
         for i in indices if differing else []:
             names[i] = f"{label} ({', '.join(f'{k}={fixed[i].get(k)}' for k in differing)})"
     return names
+
+
+def select_labels(cells: pd.DataFrame, timings: pd.DataFrame, methods: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cells whose label ``methods`` names (comma-separated, as ``--methods``) and the baseline's (``none``), which
+    every drop, GMACs ratio and speedup is measured against, with their timings. :class:`BenchError` naming the
+    labels to choose from where ``methods`` names none or one the cells lack."""
+    from bench.errors import BenchError
+
+    wanted = {name.strip() for name in methods.split(",")} - {""}
+    known = sorted(set(cells["label"]))
+    if not wanted:
+        raise BenchError(f"--methods {methods!r} names no method: pass comma-separated labels from {known}")
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise BenchError(f"--methods names {unknown}, which the store holds no cells of: choose from {known}")
+    chosen = cells[cells["label"].isin(wanted | {"none"})]
+    return chosen, timings[timings["cell_key"].isin(chosen["cell_key"])]

@@ -134,6 +134,21 @@ class Store:
         return torch.load(io.BytesIO(row[0]), weights_only=True)
 
 
+def read_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cells and timings of the store at ``path``, for ``export`` and ``plot``; :class:`BenchError` naming the fix
+    where it does not exist or holds no cell."""
+    if not Path(path).is_file():
+        raise BenchError(f"store {path} does not exist: run `python run_bench.py` first or pass --store")
+    store = Store(path)
+    try:
+        cells, timings = store.cells(), store.timings()
+    finally:
+        store.close()
+    if cells.empty:
+        raise BenchError(f"store {path} holds no results yet: run `python run_bench.py` first")
+    return cells, timings
+
+
 def pack_state(state: dict[str, torch.Tensor]) -> bytes | None:
     if not state:
         return None

@@ -360,3 +360,23 @@ def test_token_maps_show_each_variant_of_a_label() -> None:
     chosen = tokenviz.pick_cells(pd.DataFrame(rows))
     assert sorted(chosen["label"]) == ["ltmp (clip_grad=0.0)", "ltmp (clip_grad=1.0)"]
     assert sorted(chosen["cell_key"]) == ["a", "b"]  # each variant's cell nearest the median GMACs, 1.0
+
+
+def test_plot_and_export_methods_show_those_labels_and_the_baseline(tmp_path: Path, capsys) -> None:
+    """``plot --methods ltmp`` / ``export --methods ltmp``: a paper's figure of some methods; the baseline stays, as
+    every drop, ratio and speedup is measured against it; a label the store lacks is a one-line error."""
+    from bench import cli
+
+    store = small_store(tmp_path / "s.sqlite")
+    args = cli.make_parser().parse_args(["plot", "--store", str(store), "--methods", "ltmp"])
+    cells, timings, stored = cli.stored_results(args)
+    assert sorted(cells["label"]) == ["ltmp", "ltmp", "ltmp", "none"] and len(stored) == 6
+    assert set(timings["cell_key"]) == set(cells["cell_key"])
+    assert cli.main(["export", "--store", str(store), "--reports", str(tmp_path / "t"), "--methods", " ltmp "]) == 0
+    assert sorted(pd.read_csv(tmp_path / "t" / "results.csv")["method"]) == ["ltmp", "ltmp", "ltmp", "none"]
+    assert cli.main(["plot", "--store", str(store), "--reports", str(tmp_path / "f"), "--methods", "ltmp"]) == 0
+    assert (tmp_path / "f" / "frontier_m__d.svg").is_file()  # named as a run names the whole store's setting
+    capsys.readouterr()
+    assert cli.main(["plot", "--store", str(store), "--reports", str(tmp_path / "f"), "--methods", "ltmp,tomme"]) == 2
+    assert capsys.readouterr().err == ("error: --methods names ['tomme'], which the store holds no cells of: choose "
+                                       "from ['ltmp', 'none', 'tome']\n")
