@@ -33,6 +33,9 @@ METHOD_STYLE = {  # label -> (colour, marker); the baseline is black
     "none": ("#000000", "*"), "tome": (OKABE_ITO[0], "o"), "topk": (OKABE_ITO[1], "v"), "ltmp": (OKABE_ITO[2], "s"),
     "ltp": (OKABE_ITO[3], "D"), "ltm": (OKABE_ITO[4], "P"), "pm": (OKABE_ITO[5], "^"), "pm-ft": (OKABE_ITO[7], "X"),
 }
+#: Your plug-ins' and variant series' colours (from Paul Tol's muted scheme and one brown), none of them a shipped
+#: method's, each with a marker of :data:`EXTRA_MARKERS`
+EXTRA_COLOURS = ["#882255", "#332288", "#999933", "#CC6677", "#DDCC77", "#8C564B"]
 EXTRA_MARKERS = ["h", "<", ">", "p", "d", "8"]
 STYLE = {"font.size": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
          "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "axes.spines.top": False,
@@ -42,12 +45,13 @@ COLUMN_WIDTH = 3.4
 
 
 def style_of(label: str, labels: Iterable[str]) -> tuple[str, str]:
-    """Fixed style for known methods; user methods get the remaining colours in sorted-label order."""
+    """Fixed style for known methods; others (plug-ins, variant series) get :data:`EXTRA_COLOURS` in sorted-label
+    order."""
     if label in METHOD_STYLE:
         return METHOD_STYLE[label]
     others = sorted(l for l in set(labels) if l not in METHOD_STYLE)
     index = others.index(label) if label in others else 0
-    return OKABE_ITO[(index + 6) % len(OKABE_ITO)], EXTRA_MARKERS[index % len(EXTRA_MARKERS)]
+    return EXTRA_COLOURS[index % len(EXTRA_COLOURS)], EXTRA_MARKERS[index % len(EXTRA_MARKERS)]
 
 
 def knob_text(method: str, knobs: str) -> str:

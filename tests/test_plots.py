@@ -159,6 +159,12 @@ def test_one_colour_per_method_everywhere() -> None:
     assert plots.style_of("tome", labels) == plots.METHOD_STYLE["tome"]
     assert plots.style_of("mine", labels) != plots.style_of("yours", labels)
     assert plots.style_of("mine", labels) == plots.style_of("mine", list(reversed(labels)))
+    # your plug-ins' and variant series' colours are never a shipped method's (the second and third took pm-ft's grey
+    # and ToMe's orange) and differ from each other
+    shipped = {colour for colour, _ in plots.METHOD_STYLE.values()}
+    yours = [f"mine{i}" for i in range(len(plots.EXTRA_COLOURS))]
+    colours = [plots.style_of(label, labels + yours)[0] for label in yours]
+    assert not shipped & set(colours) and len(set(colours)) == len(yours)
 
 
 def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> None:
