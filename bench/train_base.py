@@ -31,6 +31,13 @@ from bench.errors import BenchError
 
 DEFAULTS = dict(epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=0.1, label_smoothing=0.1,
                 max_shift=2, seed=0, save_every=100)
+#: what each recipe flag sets (``train-base --help``)
+RECIPE_HELP = dict(epochs="passes over the 60,000 training images", batch_size="images per optimiser step",
+                   lr="AdamW's peak learning rate (one-cycle schedule)", weight_decay="AdamW's weight decay",
+                   warmup="fraction of the steps spent warming the learning rate up",
+                   label_smoothing="cross-entropy label smoothing",
+                   max_shift="largest random translation in pixels (augmentation)", seed="seed of every random draw",
+                   save_every="steps between saves of the resumable training state")
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
@@ -178,11 +185,11 @@ def train(args: argparse.Namespace) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, help="the recipe's")
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, help=RECIPE_HELP[key])
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
     parser.add_argument("--init-from", default=None, help="start from these weights (a second stage); recorded in the manifest")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -247,11 +247,12 @@ def check_args(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["tome", "ltmp", "pm", "all"])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("which", choices=["tome", "ltmp", "pm", "all"], help="which method's bars to measure")
+    parser.add_argument("--batch", type=int, default=32, help="images per timed forward pass (LTMP adds batch 1)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast precision of the timed passes (fp16: CUDA only)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU latency table: --batch 1 and --batch 256)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per comparison")
     args = parser.parse_args(argv)
     global DEVICE
