@@ -23,7 +23,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.errors import BenchError  # noqa: E402
 from bench.matched import pareto_front  # noqa: E402
 from bench.published import points_for  # noqa: E402
 from bench.settings import series_labels, split_by_setting  # noqa: E402
@@ -252,8 +251,9 @@ def realisation(cells: pd.DataFrame, timings: pd.DataFrame) -> plt.Figure:
             for (label, precision), group in panel.groupby(["label", "precision"], sort=True):
                 colour, marker = style_of(label, labels)
                 group = group.sort_values("gmacs_ratio")
+                name = "baseline" if label == "none" else label
                 ax.plot(group["gmacs_ratio"], group["speedup"], color=colour, marker=marker,
-                        linestyle="-" if precision == "bf16" else ":", label=f"{'baseline' if label == 'none' else label} ({precision})")
+                        linestyle="-" if precision == "bf16" else ":", label=f"{name} ({precision})")
                 spread = speedup_spread(group)
                 if spread is not None:
                     ax.errorbar(group["gmacs_ratio"], group["speedup"], yerr=spread, fmt="none", ecolor=colour,
