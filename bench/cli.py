@@ -95,9 +95,9 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
         if not wanted:
             raise BenchError(f"--methods {args.methods!r} names no method: pass comma-separated labels, e.g. "
                              "--methods none,tome")
-        config["methods"] += config_mod.registered_entries(wanted - {e.get("label") or e["method"] for e in config["methods"]})
+        config["methods"] += config_mod.registered_entries(wanted - {config_mod.entry_label(e) for e in config["methods"]})
         if subset:
-            config["methods"] = [e for e in config["methods"] if (e.get("label") or e["method"]) in wanted]
+            config["methods"] = [e for e in config["methods"] if config_mod.entry_label(e) in wanted]
     return config
 
 

@@ -103,6 +103,12 @@ def load(name_or_path: str | None) -> dict[str, Any]:
     return config
 
 
+def entry_label(entry: dict[str, Any]) -> Any:
+    """The label of a ``methods`` entry: its ``label``, else its method name (what figures, tables, ``--methods`` and
+    error messages call it)."""
+    return entry.get("label") or entry["method"]
+
+
 #: Characters a label may not hold, and why
 LABEL_SEPARATORS = {",": "--methods separates labels by commas", "|": "Markdown tables separate cells by '|'"}
 
@@ -113,7 +119,7 @@ def check_labels(entries: list[dict[str, Any]]) -> None:
     label, so two methods under one label would be drawn as one line and read off as one method."""
     owner: dict[str, str] = {}
     for entry in entries:
-        label = str(entry.get("label") or entry["method"])
+        label = str(entry_label(entry))
         for separator, why in LABEL_SEPARATORS.items():
             if separator in label:
                 raise BenchError(f"config methods[{label}].label holds {separator!r} ({why}): choose a label without it")
@@ -129,7 +135,7 @@ def check_entry(entry: Any, index: int) -> None:
     if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
         raise BenchError(f"config methods[{index}] must be a mapping with a method name (got {entry!r}): "
                          "write e.g. `- method: tome`")
-    where = f"methods[{entry.get('label') or entry['method']}]"
+    where = f"methods[{entry_label(entry)}]"
     unknown = set(entry) - ENTRY_KEYS
     if unknown:
         raise BenchError(f"unknown config key {where}.{sorted(unknown)[0]!r}: allowed {sorted(ENTRY_KEYS)}")

@@ -23,6 +23,7 @@ from bench import distributed
 from bench import data as data_mod
 from bench import models
 from bench.accuracy import evaluate, pack_hits
+from bench.config import entry_label
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
 from bench.latency import heap_policy, paired_ratio, time_interleaved
@@ -216,10 +217,6 @@ def _no_training_data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     raise BenchError("this run has no training images: pass --train-data PATH")
 
 
-def _label(entry: dict[str, Any]) -> str:
-    return entry.get("label") or entry["method"]
-
-
 def entry_fit(config: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     """The fit settings of one ``methods`` entry: the config's ``fit`` under the entry's own."""
     return {**config["fit"], **(entry.get("fit") or {})}
@@ -239,7 +236,7 @@ def cell_store_key(work: Workload, entry: dict[str, Any], reducer: methods.Token
     """The store key of a cell: the hash of the fields that make it unique (the fit by the images it sees)."""
     config = work.config
     identity = {"model": config["model"], "checkpoint": work.checkpoint_sha, "dataset": work.dataset,
-                "images": work.eval_images, "seed": config["seed"], "method": entry["method"], "label": _label(entry),
+                "images": work.eval_images, "seed": config["seed"], "method": entry["method"], "label": entry_label(entry),
                 "knobs": reducer.values, "device": work.device, "eval_precision": config["eval_precision"],
                 "fit": fit_budget(work, entry) if reducer.trains else None}
     return cell_key(identity)
@@ -249,7 +246,7 @@ def entry_fits(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(where, fit) of the config's own ``fit`` and of every ``methods`` entry that sets its own (``where`` names it
     in error messages: ``fit`` or ``methods[LABEL].fit``, as :func:`bench.config.check_entry` names entries)."""
     return [("fit", entry_fit(config, {})),
-            *((f"methods[{_label(entry)}].fit", entry_fit(config, entry)) for entry in config["methods"]
+            *((f"methods[{entry_label(entry)}].fit", entry_fit(config, entry)) for entry in config["methods"]
               if entry.get("fit"))]
 
 
@@ -349,7 +346,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     dims = model._reduction_ctx.dims
     embed = embed_macs(model, dims)
     dense = dense_macs(dims, embed)
-    desc = f"{_label(entry)} {reducer.describe()}"
+    desc = f"{entry_label(entry)} {reducer.describe()}"
     result = evaluate(model, work.eval_batches(), embed, config["eval_precision"], work.device, work.eval_images,
                       progress, desc=desc)
     result.synchronise()
@@ -380,7 +377,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
                             "tf32": str(torch.backends.cuda.matmul.allow_tf32) if work.device.startswith("cuda") else None})
     tokens = result.tokens_mean()
     row = {"cell_key": key, "model": config["model"], "checkpoint_sha": work.checkpoint_sha, "dataset": work.dataset,
-           "eval_images": result.images, "method": entry["method"], "knobs": reducer.values, "label": _label(entry),
+           "eval_images": result.images, "method": entry["method"], "knobs": reducer.values, "label": entry_label(entry),
            "device": work.device, "eval_precision": config["eval_precision"],
            "top1": result.top1, "top1_low": low, "top1_high": high, "top5": result.top5, "top1_correct": result.top1_correct,
            "top1_hits": pack_hits(result.image_hits()),
