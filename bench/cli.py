@@ -91,10 +91,7 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
             raise BenchError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of whole numbers, "
                              "e.g. --batch-sizes 1,32") from None
     if args.methods is not None:
-        wanted = {name.strip() for name in args.methods.split(",")} - {""}
-        if not wanted:
-            raise BenchError(f"--methods {args.methods!r} names no method: pass comma-separated labels, e.g. "
-                             "--methods none,tome")
+        wanted = config_mod.named_labels(args.methods, ", e.g. --methods none,tome")
         config["methods"] += config_mod.registered_entries(wanted - {config_mod.entry_label(e) for e in config["methods"]})
         if subset:
             config["methods"] = [e for e in config["methods"] if config_mod.entry_label(e) in wanted]

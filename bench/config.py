@@ -109,6 +109,15 @@ def entry_label(entry: dict[str, Any]) -> Any:
     return entry.get("label") or entry["method"]
 
 
+def named_labels(methods: str, hint: str) -> set[str]:
+    """The labels ``--methods`` names (comma-separated, blanks dropped); :class:`BenchError` ending in ``hint`` (what to
+    pass) where it names none."""
+    wanted = {name.strip() for name in methods.split(",")} - {""}
+    if not wanted:
+        raise BenchError(f"--methods {methods!r} names no method: pass comma-separated labels{hint}")
+    return wanted
+
+
 #: Characters a label may not hold, and why
 LABEL_SEPARATORS = {",": "--methods separates labels by commas", "|": "Markdown tables separate cells by '|'"}
 

@@ -127,12 +127,11 @@ def select_labels(cells: pd.DataFrame, timings: pd.DataFrame, methods: str) -> t
     """The cells whose label ``methods`` names (comma-separated, as ``--methods``) and the baseline's (``none``), which
     every drop, GMACs ratio and speedup is measured against, with their timings. :class:`BenchError` naming the
     labels to choose from where ``methods`` names none or one the cells lack."""
+    from bench.config import named_labels
     from bench.errors import BenchError
 
-    wanted = {name.strip() for name in methods.split(",")} - {""}
     known = sorted(set(cells["label"]))
-    if not wanted:
-        raise BenchError(f"--methods {methods!r} names no method: pass comma-separated labels from {known}")
+    wanted = named_labels(methods, f" from {known}")
     unknown = sorted(wanted - set(known))
     if unknown:
         raise BenchError(f"--methods names {unknown}, which the store holds no cells of: choose from {known}")
