@@ -53,7 +53,7 @@ class ModelDims:
     num_prefix: int
     num_patches: int
     grid: tuple[int, int]
-    head_macs: int
+    head_macs: int  # per image: the classifier head(s), DeiT's distillation head included
 
     @property
     def tokens(self) -> int:
@@ -70,7 +70,9 @@ class ModelDims:
                    head_dim=block.attn.head_dim, attn_dim=block.attn.num_heads * block.attn.head_dim,
                    attn_linear_macs=linear_macs(block.attn), mlp_macs=linear_macs(block.mlp),
                    num_prefix=model.num_prefix_tokens, num_patches=model.patch_embed.num_patches,
-                   grid=tuple(model.patch_embed.grid_size), head_macs=linear_macs(model.head))
+                   grid=tuple(model.patch_embed.grid_size),
+                   head_macs=sum(linear_macs(head) for head in (model.head, getattr(model, "head_dist", None))
+                                 if head is not None))
 
 
 class ReductionContext:

@@ -33,8 +33,9 @@ def tiny() -> VisionTransformer:
     return tiny_vit()
 
 
-TIMM_MODELS = {  # the four model families every plug-in must handle (random weights)
+TIMM_MODELS = {  # the five model families every plug-in must handle (random weights)
     "deit_tiny_patch16_224": {},
+    "deit_tiny_distilled_patch16_224": {},  # CLS + distillation token, two heads
     "deit3_small_patch16_224": {},  # LayerScale
     "vit_small_patch14_reg4_dinov2": {"img_size": 98},  # CLS + 4 registers + LayerScale
     "vit_little_patch16_reg4_gap_256": {"img_size": 96},  # no CLS, 4 registers, average pooling

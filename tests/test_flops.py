@@ -23,7 +23,8 @@ def analytic_per_image(model, x) -> torch.Tensor:
     return image_macs(ctx.counts(), ctx.dims, ctx.reducer, embed_macs(model, ctx.dims))
 
 
-@pytest.mark.parametrize("name, expected", [("deit_tiny_patch16_224", 1.2537), ("deit_small_patch16_224", 4.5989)])
+@pytest.mark.parametrize("name, expected", [("deit_tiny_patch16_224", 1.2537), ("deit_small_patch16_224", 4.5989),
+                                            ("deit_tiny_distilled_patch16_224", 1.2610)])  # + dist token and head
 def test_dense_deit_gmacs_match_known_values(name: str, expected: float) -> None:
     model = timm.create_model(name, pretrained=False).eval()
     dims = ModelDims.of(model)
