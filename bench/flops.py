@@ -28,11 +28,9 @@ def counted_macs(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
 
 def embed_macs(model: torch.nn.Module, dims: ModelDims) -> int:
     """MACs of the patch embedding for one image (static, so counted once)."""
-    channels = model.patch_embed.proj[0].in_channels if isinstance(model.patch_embed.proj, torch.nn.Sequential) \
-        else model.patch_embed.proj.in_channels
-    height, width = model.patch_embed.img_size
     param = next(model.parameters())
-    return counted_macs(model.patch_embed, torch.zeros(1, channels, height, width, dtype=param.dtype, device=param.device))
+    image = torch.zeros(1, dims.in_chans, *model.patch_embed.img_size, dtype=param.dtype, device=param.device)
+    return counted_macs(model.patch_embed, image)
 
 
 def block_macs(n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:

@@ -150,9 +150,11 @@ class TokenReducer:
 
     # --- life cycle -------------------------------------------------------------------------------
     def apply(self, model: "VisionTransformer") -> "VisionTransformer":
-        """Patch ``model`` in place (class swap, weights untouched) and return it."""
-        from methods.blocks import patch_model
+        """Patch ``model`` in place (class swap, weights untouched) and return it. An unsupported architecture is
+        refused before :meth:`check_model` reads the model's shapes."""
+        from methods.blocks import check_supported, patch_model
 
+        check_supported(model)
         self.check_model(model)
         patch_model(model, self)
         self.model = model

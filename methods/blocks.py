@@ -53,6 +53,7 @@ class ModelDims:
     num_prefix: int
     num_patches: int
     grid: tuple[int, int]
+    in_chans: int  # image channels: those of the patch embedding's first convolution
     head_macs: int  # per image: the classifier head(s), DeiT's distillation head included
 
     @property
@@ -66,11 +67,16 @@ class ModelDims:
         def linear_macs(module: nn.Module) -> int:
             return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
+        first_conv = next((m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is None:
+            raise BenchError(f"{type(model.patch_embed).__name__} has no Conv2d: token reducers need a convolutional "
+                             "patch embedding (timm's PatchEmbed, a conv stem or a HybridEmbed)")
+
         return cls(depth=len(model.blocks), dim=model.embed_dim, num_heads=block.attn.num_heads,
                    head_dim=block.attn.head_dim, attn_dim=block.attn.num_heads * block.attn.head_dim,
                    attn_linear_macs=linear_macs(block.attn), mlp_macs=linear_macs(block.mlp),
                    num_prefix=model.num_prefix_tokens, num_patches=model.patch_embed.num_patches,
-                   grid=tuple(model.patch_embed.grid_size),
+                   grid=tuple(model.patch_embed.grid_size), in_chans=first_conv.in_channels,
                    head_macs=sum(linear_macs(head) for head in (model.head, getattr(model, "head_dist", None))
                                  if head is not None))
 
@@ -392,7 +398,9 @@ def _swap_class(module: nn.Module, mixin: type) -> None:
     module.__class__ = type(f"Reduced{base.__name__}", (mixin, base), {})
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
+    """Refuse (BenchError) a model that token reducers cannot patch: not a timm ViT, already patched, attention
+    pooling, a dynamic image size, or blocks other than timm's pre-norm Block with Attention."""
     if not isinstance(model, VisionTransformer):
         raise BenchError(f"{type(model).__name__} is not a timm VisionTransformer: token reducers patch ViTs only")
     if getattr(model, "_reduction_ctx", None) is not None:
@@ -403,13 +411,16 @@ def _check_supported(model: nn.Module) -> None:
         raise BenchError("dynamic_img_size models are not supported: create the model with a fixed img_size")
     for index, block in enumerate(model.blocks):
         missing = [part for part in BLOCK_PARTS if not hasattr(block, part)]
-        if missing or not isinstance(block.attn, Attention):
+        if missing:
             raise BenchError(f"block {index} ({type(block).__name__}) is not a timm pre-norm Block with Attention: unsupported model")
+        if not isinstance(block.attn, Attention):
+            raise BenchError(f"block {index}'s attention is a {type(block.attn).__name__}, not timm's Attention: unsupported "
+                             "model")
 
 
 def patch_model(model: VisionTransformer, reducer: "TokenReducer") -> ReductionContext:
     """Make ``model`` run ``reducer``. Returns the shared context (also at ``model._reduction_ctx``)."""
-    _check_supported(model)
+    check_supported(model)
     ctx = ReductionContext(reducer, ModelDims.of(model))
     model._reduction_ctx = ctx
     _swap_class(model, _ReducedVisionTransformer)

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import bench.models  # noqa: F401  (registers the embedded model)
 import methods  # noqa: F401  (registers plug-ins)
+from methods.blocks import ModelDims
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(int(os.environ.get("TOKENBENCH_TEST_THREADS", min(2, os.cpu_count() or 1))))
@@ -33,9 +34,10 @@ def tiny() -> VisionTransformer:
     return tiny_vit()
 
 
-TIMM_MODELS = {  # the five model families every plug-in must handle (random weights)
+TIMM_MODELS = {  # the model families every plug-in must handle (random weights)
     "deit_tiny_patch16_224": {},
     "deit_tiny_distilled_patch16_224": {},  # CLS + distillation token, two heads
+    "vit_tiny_r_s16_p8_224": {},  # hybrid: a ResNet stem (HybridEmbed) makes the patch tokens
     "deit3_small_patch16_224": {},  # LayerScale
     "vit_small_patch14_reg4_dinov2": {"img_size": 98},  # CLS + 4 registers + LayerScale
     "vit_little_patch16_reg4_gap_256": {"img_size": 96},  # no CLS, 4 registers, average pooling
@@ -54,9 +56,8 @@ def timm_vit(name: str) -> VisionTransformer:
 
 
 def image_batch(model: VisionTransformer, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    channels = model.patch_embed.proj.in_channels if hasattr(model.patch_embed.proj, "in_channels") else 1
-    height, width = model.patch_embed.img_size
-    return torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, ModelDims.of(model).in_chans, *model.patch_embed.img_size,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,10 +1,14 @@
 """The conformance suite: runs on every registered plug-in, so a new plug-in gets it for free."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from timm.models.vision_transformer import ParallelScalingBlock
 
 import methods
+from bench.errors import BenchError
 from bench.flops import embed_macs, image_macs
 from tests.conftest import TIMM_MODELS, image_batch, timm_vit, tiny_vit
 
@@ -62,6 +66,22 @@ def test_prefix_tokens_survive_reduction(plugin: str, model_name: str) -> None:
     assert source[:, prefix:, :prefix].sum() == 0
     if ctx.alive is not None:
         assert bool((ctx.alive[:, :prefix] > 0).all())
+
+
+UNSUPPORTED = {  # a timm ViT option that token reducers cannot patch -> the start of its error
+    "parallel blocks": ({"block_fn": ParallelScalingBlock}, "block 0 (ParallelScalingBlock) is not a timm pre-norm Block"),
+    "differential attention": ({"attn_layer": "diff"}, "block 0's attention is a DiffAttention, not timm's Attention"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_unsupported_architecture_is_refused_by_apply(plugin: str, case: str) -> None:
+    """Refused with a one-line BenchError naming the part, before the plug-in's own check reads the model."""
+    options, message = UNSUPPORTED[case]
+    model = tiny_vit(**options)
+    with pytest.raises(BenchError, match=re.escape(message)):
+        methods.create(plugin).apply(model)
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)

@@ -1,6 +1,7 @@
 """Analytic GMACs against FlopCounterMode (counts fused attention; 2 FLOPs per MAC) and fvcore."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -75,3 +76,16 @@ def test_tome_similarity_is_counted() -> None:
     extra = sum(float(reducer.extra_macs(l, counts[:, l, 0], counts[:, l, 1], ctx.dims)[0]) for l in range(4))
     # layer sizes 65, 57, 49, 41 tokens: |A| x |B| = 32*32 + 28*28 + 24*24 + 20*20, head_dim 16
     assert extra == (32 * 32 + 28 * 28 + 24 * 24 + 20 * 20) * 16
+
+
+def test_hybrid_stem_macs_derived_by_hand() -> None:
+    """A HybridEmbed (conv backbone, then a 1x1 projection): the image's channels are the backbone's, not the
+    projection's. 32x32x3 -> 3x3 conv, stride 4 -> 8x8x16 -> 1x1 conv -> 64 tokens of width 48."""
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=4, padding=1), torch.nn.BatchNorm2d(16))
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=1, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+        embed_layer=functools.partial(timm.layers.HybridEmbed, backbone=backbone)).eval()
+    dims = ModelDims.of(model)
+    assert dims.in_chans == 3 and dims.num_patches == 64
+    assert embed_macs(model, dims) == 64 * (16 * 3 * 3 * 3) + 64 * (48 * 16)
+    assert dense_macs(dims, embed_macs(model, dims)) == counted_macs(model, torch.zeros(1, 3, 32, 32))
