@@ -29,7 +29,7 @@ from bench.flops import dense_macs, embed_macs
 from bench.latency import heap_policy, paired_ratio, time_interleaved
 from bench.precision import autocast, check as check_precision, emulation_warning, native_bf16
 from bench.store import Store, cell_key, pack_state
-from methods.blocks import ModelDims
+from methods.blocks import ModelDims, check_supported
 from methods.ltmp import flops_ratio
 
 Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -150,6 +150,7 @@ def prepare(config: dict[str, Any]) -> Workload:
     if config["threads"] is not None:
         torch.set_num_threads(int(config["threads"]))
     model = models.create(config["model"], pretrained=config["pretrained"], checkpoint=config["checkpoint"])
+    check_cells_fit(config, model)
     if config["checkpoint"]:
         sha = models.sha256_file(config["checkpoint"])
     elif config["model"] == models.EMBEDDED_MODEL:
@@ -317,6 +318,14 @@ def planned_cells(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str
         for knobs in config_mod.expand(entry, methods.REGISTRY):
             cells.append((entry, knobs))
     return cells
+
+
+def check_cells_fit(config: dict[str, Any], model: torch.nn.Module) -> None:
+    """Raise :class:`BenchError` where ``model`` cannot be token-reduced, or where a planned cell's knobs are
+    impossible on it (e.g. ToMe merging more than half its tokens), before the first cell is measured."""
+    check_supported(model)
+    for entry, knobs in planned_cells(config):
+        methods.create(entry["method"], **knobs).check_model(model)
 
 
 def evaluation_r_flops(tokens_mean: torch.Tensor, dims: ModelDims) -> float:

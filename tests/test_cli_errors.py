@@ -12,6 +12,7 @@ from bench import models
 from bench.errors import BenchError
 from bench.store import Store
 from tests.conftest import ROOT, run_cli
+from tests.tiny_model import test_tiny_parallel_vit as make_tiny_parallel
 from tests.tiny_model import test_tiny_vit as make_tiny
 
 PLUGIN_ENV = {"TOKENBENCH_PLUGINS": "tests.tiny_model", "HF_HUB_OFFLINE": "1"}
@@ -24,6 +25,8 @@ def files(tmp_path_factory, tiny_imagefolder) -> dict[str, Path]:
     torch.save(make_tiny().state_dict(), good)
     other = root / "other.pt"
     torch.save(make_tiny(depth=3).state_dict(), other)
+    parallel = root / "parallel.pt"
+    torch.save(make_tiny_parallel().state_dict(), parallel)
     corrupt = root / "corrupt.pt"
     corrupt.write_bytes(good.read_bytes()[:1000])
     foreign = root / "foreign.sqlite"
@@ -39,7 +42,7 @@ def files(tmp_path_factory, tiny_imagefolder) -> dict[str, Path]:
     bad_method.write_text("methods:\n  - method: nope\n")
     bad_dataset = root / "bad_dataset.yaml"
     bad_dataset.write_text("dataset: cifar\n")
-    return {"root": root, "good": good, "other": other, "corrupt": corrupt, "foreign": foreign,
+    return {"root": root, "good": good, "other": other, "parallel": parallel, "corrupt": corrupt, "foreign": foreign,
             "junk": root / "junk", "file": root / "a_file", "folder": tiny_imagefolder, "config": config,
             "bad_method": bad_method, "bad_dataset": bad_dataset, "two_classes": root / "two_classes"}
 
@@ -104,6 +107,11 @@ CASES = {
                                  "config label 'x' names entries of two methods (tome and topk)"),
     "label holding a comma": (lambda f: tiny_args(f, "--config", str(f["root"] / "comma_label.yaml")),
                               "config methods[a,b].label holds ','"),
+    "knob impossible on this model": (lambda f: tiny_args(f, "--config", str(f["root"] / "too_many_merges.yaml")),
+                                      "knob tome.r=40 merges more than half of the 64 patch tokens"),
+    "ViT that token reducers cannot patch": (lambda f: tiny_args(f, "--model", "test_tiny_parallel_vit", "--checkpoint",
+                                                                 str(f["parallel"])),
+                                             "block 0 (ParallelScalingBlock) is not a timm pre-norm Block"),
     "train-base with no epochs": (lambda f: ["train-base", "--epochs", "0"], "--epochs 0 is impossible"),
     "train-base from a missing checkpoint": (lambda f: ["train-base", "--init-from", str(f["root"] / "nope.pt")],
                                              "not found: pass --init-from PATH"),
@@ -127,6 +135,8 @@ def test_bad_input_is_one_line_and_exit_2(case: str, files: dict[str, Path]) -> 
                                                          "    fit: {batch_size: 0}\n")
     (files["root"] / "shared_label.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: tome\n    label: x\n"
                                                      "  - method: topk\n    label: x\n")
+    (files["root"] / "too_many_merges.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: none\n"
+                                                        "  - method: tome\n    sweep: {r: [40]}\n")
     (files["root"] / "comma_label.yaml").write_text("dataset: imagefolder\nmethods:\n  - method: tome\n    label: a,b\n")
     make_args, expected = CASES[case]
     foreign_before = files["foreign"].read_bytes()

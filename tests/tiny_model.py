@@ -1,6 +1,6 @@
-"""A tiny timm-registered ViT for CLI tests (32x32 RGB, 64 patches + CLS, 2 blocks). Imported by tests only."""
+"""Tiny timm-registered ViTs for CLI tests (32x32 RGB, 64 patches + CLS, 2 blocks). Imported by tests only."""
 from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
 
 @register_model
@@ -13,3 +13,10 @@ def test_tiny_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", "num_classes": 3}
     return model
+
+
+@register_model
+def test_tiny_parallel_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """:func:`test_tiny_vit` with parallel attention + MLP blocks (as ``vit_base_patch16_xp_224``): a timm ViT that
+    token reducers cannot patch."""
+    return test_tiny_vit(pretrained, block_fn=ParallelScalingBlock, **kwargs)
