@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,14 @@ def timm_vit(name: str) -> VisionTransformer:
 def image_batch(model: VisionTransformer, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, ModelDims.of(model).in_chans, *model.patch_embed.img_size,
                        generator=torch.Generator().manual_seed(seed))
+
+
+def load_script(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` as a fresh module (the benchmarks are scripts, not part of a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:

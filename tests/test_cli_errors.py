@@ -11,7 +11,7 @@ import torch
 from bench import models
 from bench.errors import BenchError
 from bench.store import Store
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, load_script, run_cli
 from tests.tiny_model import test_tiny_parallel_vit as make_tiny_parallel
 from tests.tiny_model import test_tiny_vit as make_tiny
 
@@ -188,22 +188,12 @@ SPEED_CASES = {
 }
 
 
-def load_speed_script():
-    """``benchmarks/speed.py`` as a fresh module (it is a script, not part of a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("speed_under_test", ROOT / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    return speed
-
-
 @pytest.mark.parametrize("case", sorted(SPEED_CASES))
 def test_speed_benchmark_bad_option_is_one_line_and_exit_2(case: str, capsys, monkeypatch) -> None:
     """``benchmarks/speed.py`` checks its options before it builds a model or times anything."""
     if case == "cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    speed = load_speed_script()
+    speed = load_script("speed")
     for bench in ("bench_tome", "bench_ltmp", "bench_pm"):
         monkeypatch.setattr(speed, bench, lambda args: pytest.fail("built a benchmark despite a bad option"))
     argv, expected = SPEED_CASES[case]
@@ -214,7 +204,7 @@ def test_speed_benchmark_bad_option_is_one_line_and_exit_2(case: str, capsys, mo
 
 def test_speed_benchmark_without_fashion_mnist_is_one_line_and_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
     """``speed.py ltmp`` times the embedded model on real test images: without them it names the fix, no traceback."""
-    speed = load_speed_script()
+    speed = load_script("speed")
     monkeypatch.setenv("TOKENBENCH_FMNIST_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(speed, "REPORT", tmp_path / "speed.jsonl")
     assert speed.main(["ltmp"]) == 2
