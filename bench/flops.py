@@ -29,7 +29,7 @@ def counted_macs(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
 def embed_macs(model: torch.nn.Module, dims: ModelDims) -> int:
     """MACs of the patch embedding for one image (static, so counted once)."""
     param = next(model.parameters())
-    image = torch.zeros(1, dims.in_chans, *model.patch_embed.img_size, dtype=param.dtype, device=param.device)
+    image = torch.zeros(1, *dims.image_shape, dtype=param.dtype, device=param.device)
     return counted_macs(model.patch_embed, image)
 
 

@@ -49,7 +49,7 @@ def check(name: str, plugins: list[str], rtol: float) -> tuple[str, str]:
         dims = ModelDims.of(model)
     except BenchError as exc:
         return "refused", str(exc)
-    image = torch.randn(1, dims.in_chans, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    image = torch.randn(1, *dims.image_shape, generator=torch.Generator().manual_seed(0))
     counted, analytic = counted_macs(model, image), dense_macs(dims, embed_macs(model, dims))
     if abs(analytic - counted) > rtol * counted:
         return "FAILED", f"dense GMACs {analytic / 1e9:.4f} != FlopCounterMode's {counted / 1e9:.4f}"

@@ -54,11 +54,17 @@ class ModelDims:
     num_patches: int
     grid: tuple[int, int]
     in_chans: int  # image channels: those of the patch embedding's first convolution
+    img_size: tuple[int, int]  # the input images' (height, width)
     head_macs: int  # per image: the classifier head(s), DeiT's distillation head included
 
     @property
     def tokens(self) -> int:
         return self.num_prefix + self.num_patches
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """One input image's shape ``(C, H, W)``."""
+        return (self.in_chans, *self.img_size)
 
     @classmethod
     def of(cls, model: VisionTransformer) -> "ModelDims":
@@ -77,6 +83,7 @@ class ModelDims:
                    attn_linear_macs=linear_macs(block.attn), mlp_macs=linear_macs(block.mlp),
                    num_prefix=model.num_prefix_tokens, num_patches=model.patch_embed.num_patches,
                    grid=tuple(model.patch_embed.grid_size), in_chans=first_conv.in_channels,
+                   img_size=tuple(model.patch_embed.img_size),
                    head_macs=sum(linear_macs(head) for head in (model.head, getattr(model, "head_dist", None))
                                  if head is not None))
 

@@ -174,7 +174,7 @@ class PruneAndMerge(TokenReducer):
 
     def prepare_for_test(self, model) -> None:
         generator = torch.Generator().manual_seed(0)
-        images = torch.randn(2, ModelDims.of(model).in_chans, *model.patch_embed.img_size, generator=generator)
+        images = torch.randn(2, *ModelDims.of(model).image_shape, generator=generator)
         labels = torch.randint(0, max(model.num_classes, 1), (2,), generator=generator)
         if model.num_classes == 0:  # headless models: score against the features' own argmax
             labels = torch.zeros(2, dtype=torch.long)

@@ -58,8 +58,7 @@ def timm_vit(name: str) -> VisionTransformer:
 
 
 def image_batch(model: VisionTransformer, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, ModelDims.of(model).in_chans, *model.patch_embed.img_size,
-                       generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, *ModelDims.of(model).image_shape, generator=torch.Generator().manual_seed(seed))
 
 
 def load_script(name: str) -> types.ModuleType:

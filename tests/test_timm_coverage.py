@@ -34,4 +34,3 @@ def test_unknown_method_is_one_line_and_exit_2(capsys) -> None:
     assert load_script("timm_coverage").main(["--methods", "none,nope"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "unknown method 'nope'" in lines[0], lines
-

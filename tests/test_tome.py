@@ -22,7 +22,7 @@ def context(r: int) -> tuple[methods.TokenReducer, ReductionContext]:
     reducer = methods.create("tome", r=r)
     reducer.schedule = [r]
     dims = ModelDims(depth=1, dim=1, num_heads=1, head_dim=2, attn_dim=2, attn_linear_macs=0, mlp_macs=0,
-                     num_prefix=1, num_patches=4, grid=(2, 2), in_chans=3, head_macs=0)
+                     num_prefix=1, num_patches=4, grid=(2, 2), in_chans=3, img_size=(2, 2), head_macs=0)
     ctx = ReductionContext(reducer, dims)
     ctx.stats["keys"] = KEYS
     return reducer, ctx
