@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -93,18 +94,30 @@ def display_images(images: torch.Tensor, model: torch.nn.Module) -> np.ndarray:
     return (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-6)
 
 
-def outline(ax: plt.Axes, groups: torch.Tensor, grid: tuple[int, int], cell: tuple[int, int]) -> None:
-    """Draw the borders between patches of different groups."""
+def group_borders(groups: torch.Tensor, grid: tuple[int, int], cell: tuple[int, int]) -> np.ndarray:
+    """The borders between patches of different groups as line segments ``(S, 2, 2)`` (two (x, y) ends each, in the
+    pixel coordinates ``imshow`` gives the image: pixel centres at whole numbers, so a cell edge lies at ``k - 0.5``).
+
+    ``groups: (G, P)`` 0/1 membership of the ``P = grid[0] * grid[1]`` patches; a patch of no group (pruned) is a
+    group of its own kind, so a border runs between it and a kept neighbour but not between two pruned ones.
+    ``cell``: (height, width) of a patch in pixels."""
     label = np.full(grid[0] * grid[1], -1)
     for index, row in enumerate(groups.numpy()):
         label[row > 0] = index
     label = label.reshape(grid)
-    for i in range(grid[0]):
-        for j in range(grid[1]):
-            if j + 1 < grid[1] and label[i, j] != label[i, j + 1]:
-                ax.plot([(j + 1) * cell[1] - 0.5] * 2, [i * cell[0] - 0.5, (i + 1) * cell[0] - 0.5], color="k", linewidth=0.3)
-            if i + 1 < grid[0] and label[i, j] != label[i + 1, j]:
-                ax.plot([j * cell[1] - 0.5, (j + 1) * cell[1] - 0.5], [(i + 1) * cell[0] - 0.5] * 2, color="k", linewidth=0.3)
+    i, j = np.nonzero(label[:, 1:] != label[:, :-1])  # a border right of patch (i, j)
+    x, y0, y1 = (j + 1) * cell[1] - 0.5, i * cell[0] - 0.5, (i + 1) * cell[0] - 0.5
+    vertical = np.stack([np.stack([x, y0], -1), np.stack([x, y1], -1)], 1)
+    i, j = np.nonzero(label[1:, :] != label[:-1, :])  # a border below patch (i, j)
+    y, x0, x1 = (i + 1) * cell[0] - 0.5, j * cell[1] - 0.5, (j + 1) * cell[1] - 0.5
+    horizontal = np.stack([np.stack([x0, y], -1), np.stack([x1, y], -1)], 1)
+    return np.concatenate([vertical, horizontal]).astype(float).reshape(-1, 2, 2)
+
+
+def outline(ax: plt.Axes, groups: torch.Tensor, grid: tuple[int, int], cell: tuple[int, int]) -> None:
+    """Draw the borders between patches of different groups (:func:`group_borders`), as one collection: a line
+    artist per segment made the embedded run's figure take 14 s to save."""
+    ax.add_collection(LineCollection(group_borders(groups, grid, cell), colors="k", linewidths=0.3), autolim=False)
 
 
 def pick_cells(cells: pd.DataFrame) -> pd.DataFrame:

@@ -267,6 +267,20 @@ def test_token_map_paints_each_group_in_its_mean_colour() -> None:
     assert shown.shape == (2, 32, 32, 3) and np.allclose(shown, pixels.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+def test_group_borders_derived_by_hand() -> None:
+    """A 2x3 grid of 2x2-pixel patches labelled [[0, 0, 1], [pruned, pruned, 1]]: two vertical borders right of column 1
+    (x = 3.5), two horizontal ones under row 0 in columns 0 and 1 (y = 1.5), none between the two pruned patches or
+    inside a group; one group covering everything has no border."""
+    from bench.tokenviz import group_borders
+
+    groups = torch.tensor([[1.0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1]])
+    segments = group_borders(groups, (2, 3), (2, 2))
+    assert segments.shape == (4, 2, 2)
+    assert sorted(map(str, segments.tolist())) == sorted(map(str, [
+        [[3.5, -0.5], [3.5, 1.5]], [[3.5, 1.5], [3.5, 3.5]], [[-0.5, 1.5], [1.5, 1.5]], [[1.5, 1.5], [3.5, 1.5]]]))
+    assert group_borders(torch.ones(1, 6), (2, 3), (2, 2)).shape == (0, 2, 2)
+
+
 def test_token_maps_of_few_methods_keep_their_panels_together(tmp_path: Path, monkeypatch) -> None:
     """One method beside the input: the two columns sit side by side, not spread over a two-column-wide page."""
     import json
