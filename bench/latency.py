@@ -25,7 +25,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -137,20 +137,30 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", warmup_iters: int = 20,
                      warmup_s: float = 2.0, min_iters: int = 10, min_time_s: float = 2.0,
-                     max_iters: int = 1000) -> dict[str, Timing]:
+                     max_iters: int = 1000, warm: Collection[str] = ()) -> dict[str, Timing]:
     """Time several callables round-robin. Warm-up lasts >= ``warmup_iters`` rounds and >= ``warmup_s``;
     timing lasts >= ``min_iters`` rounds and >= ``min_time_s`` (at most ``max_iters`` rounds). The heap is made
     steady first (:func:`steady_heap`), so the warm-up also settles it; the page faults of each timed call are
-    counted, so a stored timing shows whether it was free of them."""
+    counted, so a stored timing shows whether it was free of them.
+
+    ``warm`` names callables that were already warmed up this way earlier in the process on the same inputs (the
+    harness's baseline after the first cell): they sit out the warm-up and run once after it, just before the timed
+    rounds, which interleave every callable as usual."""
+    unknown = set(warm) - set(fns)
+    if unknown:
+        raise ValueError(f"warm names {sorted(unknown)}, which are not among the timed callables {sorted(fns)}")
     steady_heap()
     run = _timer(torch.device(device))
     names = list(fns)
+    cold = [name for name in names if name not in warm]
     with torch.inference_mode():
         start, rounds = time.perf_counter(), 0
-        while rounds < warmup_iters or time.perf_counter() - start < warmup_s:
-            for name in names:
+        while cold and (rounds < warmup_iters or time.perf_counter() - start < warmup_s):
+            for name in cold:
                 run(fns[name])
             rounds += 1
+        for name in (name for name in names if name in warm):  # once each, right before the timed rounds
+            run(fns[name])
         timings = {name: Timing([], []) for name in names}
         start, rounds = time.perf_counter(), 0
         while rounds < max_iters and (rounds < min_iters or time.perf_counter() - start < min_time_s):

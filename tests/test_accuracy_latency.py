@@ -62,6 +62,39 @@ def test_timer_measures_a_sleep() -> None:
     assert result["b"].images_per_s(4) == pytest.approx(4 / (result["b"].median_ms / 1000))
 
 
+def test_a_warm_callable_sits_out_the_warm_up() -> None:
+    """3 warm-up rounds and 4 timed ones: the cold callable runs 3 + 4 times, the one named warm 1 + 4 (once just
+    before the timed rounds); without ``warm`` both run 7 times. Naming an unknown callable warm is an error."""
+    calls = {"a": 0, "b": 0}
+    fns = {name: (lambda name=name: calls.__setitem__(name, calls[name] + 1)) for name in calls}
+    result = time_interleaved(fns, warmup_iters=3, warmup_s=0.0, min_iters=4, min_time_s=0.0, warm=("a",))
+    assert calls == {"a": 5, "b": 7} and len(result["a"].times_ms) == len(result["b"].times_ms) == 4
+    calls.update(a=0, b=0)
+    time_interleaved(fns, warmup_iters=3, warmup_s=0.0, min_iters=4, min_time_s=0.0)
+    assert calls == {"a": 7, "b": 7}
+    with pytest.raises(ValueError, match="warm names \\['c'\\]"):
+        time_interleaved(fns, warm=("c",))
+
+
+def test_the_baseline_is_warmed_up_once_per_setting(tmp_path: Path, tiny_imagefolder: Path, monkeypatch) -> None:
+    """Every cell times the same baseline on the same inputs: the first cell warms it up at each (precision, batch),
+    the later cells only warm up their own method."""
+    import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
+    from bench import config as config_mod, runner
+    from bench.store import Store
+    from tests.test_store import tiny_config
+
+    config = config_mod.load(str(tiny_config(tmp_path, tiny_imagefolder, [2, 4])))
+    config["latency"]["batch_sizes"] = [1, 2]
+    warm_args = []
+    real = runner.time_interleaved
+    monkeypatch.setattr(runner, "time_interleaved", lambda fns, **kw: warm_args.append(kw["warm"]) or real(fns, **kw))
+    store = Store(tmp_path / "s.sqlite")
+    runner.run(runner.prepare(config), store, progress=False, echo=lambda line: None)
+    store.close()
+    assert warm_args == [(), (), ("baseline",), ("baseline",), ("baseline",), ("baseline",)]  # 3 cells x 2 batches
+
+
 def test_timer_counts_the_page_faults_of_each_call() -> None:
     """Touching every page of a fresh 8 MiB anonymous map faults each of its 2,048 pages in once; sleeping faults
     none (a few from the timer itself are allowed)."""
@@ -103,6 +136,21 @@ def test_latency_is_timed_on_the_evaluation_images() -> None:
     assert work.latency_inputs(3)[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert work.latency_inputs(7)[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0]
     assert work.latency_inputs(3) is work.latency_inputs(3)  # cached: loaded once per run
+
+
+def test_cells_are_measured_on_the_kept_heap(monkeypatch) -> None:
+    """``run`` keeps the heap (:func:`bench.latency.steady_heap`) before the first cell: evaluations and fits then
+    reuse pages, as the timings do, instead of faulting in fresh ones for every large batch."""
+    from bench import runner
+
+    events = []
+    monkeypatch.setattr(runner, "steady_heap", lambda: events.append("steady heap"))
+    monkeypatch.setattr(runner, "measure_cell", lambda work, entry, knobs, store, progress: events.append("cell"))
+    config = {"methods": [{"method": "none"}, {"method": "tome", "sweep": {"r": [1]}}], "fit": {}, "model": "m",
+              "seed": 0, "eval_precision": "fp32", "latency": {"precisions": []}}
+    work = runner.Workload(config, torch.nn.Identity(), "sha", "d", 5, None, None, "cpu")
+    counts, _ = runner.run(work, None, progress=False)
+    assert events == ["steady heap", "cell", "cell"] and counts["done"] == 2
 
 
 GLIBC_ONLY = pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
