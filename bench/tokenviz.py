@@ -111,7 +111,7 @@ def group_borders(groups: torch.Tensor, grid: tuple[int, int], cell: tuple[int, 
     i, j = np.nonzero(label[1:, :] != label[:-1, :])  # a border below patch (i, j)
     y, x0, x1 = (i + 1) * cell[0] - 0.5, j * cell[1] - 0.5, (j + 1) * cell[1] - 0.5
     horizontal = np.stack([np.stack([x0, y], -1), np.stack([x1, y], -1)], 1)
-    return np.concatenate([vertical, horizontal]).astype(float).reshape(-1, 2, 2)
+    return np.concatenate([vertical, horizontal]).astype(float)
 
 
 def outline(ax: plt.Axes, groups: torch.Tensor, grid: tuple[int, int], cell: tuple[int, int]) -> None:
