@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -49,13 +49,22 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & BF16_FLAGS)
 
 
-def emulation_warning(precisions: Iterable[str], device: str, native: bool | None = None) -> str | None:
+#: how a run asks for fp32 instead, for each setting :func:`bench.runner.run_precisions` names
+FP32_FIXES = {"eval_precision": "--eval-precision fp32", "latency.precisions": "--precisions fp32",
+              "fit.precision": "fit precision fp32 in the config"}
+
+
+def emulation_warning(settings: Mapping[str, Iterable[str]], device: str, native: bool | None = None) -> str | None:
     """The warning for bf16 asked of a CPU that lacks bf16 instructions (``native``: :func:`native_bf16` unless
-    given), or None: its timings would measure the emulation, and its evaluation would run several times longer."""
-    if "bf16" not in set(precisions) or torch.device(device).type != "cpu":
+    given), or None: its timings would measure the emulation, and its evaluation would run several times longer.
+    ``settings`` maps each precision setting (keys of :data:`FP32_FIXES`) to the precisions it asks for; the warning
+    names those that ask for bf16 and how to ask for fp32 instead."""
+    asking = [name for name, precisions in settings.items() if "bf16" in set(precisions)]
+    if not asking or torch.device(device).type != "cpu":
         return None
     if native_bf16() if native is None else native:
         return None
+    fixes = " and ".join(FP32_FIXES[name] for name in asking)
     return (f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 instructions, so bf16 runs "
-            "emulated, several times slower than fp32, and its timings measure the emulation: use --eval-precision fp32 "
-            "--precisions fp32 (and fit precision fp32 in the config)")
+            f"emulated, several times slower than fp32, and its timings measure the emulation: {', '.join(asking)} "
+            f"{'asks' if len(asking) == 1 else 'ask'} for bf16; for fp32 use {fixes}")

@@ -261,11 +261,12 @@ def named_precisions(config: dict[str, Any]) -> list[tuple[str, str]]:
             *((f"{where}.precision", fit["precision"]) for where, fit in entry_fits(config))]
 
 
-def run_precisions(config: dict[str, Any]) -> list[str]:
-    """Every precision the run uses: evaluation, latency, and the fits of the methods that train (an entry's own
-    ``fit.precision`` included)."""
+def run_precisions(config: dict[str, Any]) -> dict[str, list[str]]:
+    """Every precision the run uses, by setting: evaluation, latency, and the fits of the methods that train (an
+    entry's own ``fit.precision`` included)."""
     fitted = [entry_fit(config, entry)["precision"] for entry in learning_entries(config)]
-    return [config["eval_precision"], *config["latency"]["precisions"], *fitted]
+    return {"eval_precision": [config["eval_precision"]], "latency.precisions": list(config["latency"]["precisions"]),
+            "fit.precision": fitted}
 
 
 def check_data_settings(config: dict[str, Any]) -> None:

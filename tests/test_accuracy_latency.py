@@ -226,10 +226,16 @@ def test_bf16_without_bf16_instructions_is_flagged() -> None:
     assert not native_bf16(avx2) and not native_bf16("")
     assert native_bf16("flags\t\t: avx2 avx512f avx512_bf16\n") and native_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n")
     assert native_bf16("Features\t: fp asimd bf16 i8mm\n")
-    assert "--precisions fp32" in emulation_warning(["fp32", "bf16"], "cpu", native=False)
-    assert emulation_warning(["fp32", "bf16"], "cpu", native=True) is None
-    assert emulation_warning(["fp32"], "cpu", native=False) is None
-    assert emulation_warning(["bf16"], "cuda", native=False) is None
+    latency_only = {"eval_precision": ["fp32"], "latency.precisions": ["fp32", "bf16"], "fit.precision": ["fp32"]}
+    warning = emulation_warning(latency_only, "cpu", native=False)
+    assert warning.endswith(": latency.precisions asks for bf16; for fp32 use --precisions fp32")
+    everywhere = {"eval_precision": ["bf16"], "latency.precisions": ["bf16"], "fit.precision": ["fp32", "bf16"]}
+    assert emulation_warning(everywhere, "cpu", native=False).endswith(
+        ": eval_precision, latency.precisions, fit.precision ask for bf16; for fp32 use --eval-precision fp32 and "
+        "--precisions fp32 and fit precision fp32 in the config")
+    assert emulation_warning(latency_only, "cpu", native=True) is None
+    assert emulation_warning({"eval_precision": ["fp32"], "fit.precision": []}, "cpu", native=False) is None
+    assert emulation_warning(everywhere, "cuda", native=False) is None
 
 
 def test_run_precisions_include_each_training_entrys_own_fit(tmp_path: Path) -> None:
@@ -241,7 +247,8 @@ def test_run_precisions_include_each_training_entrys_own_fit(tmp_path: Path) -> 
     path = tmp_path / "entry_bf16.yaml"
     path.write_text("eval_precision: fp32\nlatency: {precisions: [fp32]}\nfit: {precision: fp32}\nmethods:\n"
                     "  - method: tome\n    fit: {precision: fp16}\n  - method: ltp\n    fit: {precision: bf16}\n")
-    assert run_precisions(config_mod.load(str(path))) == ["fp32", "fp32", "bf16"]
+    assert run_precisions(config_mod.load(str(path))) == {"eval_precision": ["fp32"], "latency.precisions": ["fp32"],
+                                                          "fit.precision": ["bf16"]}
 
 
 def test_paired_difference_hand_values() -> None:
