@@ -26,7 +26,7 @@ from bench.accuracy import evaluate, pack_hits
 from bench.config import entry_label
 from bench.errors import BenchError
 from bench.flops import dense_macs, embed_macs
-from bench.latency import heap_policy, paired_ratio, steady_heap, time_interleaved
+from bench.latency import heap_policy, paired_ratio, release_heap, steady_heap, time_interleaved
 from bench.precision import autocast, check as check_precision, emulation_warning, native_bf16
 from bench.store import Store, cell_key, pack_state
 from methods.blocks import ModelDims, check_supported
@@ -441,6 +441,7 @@ def run(work: Workload, store: Store | None, force: bool = False, progress: bool
             continue
         tic = time.perf_counter()
         row = measure_cell(work, entry, knobs, store, progress and store is not None)
+        release_heap()  # the kept heap's free pages would otherwise pile up from cell to cell
         done += 1
         if store is not None:
             echo(f"{row['label']:>8} {reducer.describe():<32} top-1 {100 * row['top1']:6.2f}%  "

@@ -140,17 +140,19 @@ def test_latency_is_timed_on_the_evaluation_images() -> None:
 
 def test_cells_are_measured_on_the_kept_heap(monkeypatch) -> None:
     """``run`` keeps the heap (:func:`bench.latency.steady_heap`) before the first cell: evaluations and fits then
-    reuse pages, as the timings do, instead of faulting in fresh ones for every large batch."""
+    reuse pages, as the timings do, instead of faulting in fresh ones for every large batch. After every cell it
+    hands the heap's free pages back (:func:`bench.latency.release_heap`), so that they do not pile up."""
     from bench import runner
 
     events = []
     monkeypatch.setattr(runner, "steady_heap", lambda: events.append("steady heap"))
+    monkeypatch.setattr(runner, "release_heap", lambda: events.append("release"))
     monkeypatch.setattr(runner, "measure_cell", lambda work, entry, knobs, store, progress: events.append("cell"))
     config = {"methods": [{"method": "none"}, {"method": "tome", "sweep": {"r": [1]}}], "fit": {}, "model": "m",
               "seed": 0, "eval_precision": "fp32", "latency": {"precisions": []}}
     work = runner.Workload(config, torch.nn.Identity(), "sha", "d", 5, None, None, "cpu")
     counts, _ = runner.run(work, None, progress=False)
-    assert events == ["steady heap", "cell", "cell"] and counts["done"] == 2
+    assert events == ["steady heap", "cell", "release", "cell", "release"] and counts["done"] == 2
 
 
 GLIBC_ONLY = pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
@@ -187,6 +189,29 @@ def test_steady_heap_stops_page_faults_of_repeated_large_allocations() -> None:
     assert " ".join(out[:-2]) == "glibc, freed memory kept (no mmap, no trim)"
     assert before >= 5 * 32, before  # mapped afresh on every call: >= 32 faults each even with 2 MiB huge pages
     assert after < 100 and after <= before // 10, (before, after)
+
+
+_RELEASED_PAGES = """
+import torch
+from bench.latency import release_heap, steady_heap
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 // 2 ** 20  # MiB
+steady_heap()
+freed = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
+pinned = torch.ones(2 ** 18)  # 1 MiB above it in the heap, kept alive: the freed block is a hole, not the top
+del freed
+kept = resident()
+release_heap()
+print(kept - resident(), float(pinned.sum()))
+"""
+
+
+@GLIBC_ONLY
+def test_release_heap_returns_the_kept_heaps_free_pages() -> None:
+    """On the kept heap a freed 64 MiB block below a live one stays resident (the heap never shrinks below a live
+    block); :func:`bench.latency.release_heap` hands its pages back, and the live block keeps its values."""
+    out = subprocess.run([sys.executable, "-c", _RELEASED_PAGES], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert int(out[0]) >= 60 and float(out[1]) == 2 ** 18, out
 
 
 _INTERPOSED_MALLOC = """
