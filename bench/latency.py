@@ -100,10 +100,11 @@ def steady_heap() -> str:
 
 def release_heap() -> None:
     """Hand the kept heap's free pages back to the system (glibc's ``malloc_trim``); the heap stays kept. With no
-    ``mmap`` and no trimming, a heap that served blocks of many sizes fragments and its free pages pile up: a run of
-    the default config reached 8.5 GB resident and one of ``fmnist_full`` 16.6 GB, where it needs 3 GB at a time.
-    ``run`` releases after every cell; the next cell faults its pages in again once (~0.3 s). A no-op where
-    :func:`steady_heap` changes nothing."""
+    ``mmap`` and no trimming, a heap that served blocks of many sizes fragments and its free pages pile up from cell to
+    cell: a run of the default config reached 8.5 GB resident and one of ``fmnist_full`` 16.6 GB (on glibc's default
+    heap the default config's LTMP cells peak at 3.2 GB). ``run`` releases after every cell (the default config then
+    peaks at 6.8 GB: one cell's fit and evaluation still grow the kept heap by ~3 GB); the next cell faults its pages
+    in again once (the release takes ~0.3 s). A no-op where :func:`steady_heap` changes nothing."""
     if on_glibc():
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         if not preloaded_malloc(libc):
