@@ -90,7 +90,7 @@ def steady_heap() -> str:
     (:func:`preloaded_malloc`), it changes nothing."""
     if not on_glibc():
         return "system default"
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = _libc()
     if preloaded_malloc(libc):
         return f"preloaded allocator (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}): its own policy, not glibc's"
     if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1:
@@ -105,10 +105,14 @@ def release_heap() -> None:
     heap the default config's LTMP cells peak at 3.2 GB). ``run`` releases after every cell (the default config then
     peaks at 6.8 GB: one cell's fit and evaluation still grow the kept heap by ~3 GB); the next cell faults its pages
     in again once (the release takes ~0.3 s). A no-op where :func:`steady_heap` changes nothing."""
-    if on_glibc():
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        if not preloaded_malloc(libc):
-            libc.malloc_trim(0)
+    if on_glibc() and not preloaded_malloc(_libc()):
+        _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library (on Linux, glibc), loaded once: ``find_library`` searches the system's library cache."""
+    return ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def preloaded_malloc(libc: ctypes.CDLL) -> bool:
