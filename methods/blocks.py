@@ -195,9 +195,11 @@ class ReductionContext:
 def masked_softmax(logits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     """Softmax over keys weighted by a (possibly soft) mask: exp(l_j) m_j / sum_k exp(l_k) m_k.
 
-    ``logits: (B, H, N, N)``, ``alive: (B, N)``; gradients flow into ``alive`` (LTMP's masked training).
+    ``logits: (B, H, N, N)``, ``alive: (B, N)``; gradients flow into ``alive`` (LTMP's masked training). The row
+    maximum that keeps ``exp`` finite is a constant to autograd: the result does not depend on it, so its exact
+    gradient is 0, and tracing it cost three more passes over the (B, H, N, N) logits in every backward.
     """
-    weights = (logits - logits.amax(-1, keepdim=True)).exp() * alive[:, None, None, :].to(logits.dtype)
+    weights = (logits - logits.detach().amax(-1, keepdim=True)).exp() * alive[:, None, None, :].to(logits.dtype)
     return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
 

@@ -161,6 +161,28 @@ def test_masked_softmax_gradient_grows_as_exp_of_a_dead_keys_lead() -> None:
         assert mask.grad.tolist() == pytest.approx([0.0, -torch.e ** gap], rel=1e-6)
 
 
+def test_masked_softmax_does_not_trace_its_row_maximum() -> None:
+    """The shift by the row maximum cancels in the result, so autograd need not see it: no amax node in the graph, and
+    the logits' gradient is still the masked softmax's exact one, ``p_i (g_i - sum_j g_j p_j)`` for upstream ``g``."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    alive = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=generator)
+    probs = masked_softmax(logits, alive)
+    nodes, seen = [probs.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.extend(parent for parent, _ in node.next_functions)
+    assert not [node.name() for node in seen if "max" in node.name().lower()]
+    probs.backward(upstream)
+    p = probs.detach()
+    expected = p * (upstream - (upstream * p).sum(-1, keepdim=True))
+    assert torch.allclose(logits.grad, expected, rtol=0, atol=1e-12)
+
+
 def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, FitReport]:
     """``steps`` SGD steps of ``reducer`` on a peaked tiny ViT: all its thresholds before and after, and the report."""
     model = peaked_vit()
