@@ -123,7 +123,7 @@ class TokenReducer:
     knobs: ClassVar[tuple[Knob, ...]] = ()
     #: attention statistics the plug-in reads: "keys" (B, N, head_dim mean over heads),
     #: "importance" (B, N attention received, mean over heads and alive queries), "cls_attn" (B, N),
-    #: "probs" (every block's softmax attention kept in ``ctx.attention_maps`` with its gradient).
+    #: "probs" (every block's (B, H, N, N) softmax attention kept in ``ctx.attention_maps``, in the autograd graph).
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the knob values that turn the method off (the conformance suite checks they reproduce the logits)
     off: ClassVar[dict[str, Any]] = {}

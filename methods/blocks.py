@@ -117,7 +117,7 @@ class ReductionContext:
         self.stats: dict[str, torch.Tensor] = {}
         self.tokens_attn: list[torch.Tensor] = []
         self.tokens_mlp: list[torch.Tensor] = []
-        self.attention_maps: list[torch.Tensor] = []  # with "probs": every block's (B, H, N, N), gradients kept
+        self.attention_maps: list[torch.Tensor] = []  # with "probs": every block's (B, H, N, N)
         self.layer = 0
         self._packing: Packing | None = None
 
@@ -176,8 +176,6 @@ class ReductionContext:
     def record_attention(self, attn: torch.Tensor) -> None:
         """Keep the statistics the reducer asked for. ``attn: (B, H, N, N)`` softmax probabilities."""
         if "probs" in self.needs:
-            if attn.requires_grad:
-                attn.retain_grad()
             self.attention_maps.append(attn)
         if "importance" in self.needs:
             alive = torch.ones(attn.shape[0], attn.shape[2], dtype=torch.bool, device=attn.device) if self.alive is None \
