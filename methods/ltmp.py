@@ -366,6 +366,7 @@ class LearnedThresholds(TokenReducer):
         """SGD on the thresholds until ``budget_images`` images were seen; a non-finite loss or gradient skips the step."""
         device = next(train_model.parameters()).device
         report.extra.update(max_grad_norm=0.0, clipped_steps=0)
+        ratios: list[float] = []  # r_FLOPs of every step that updated the thresholds
         bar = tqdm(total=budget["budget_images"], desc=f"fit {self.name}", unit="img", disable=not progress, leave=False)
         for x, y in budgeted_batches(train_batches, budget["budget_images"]):
             x, y = x.to(device), y.to(device)
@@ -389,8 +390,13 @@ class LearnedThresholds(TokenReducer):
                 self.theta_merge.clamp_(0.0, 1.0)
                 self.theta_prune.clamp_(0.0, 1.0)
             bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
-            report.extra["last_r_flops"] = float(ratio.detach())
+            ratios.append(float(ratio.detach()))
+            report.extra["last_r_flops"] = ratios[-1]
         bar.close()
+        if ratios:  # where the fit ended: a large spread means the thresholds still oscillate about r_target
+            tail = torch.tensor(ratios[-max(1, len(ratios) // 4):], dtype=torch.float64)
+            report.extra.update(tail_r_flops_mean=float(tail.mean()),
+                                tail_r_flops_sd=float(tail.std()) if len(tail) > 1 else 0.0)
 
     def _clip_gradient(self, report: FitReport) -> bool:
         """Scale the thresholds' gradient to norm ``clip_grad`` where it is larger (0: never); record the largest

@@ -1,6 +1,8 @@
 """LTMP / LTP / LTM: straight-through masks, the FLOPs ratio, masked == dropping, batch == single, training."""
 from __future__ import annotations
 
+import math
+
 from types import SimpleNamespace
 
 import pytest
@@ -205,6 +207,27 @@ def test_clip_grad_bounds_every_threshold_step() -> None:
     before, after, report = _fit_tiny(methods.create("ltmp", **knobs))
     assert report.extra["clipped_steps"] == 0
     assert float((after - before).norm()) > 8 * 0.05 * 1e-3
+
+
+def test_fit_reports_where_its_r_flops_ended() -> None:
+    """``tail_r_flops_mean`` / ``_sd``: mean and sample standard deviation of r_FLOPs over the last quarter of the
+    steps (here 2 of 8), the r_FLOPs each step's loss used; ``last_r_flops`` is the last of them."""
+    reducer = methods.create("ltmp", r_target=0.5)
+    seen = []
+    budget_loss = reducer.budget_loss
+
+    def recording(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        penalty, ratio = budget_loss(tokens, dim)
+        seen.append(float(ratio.detach()))
+        return penalty, ratio
+
+    reducer.budget_loss = recording
+    _, _, report = _fit_tiny(reducer)
+    assert len(seen) == 8 and seen[-2] != seen[-1]  # the thresholds still move
+    mean = (seen[-2] + seen[-1]) / 2
+    assert report.extra["last_r_flops"] == pytest.approx(seen[-1], abs=1e-7)
+    assert report.extra["tail_r_flops_mean"] == pytest.approx(mean, abs=1e-7)
+    assert report.extra["tail_r_flops_sd"] == pytest.approx(abs(seen[-1] - seen[-2]) / math.sqrt(2), abs=1e-7)
 
 
 def test_non_finite_gradient_skips_the_step() -> None:
