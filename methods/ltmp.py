@@ -43,7 +43,8 @@ dead key it is exactly ``-exp(g)``; a test pins it), and the straight-through st
 In the embedded config's fit (24 steps at x10 / x100 the paper's learning rates) such a lead reached 46 after five
 steps, the thresholds' gradient 2.7e7, and one SGD step sent four merge thresholds to 0 (every A token merges) and a
 prune threshold to 1; the fit never recovered. The fit records its largest gradient norm and how many steps were
-clipped; a non-finite gradient skips its step and is counted, like a non-finite loss.
+clipped, and the mean and standard deviation of r_FLOPs over its last quarter of steps (a large spread: thresholds
+still oscillating about r_target); a non-finite gradient skips its step and is counted, like a non-finite loss.
 """
 from __future__ import annotations
 
