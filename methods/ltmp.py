@@ -392,11 +392,10 @@ class LearnedThresholds(TokenReducer):
                 self.theta_prune.clamp_(0.0, 1.0)
             bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
             ratios.append(float(ratio.detach()))
-            report.extra["last_r_flops"] = ratios[-1]
         bar.close()
         if ratios:  # where the fit ended: a large spread means the thresholds still oscillate about r_target
             tail = torch.tensor(ratios[-max(1, len(ratios) // 4):], dtype=torch.float64)
-            report.extra.update(tail_r_flops_mean=float(tail.mean()),
+            report.extra.update(last_r_flops=ratios[-1], tail_r_flops_mean=float(tail.mean()),
                                 tail_r_flops_sd=float(tail.std()) if len(tail) > 1 else 0.0)
 
     def _clip_gradient(self, report: FitReport) -> bool:
