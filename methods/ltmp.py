@@ -49,6 +49,7 @@ still oscillating about r_target); a non-finite gradient skips its step and is c
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Any, Callable, Iterable
 
@@ -390,13 +391,13 @@ class LearnedThresholds(TokenReducer):
             with torch.no_grad():
                 self.theta_merge.clamp_(0.0, 1.0)
                 self.theta_prune.clamp_(0.0, 1.0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratio.item():.3f}")
             ratios.append(float(ratio.detach()))
+            bar.set_postfix(loss=f"{loss.item():.3f}", r_flops=f"{ratios[-1]:.3f}")
         bar.close()
         if ratios:  # where the fit ended: a large spread means the thresholds still oscillate about r_target
-            tail = torch.tensor(ratios[-max(1, len(ratios) // 4):], dtype=torch.float64)
-            report.extra.update(last_r_flops=ratios[-1], tail_r_flops_mean=float(tail.mean()),
-                                tail_r_flops_sd=float(tail.std()) if len(tail) > 1 else 0.0)
+            tail = ratios[-max(1, len(ratios) // 4):]
+            report.extra.update(last_r_flops=ratios[-1], tail_r_flops_mean=statistics.fmean(tail),
+                                tail_r_flops_sd=statistics.stdev(tail) if len(tail) > 1 else 0.0)
 
     def _clip_gradient(self, report: FitReport) -> bool:
         """Scale the thresholds' gradient to norm ``clip_grad`` where it is larger (0: never); record the largest
