@@ -45,6 +45,11 @@ steps, the thresholds' gradient 2.7e7, and one SGD step sent four merge threshol
 prune threshold to 1; the fit never recovered. The fit records its largest gradient norm and how many steps were
 clipped, and the mean and standard deviation of r_FLOPs over its last quarter of steps (a large spread: thresholds
 still oscillating about r_target); a non-finite gradient skips its step and is counted, like a non-finite loss.
+
+A second addition, also off by default: ``lr_schedule: cosine`` decays both learning rates to 0 over the fit's budget
+(:func:`lr_factor`). The paper states one epoch of SGD at fixed rates; the authors' script asks timm for a cosine
+schedule but steps it once per epoch (`--sched-on-updates` is off by default), so over their one epoch the rates stay constant, which is the default here.
+A short fit at raised rates ends wherever its last large step left the thresholds; decaying the rates lets it settle.
 """
 from __future__ import annotations
 
@@ -72,6 +77,8 @@ COMMON_KNOBS = (
     Knob("lambda_budget", float, default=10.0, low=0.0, help="weight of the FLOPs budget term"),
     Knob("clip_grad", float, default=0.0, low=0.0,
          help="largest L2 norm of the thresholds' gradient per step (0: unclipped, as in the paper)"),
+    Knob("lr_schedule", str, default="constant", choices=("constant", "cosine"),
+         help="the learning rates over the fit: constant (the paper) or cosine decay to 0 over its budget"),
 )
 LR_MERGE = Knob("lr_merge", float, default=5e-3, low=0.0, help="SGD learning rate of the merge thresholds")
 LR_PRUNE = Knob("lr_prune", float, default=5e-6, low=0.0, help="SGD learning rate of the prune thresholds")
@@ -85,6 +92,15 @@ LTM_KNOBS = (*COMMON_KNOBS, LR_MERGE, INIT_MERGE, TRACE_KNOB)
 #: the thresholds' bounds that decide nothing (see _active_layers): a method's ``off`` knobs, and where it lacks a
 #: decision, that decision's thresholds
 INERT_INIT = {"init_merge": 1.0, "init_prune": 0.0}
+
+
+def lr_factor(schedule: str, images_seen: int, budget_images: int) -> float:
+    """The learning rates' multiplier for a step taken after ``images_seen`` of the fit's ``budget_images``: 1 for
+    ``constant``, ``(1 + cos(pi * images_seen / budget_images)) / 2`` for ``cosine`` (1 at the first step, near 0 at
+    the last; counted in images, so it needs no batch size and each rank of a split budget follows its own share)."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(images_seen / budget_images, 1.0)))
 
 
 def flops_ratio(before: list[torch.Tensor], after: list[torch.Tensor], tokens: int, dim: int) -> torch.Tensor:
@@ -368,10 +384,14 @@ class LearnedThresholds(TokenReducer):
         """SGD on the thresholds until ``budget_images`` images were seen; a non-finite loss or gradient skips the step."""
         device = next(train_model.parameters()).device
         report.extra.update(max_grad_norm=0.0, clipped_steps=0)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
         ratios: list[float] = []  # r_FLOPs of every step that updated the thresholds
         bar = tqdm(total=budget["budget_images"], desc=f"fit {self.name}", unit="img", disable=not progress, leave=False)
         for x, y in budgeted_batches(train_batches, budget["budget_images"]):
             x, y = x.to(device), y.to(device)
+            factor = lr_factor(self.values["lr_schedule"], report.images_seen, budget["budget_images"])
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base_lr * factor
             with autocast(str(device), budget.get("precision", "fp32")):
                 logits = train_model(x).float()
             penalty, ratio = self.budget_loss(dims.tokens, dims.dim)

@@ -13,7 +13,7 @@ from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
 from methods.base import FitReport, budgeted_batches
 from methods.blocks import masked_softmax
-from methods.ltmp import flops_ratio, merge_into_kept
+from methods.ltmp import flops_ratio, lr_factor, merge_into_kept
 from methods.tokens import straight_through_step
 from tests.conftest import tiny_vit
 
@@ -227,6 +227,30 @@ def test_fit_reports_where_its_r_flops_ended() -> None:
     assert report.extra["last_r_flops"] == pytest.approx(seen[-1], abs=1e-7)
     assert report.extra["tail_r_flops_mean"] == pytest.approx(mean, abs=1e-7)
     assert report.extra["tail_r_flops_sd"] == pytest.approx(abs(seen[-1] - seen[-2]) / math.sqrt(2), abs=1e-7)
+
+
+def test_cosine_lr_schedule_scales_every_step_by_its_hand_computed_factor() -> None:
+    """With the gradient clipped to norm 1e-3 in every step, step k of 8 (16 images each, budget 128) moves the
+    thresholds by exactly lr * factor_k * 1e-3, factor_k = (1 + cos(pi k / 8)) / 2: 1, 0.96194, 0.85355, 0.69134,
+    0.5, 0.30866, 0.14645 for k = 0..6 (the 8th step's move is not observed). ``constant`` moves 1 every step. The
+    tolerance is float32's rounding of thresholds near 0.9 (6e-8) against moves of ~1.5e-5 per threshold."""
+    knobs = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002, clip_grad=1e-3)
+    for schedule, expected in (("cosine", [1.0, 0.96194, 0.85355, 0.69134, 0.5, 0.30866, 0.14645]),
+                               ("constant", [1.0] * 7)):
+        reducer = methods.create("ltmp", lr_schedule=schedule, **knobs)
+        snapshots = []
+        budget_loss = reducer.budget_loss
+
+        def recording(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+            snapshots.append(torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]).clone())
+            return budget_loss(tokens, dim)
+
+        reducer.budget_loss = recording
+        _, _, report = _fit_tiny(reducer)
+        assert report.extra["clipped_steps"] == 8
+        moves = [float((b - a).norm()) / (0.05 * 1e-3) for a, b in zip(snapshots, snapshots[1:])]
+        assert moves == pytest.approx(expected, abs=1e-3), schedule
+    assert lr_factor("cosine", 128, 128) == 0.0 and lr_factor("constant", 100, 128) == 1.0
 
 
 def test_non_finite_gradient_skips_the_step() -> None:
