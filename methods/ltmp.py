@@ -48,8 +48,9 @@ still oscillating about r_target); a non-finite gradient skips its step and is c
 
 A second addition, also off by default: ``lr_schedule: cosine`` decays both learning rates to 0 over the fit's budget
 (:func:`lr_factor`). The paper states one epoch of SGD at fixed rates; the authors' script asks timm for a cosine
-schedule but steps it once per epoch (`--sched-on-updates` is off by default), so over their one epoch the rates stay constant, which is the default here.
-A short fit at raised rates ends wherever its last large step left the thresholds; decaying the rates lets it settle.
+schedule but steps it once per epoch (``--sched-on-updates`` is off by default), so over their one epoch the rates
+stay constant, which is the default here. A short fit at raised rates ends wherever its last large step left the
+thresholds; decaying the rates lets it settle.
 """
 from __future__ import annotations
 
