@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 import torch
@@ -195,6 +196,18 @@ def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, FitR
     return before, torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]), report
 
 
+def _observe_steps(reducer, observe: Callable[[torch.Tensor], None]) -> None:
+    """Call ``observe(r_flops)`` in every fit step, when the step computes its budget loss (before its update)."""
+    budget_loss = reducer.budget_loss
+
+    def observed(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        penalty, ratio = budget_loss(tokens, dim)
+        observe(ratio)
+        return penalty, ratio
+
+    reducer.budget_loss = observed
+
+
 def test_clip_grad_bounds_every_threshold_step() -> None:
     """With both learning rates 0.05 and the gradient's norm clipped to 1e-3, each step moves the thresholds by at
     most 5e-5 in L2 norm, so 8 steps by at most 4e-4; without clipping the same fit moves them further."""
@@ -213,14 +226,7 @@ def test_fit_reports_where_its_r_flops_ended() -> None:
     steps (here 2 of 8), the r_FLOPs each step's loss used; ``last_r_flops`` is the last of them."""
     reducer = methods.create("ltmp", r_target=0.5)
     seen = []
-    budget_loss = reducer.budget_loss
-
-    def recording(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        penalty, ratio = budget_loss(tokens, dim)
-        seen.append(float(ratio.detach()))
-        return penalty, ratio
-
-    reducer.budget_loss = recording
+    _observe_steps(reducer, lambda ratio: seen.append(float(ratio.detach())))
     _, _, report = _fit_tiny(reducer)
     assert len(seen) == 8 and seen[-2] != seen[-1]  # the thresholds still move
     mean = (seen[-2] + seen[-1]) / 2
@@ -239,13 +245,8 @@ def test_cosine_lr_schedule_scales_every_step_by_its_hand_computed_factor() -> N
                                ("constant", [1.0] * 7)):
         reducer = methods.create("ltmp", lr_schedule=schedule, **knobs)
         snapshots = []
-        budget_loss = reducer.budget_loss
-
-        def recording(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-            snapshots.append(torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]).clone())
-            return budget_loss(tokens, dim)
-
-        reducer.budget_loss = recording
+        _observe_steps(reducer, lambda ratio: snapshots.append(
+            torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]).clone()))
         _, _, report = _fit_tiny(reducer)
         assert report.extra["clipped_steps"] == 8
         moves = [float((b - a).norm()) / (0.05 * 1e-3) for a, b in zip(snapshots, snapshots[1:])]
