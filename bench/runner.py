@@ -355,6 +355,8 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     fit_report = reducer.fit(model, work.train_batches, per_rank, progress=progress)
     fit_report.images_seen = int(distributed.all_reduce(torch.tensor([fit_report.images_seen]))[0])
     fit_report.epochs = fit_report.images_seen / work.train_images if work.train_images else 0.0
+    if reducer.trains:  # the fit's free pages, before the evaluation asks for blocks of other sizes (see release_heap)
+        release_heap()
     model.eval()
     dims = model._reduction_ctx.dims
     embed = embed_macs(model, dims)
