@@ -65,6 +65,11 @@ class ToMe(TokenReducer):
             raise BenchError(f"knob tome.r={max(self.schedule)} merges more than half of the {dims.num_patches} patch "
                              f"tokens in one layer: use r <= {limit}")
 
+    def needs_at(self, layer: int) -> frozenset[str]:
+        """Keys only in the blocks that merge: one whose ``r`` is 0 computes no head-mean keys (r=0 everywhere then
+        runs what the unpatched model runs, plus the token counts)."""
+        return self.needs if layer >= len(self.schedule) or self.schedule[layer] > 0 else frozenset()
+
     def reduce(self, layer: int, x: torch.Tensor, ctx: ReductionContext) -> torch.Tensor:
         a_pos, b_pos = bipartite_positions(x.shape[1], ctx.num_prefix, x.device)
         r = min(self.schedule[layer], len(a_pos))

@@ -91,3 +91,25 @@ def test_source_map_partitions_the_patches() -> None:
     ctx = model._reduction_ctx
     assert torch.equal(ctx.source.sum(1), torch.ones(2, 65))  # every patch in exactly one token
     assert torch.equal(ctx.source.sum(2), ctx.size)  # a token's size = the patches it holds
+
+
+def test_blocks_that_merge_nothing_compute_no_keys(monkeypatch) -> None:
+    """With ``r = [0, 3, 0, 0]`` only block 1 averages its keys over the heads (``head_mean`` runs once a forward
+    pass), and the logits are bit-equal to those of the same reducer made to compute keys in every block."""
+    import methods.blocks
+
+    calls = []
+    real_head_mean = methods.blocks.head_mean
+    monkeypatch.setattr(methods.blocks, "head_mean", lambda k: calls.append(1) or real_head_mean(k))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    lean = methods.create("tome", r=[0, 3, 0, 0]).apply(tiny_vit())
+    keys_everywhere = methods.create("tome", r=[0, 3, 0, 0])
+    keys_everywhere.needs_at = lambda layer: keys_everywhere.needs
+    every = keys_everywhere.apply(tiny_vit())
+    with torch.inference_mode():
+        lean_logits = lean(x)
+        assert len(calls) == 1
+        every_logits = every(x)
+        assert len(calls) == 1 + 4
+    assert torch.equal(lean_logits, every_logits)
+    assert lean._reduction_ctx.counts()[0].tolist() == [[65, 65], [65, 62], [62, 62], [62, 62]]  # block 1 merges 3
