@@ -1,14 +1,16 @@
 """Which cells a figure or a table section may compare: those of one evaluation setting.
 
-A setting is the model and its weights, the evaluation set (dataset and image count), the device and the
-evaluation precision. Cells of different settings never share a figure or a table section: a 500-image ``--quick``
+A setting is the model and its weights, the evaluation set (dataset and image count), the device, the
+evaluation precision and the run's seed, which draws a ``--limit`` subset of the images and orders the images a fit
+trains on (it is part of every cell's key). Cells of different settings never share a figure or a table section: a 500-image ``--quick``
 run beside the full one, random weights beside pretrained ones, or two ImageFolders evaluated on one model would
-otherwise put two baselines on one frontier and join points measured on different images.
+otherwise put two baselines on one frontier and join points measured on different images; two seeds' subsets of
+one size would be paired image by image although they hold different images, and two seeds' fits drawn as one series.
 
 Names: a *family* is one model on one kind of dataset (``vit_fmnist_convstem__fashion-mnist-test``). Its setting
 with the most evaluation images (then the most cells, then the first in sorted order) keeps the plain stem and
 title; each other setting adds what differs from it (``__500img``, ``__bf16``, ``__cuda``, ``__w1a2b3c4d``,
-``__val``), so a full run keeps its file names however many smoke runs share the store.
+``__val``, ``__seed1``), so a full run keeps its file names however many smoke runs share the store.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 #: The store columns that make cells comparable.
-SETTING_COLUMNS = ("model", "checkpoint_sha", "dataset", "eval_images", "device", "eval_precision")
+SETTING_COLUMNS = ("model", "checkpoint_sha", "dataset", "eval_images", "device", "eval_precision", "seed")
 
 SettingKey = tuple[Any, ...]
 
@@ -52,6 +54,8 @@ def _difference(column: str, value: Any) -> tuple[str, str]:
         return f"{int(value)}img", f"{int(value):,} images"
     if column == "eval_precision":
         return str(value), f"{value} evaluation"
+    if column == "seed":
+        return f"seed{int(value)}", f"seed {int(value)}"
     return str(value), str(value)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from bench import plots, settings, tables
 from bench.errors import BenchError
+from bench.accuracy import pack_hits
 from bench.store import Store
 from tests.test_store import fake_row, fake_timing
 from tests.tiny_model import test_tiny_vit as make_tiny
@@ -221,6 +222,28 @@ def test_cells_of_different_settings_never_share_a_figure_or_a_table(tmp_path: P
     assert "### m on d\n" in markdown and "### m on d (1,000 images)" not in markdown
     assert "### m on d (100 images)\n" in markdown and "### m on d (bf16 evaluation)\n" in markdown
     assert "### m on imagefolder:/a/test\n" in markdown and "### m on imagefolder:/b/val [" in markdown
+
+
+def test_runs_of_two_seeds_are_two_settings_each_paired_with_its_own_baseline(tmp_path: Path) -> None:
+    """``--seed`` draws a ``--limit`` subset and orders a fit's images: two seeds' cells of one size are compared
+    only within their seed. Seed 1's subset holds other images, so its ToMe cell is paired with seed 1's baseline:
+    hits (1, 1, 0, 0) against (1, 1, 1, 1) drop 2 of 4 images, where seed 0's baseline (0, 0, 1, 1) would read a
+    drop of 0."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    for key, method, seed, hits in (("b0", "none", 0, [0, 0, 1, 1]), ("t0", "tome", 0, [0, 0, 1, 1]),
+                                    ("b1", "none", 1, [1, 1, 1, 1]), ("t1", "tome", 1, [1, 1, 0, 0])):
+        hits = torch.tensor(hits, dtype=torch.bool)
+        store.write_cell({**fake_row(key, method, float(hits.float().mean()), 2.0 if method == "none" else 1.0),
+                          "eval_images": 4, "seed": seed, "top1_hits": pack_hits(hits)}, [fake_timing()])
+    store.close()
+    cells, timings = Store(path).cells(), Store(path).timings()
+    named = {setting.stem: (setting.title, sorted(group["cell_key"])) for setting, group in settings.split_by_setting(cells)}
+    assert named == {"m__d": ("m on d", ["b0", "t0"]), "m__d__seed1": ("m on d (seed 1)", ["b1", "t1"])}
+    drops = tables.paired_to_baseline(cells)["top1_drop"]
+    assert drops["t1"] == pytest.approx(50.0) and drops["t0"] == pytest.approx(0.0)
+    markdown = tables.export(cells, timings, tmp_path / "out")[1].read_text()
+    assert "### m on d\n" in markdown and "### m on d (seed 1)\n" in markdown and markdown.count("| none ") == 2
 
 
 def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: Path) -> None:

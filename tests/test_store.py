@@ -183,14 +183,14 @@ def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, 
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
-    """A schema-1 store from before ``speedup_q1/q3``, the page-fault counts and ``r_flops`` existed opens, keeps
-    its rows, and takes new rows with them."""
+    """A schema-1 store from before ``speedup_q1/q3``, the page-fault counts, ``r_flops`` and ``seed`` existed opens,
+    keeps its rows, and takes new rows with them; its cells read as seed 0, the default."""
     from bench.store import APP, SCHEMA, SCHEMA_SQL
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
     old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "").replace(" r_flops REAL,", "").replace(
-        " page_faults_per_call REAL, baseline_page_faults_per_call REAL,", "")
-    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 5
+        " page_faults_per_call REAL, baseline_page_faults_per_call REAL,", "").replace("    seed INTEGER,\n", "")
+    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 5 and "seed" not in old_schema
     conn.executescript(old_schema)
     conn.execute("INSERT INTO meta VALUES ('app', ?), ('schema', ?)", (APP, SCHEMA))
     conn.commit()
@@ -198,7 +198,7 @@ def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: 
     store = Store(path)
     old_row = {k: v for k, v in fake_row("old").items() if k != "r_flops"}
     store.write_cell(old_row, [fake_timing()])  # a writer that does not know the quartiles or r_flops
-    store.write_cell(fake_row("new"), [{**fake_timing(), "speedup_q1": 1.4, "speedup_q3": 1.7,
+    store.write_cell({**fake_row("new"), "seed": 1}, [{**fake_timing(), "speedup_q1": 1.4, "speedup_q3": 1.7,
                                         "page_faults_per_call": 0.0, "baseline_page_faults_per_call": 3.0}])
     store.close()
     timings = Store(path).timings().set_index("cell_key")
@@ -207,6 +207,7 @@ def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: 
     assert pd.isna(timings.loc["old", "page_faults_per_call"]) and timings.loc["new", "baseline_page_faults_per_call"] == 3.0
     cells = Store(path).cells().set_index("cell_key")
     assert pd.isna(cells.loc["old", "r_flops"]) and cells.loc["new", "r_flops"] == 0.5
+    assert (cells.loc["old", "seed"], cells.loc["new", "seed"]) == (0, 1)
 
 
 def test_a_fit_budget_in_epochs_is_passes_over_the_training_set(tmp_path: Path, tiny_imagefolder: Path) -> None:
