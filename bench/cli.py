@@ -46,7 +46,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "method (at its declared default sweep)")
     parser.add_argument("--device", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, help="draws the --limit subset, orders the images fits train on and seeds random weights; each seed is its own setting (baseline, figures, table section)")
+    parser.add_argument("--seed", type=int, help="draws the --limit subset, orders the images fits train on and "
+                        "seeds random weights; each seed is its own setting (baseline, figures, table section)")
     parser.add_argument("--eval-precision", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--precisions", help="latency precisions, comma-separated (fp32,bf16,fp16)")
     parser.add_argument("--batch-sizes", help="latency batch sizes, comma-separated (e.g. 1,32)")

@@ -396,6 +396,7 @@ def measure_cell(work: Workload, entry: dict[str, Any], knobs: dict[str, Any], s
     row = {"cell_key": key, "model": config["model"], "checkpoint_sha": work.checkpoint_sha, "dataset": work.dataset,
            "eval_images": result.images, "method": entry["method"], "knobs": reducer.values, "label": entry_label(entry),
            "device": work.device, "eval_precision": config["eval_precision"], "seed": config["seed"],
+           "fit": fit_config if reducer.trains else None,
            "top1": result.top1, "top1_low": low, "top1_high": high, "top5": result.top5, "top1_correct": result.top1_correct,
            "top1_hits": pack_hits(result.image_hits()),
            "gmacs": macs_mean / 1e9, "gmacs_min": macs_min / 1e9, "gmacs_max": macs_max / 1e9,

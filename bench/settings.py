@@ -1,11 +1,12 @@
 """Which cells a figure or a table section may compare: those of one evaluation setting.
 
 A setting is the model and its weights, the evaluation set (dataset and image count), the device, the
-evaluation precision and the run's seed, which draws a ``--limit`` subset of the images and orders the images a fit
-trains on (it is part of every cell's key). Cells of different settings never share a figure or a table section: a 500-image ``--quick``
-run beside the full one, random weights beside pretrained ones, or two ImageFolders evaluated on one model would
-otherwise put two baselines on one frontier and join points measured on different images; two seeds' subsets of
-one size would be paired image by image although they hold different images, and two seeds' fits drawn as one series.
+evaluation precision and the run's seed, which draws a ``--limit`` subset of the images and orders the images a
+fit trains on (it is part of every cell's key). Cells of different settings never share a figure or a table
+section: a 500-image ``--quick`` run beside the full one, random weights beside pretrained ones, or two
+ImageFolders evaluated on one model would otherwise put two baselines on one frontier and join points measured on
+different images; two seeds' subsets of one size would be paired image by image although they hold different
+images, and two seeds' fits would be drawn as one series.
 
 Names: a *family* is one model on one kind of dataset (``vit_fmnist_convstem__fashion-mnist-test``). Its setting
 with the most evaluation images (then the most cells, then the first in sorted order) keeps the plain stem and
@@ -97,8 +98,9 @@ def split_by_setting(cells: pd.DataFrame, naming: pd.DataFrame | None = None) ->
 
 def series_labels(cells: pd.DataFrame) -> pd.Series:
     """Each cell's series name within one setting: its label, with the knobs that tell variants apart appended
-    where one label covers cells whose fixed (not swept) knobs differ, e.g. ``ltmp (clip_grad=0.0)`` beside
-    ``ltmp (clip_grad=1.0)`` after a config changed a knob, or two unlabelled entries of one method; where one label
+    where one label covers cells whose fixed (not swept) knobs or fit settings differ, e.g. ``ltmp (clip_grad=0.0)``
+    beside ``ltmp (clip_grad=1.0)`` after a config changed a knob, ``ltmp (fit.budget_images=384)`` beside
+    ``ltmp (fit.budget_images=1536)`` after it changed the fit's budget, or two unlabelled entries of one method; where one label
     covers cells of several methods (configs run into one store), the method is appended: ``x (tome)``. Otherwise
     their sweeps would be drawn as one line and read as one method's Pareto front. A knob missing from a cell
     (stored before the knob existed) counts at its declared default; plug-ins not loaded keep their label, their
@@ -113,6 +115,7 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
         if reducer_cls is not None:
             values = {**reducer_cls.knob_defaults(), **json.loads(knobs_json)}
             fixed[index] = {k: v for k, v in values.items() if k not in reducer_cls.swept_knobs()}
+    fits = fit_settings(cells)
     names = cells["label"].copy()
     for label, indices in cells.groupby("label").groups.items():
         if cells.loc[indices, "method"].nunique() > 1:  # one label on two methods (configs run into one store)
@@ -122,9 +125,23 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
             continue
         differing = sorted(k for k in set().union(*(fixed[i] for i in indices))
                            if len({json.dumps(fixed[i].get(k)) for i in indices}) > 1)
-        for i in indices if differing else []:
-            names[i] = f"{label} ({', '.join(f'{k}={fixed[i].get(k)}' for k in differing)})"
+        recorded = [i for i in indices if i in fits]  # a fit's settings count where the store kept them
+        differing_fit = sorted(k for k in set().union(*(fits[i] for i in recorded), set())
+                               if len({json.dumps(fits[i].get(k)) for i in recorded}) > 1)
+        for i in indices if differing or differing_fit else []:
+            parts = [f"{k}={fixed[i].get(k)}" for k in differing]
+            parts += [f"fit.{k}={fits[i].get(k)}" for k in differing_fit if i in fits]
+            names[i] = f"{label} ({', '.join(parts)})" if parts else label
     return names
+
+
+def fit_settings(cells: pd.DataFrame) -> dict[Any, dict[str, Any]]:
+    """index -> the fit settings (``budget_images``, ``batch_size``, ...) of each cell that trained, where the store
+    kept them (the ``fit`` column: none for cells of methods that do not train, nor for cells stored before it)."""
+    import json
+
+    column = cells["fit"] if "fit" in cells else pd.Series(None, index=cells.index, dtype=object)
+    return {index: json.loads(text) for index, text in column.items() if isinstance(text, str) and text != "null"}
 
 
 def select_labels(cells: pd.DataFrame, timings: pd.DataFrame, methods: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS cells (
     cell_key TEXT PRIMARY KEY,
     model TEXT NOT NULL, checkpoint_sha TEXT NOT NULL, dataset TEXT NOT NULL, eval_images INTEGER NOT NULL,
     method TEXT NOT NULL, knobs TEXT NOT NULL, label TEXT NOT NULL, device TEXT NOT NULL, eval_precision TEXT NOT NULL,
-    seed INTEGER,
+    seed INTEGER, fit TEXT,
     top1 REAL, top1_low REAL, top1_high REAL, top5 REAL, top1_correct INTEGER, top1_hits BLOB,
     gmacs REAL, gmacs_min REAL, gmacs_max REAL, gmacs_dense REAL, gmacs_ratio REAL, r_flops REAL,
     tokens_attn TEXT, tokens_mlp TEXT, tokens_attn_min TEXT, tokens_attn_max TEXT,
@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS timings (
 #: Columns added to schema 1 after its first release: stores written before get them (empty) when opened.
 ADDED_COLUMNS = {"timings": {"speedup_q1": "REAL", "speedup_q3": "REAL", "page_faults_per_call": "REAL",
                              "baseline_page_faults_per_call": "REAL"},
-                 "cells": {"r_flops": "REAL", "top1_hits": "BLOB", "seed": "INTEGER"}}
+                 "cells": {"r_flops": "REAL", "top1_hits": "BLOB", "seed": "INTEGER", "fit": "TEXT"}}
 
 
 def cell_key(identity: dict[str, Any]) -> str:

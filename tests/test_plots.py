@@ -385,6 +385,23 @@ def test_variants_of_one_label_are_separate_series(tmp_path: Path, monkeypatch) 
     assert list(settings.series_labels(cells[cells["cell_key"].isin(["b", "c1", "c2"])])) == ["none", "ltmp", "ltmp"]
 
 
+def test_fits_of_other_budgets_are_separate_series() -> None:
+    """A config that changed the fit's budget between runs into one store: the two budgets' LTMP cells are two series,
+    named by the fit setting that differs; a cell stored before the fit was kept joins no variant by guess, and
+    methods that do not train carry no fit."""
+    cells = pd.DataFrame({"label": ["none", "ltmp", "ltmp", "ltmp", "ltmp", "tome"],
+                          "method": ["none", "ltmp", "ltmp", "ltmp", "ltmp", "tome"],
+                          "knobs": ["{}", '{"r_target": 0.8}', '{"r_target": 0.5}', '{"r_target": 0.8}',
+                                    '{"r_target": 0.8}', '{"r": 8}'],
+                          "fit": [None, '{"budget_images": 384, "batch_size": 64}',
+                                  '{"budget_images": 384, "batch_size": 64}',
+                                  '{"budget_images": 1536, "batch_size": 64}', None, None]})
+    assert list(settings.series_labels(cells)) == [
+        "none", "ltmp (fit.budget_images=384)", "ltmp (fit.budget_images=384)", "ltmp (fit.budget_images=1536)",
+        "ltmp", "tome"]
+    assert list(settings.series_labels(cells.iloc[[0, 1, 2, 5]])) == ["none", "ltmp", "ltmp", "tome"]
+
+
 def test_one_label_on_two_methods_is_two_series() -> None:
     """Two configs run into one store, each calling a different method ``x``: the method tells the series apart."""
     cells = pd.DataFrame({"label": ["x", "x", "x", "y"], "method": ["tome", "topk", "tome", "ltp"],

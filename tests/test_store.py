@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import tables
+from bench import settings, tables
 from bench.errors import BenchError
 from bench.store import Store, cell_key, pack_state
 from tests.conftest import ROOT, run_cli
@@ -183,14 +183,14 @@ def test_a_methods_subset_rerun_reports_the_whole_configs_cells(tmp_path: Path, 
 
 
 def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: Path) -> None:
-    """A schema-1 store from before ``speedup_q1/q3``, the page-fault counts, ``r_flops`` and ``seed`` existed opens,
+    """A schema-1 store from before ``speedup_q1/q3``, the page-fault counts, ``r_flops``, ``seed`` and ``fit`` existed opens,
     keeps its rows, and takes new rows with them; its cells read as seed 0, the default."""
     from bench.store import APP, SCHEMA, SCHEMA_SQL
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
     old_schema = SCHEMA_SQL.replace(" speedup_q1 REAL, speedup_q3 REAL,", "").replace(" r_flops REAL,", "").replace(
-        " page_faults_per_call REAL, baseline_page_faults_per_call REAL,", "").replace("    seed INTEGER,\n", "")
-    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 5 and "seed" not in old_schema
+        " page_faults_per_call REAL, baseline_page_faults_per_call REAL,", "").replace("    seed INTEGER, fit TEXT,\n", "")
+    assert old_schema.count("REAL") == SCHEMA_SQL.count("REAL") - 5 and "seed" not in old_schema and "fit " not in old_schema
     conn.executescript(old_schema)
     conn.execute("INSERT INTO meta VALUES ('app', ?), ('schema', ?)", (APP, SCHEMA))
     conn.commit()
@@ -207,7 +207,7 @@ def test_stores_written_before_the_speedup_quartiles_gain_the_columns(tmp_path: 
     assert pd.isna(timings.loc["old", "page_faults_per_call"]) and timings.loc["new", "baseline_page_faults_per_call"] == 3.0
     cells = Store(path).cells().set_index("cell_key")
     assert pd.isna(cells.loc["old", "r_flops"]) and cells.loc["new", "r_flops"] == 0.5
-    assert (cells.loc["old", "seed"], cells.loc["new", "seed"]) == (0, 1)
+    assert (cells.loc["old", "seed"], cells.loc["new", "seed"]) == (0, 1) and cells["fit"].isna().all()
 
 
 def test_a_fit_budget_in_epochs_is_passes_over_the_training_set(tmp_path: Path, tiny_imagefolder: Path) -> None:
@@ -233,6 +233,11 @@ def test_a_fit_budget_in_epochs_is_passes_over_the_training_set(tmp_path: Path, 
     assert "0 cells measured, 2 already" in same.stdout, same.stdout[-2000:]
     other = run_with("{budget_epochs: 1, batch_size: 6, precision: fp32}")
     assert "1 cells measured, 1 already" in other.stdout, other.stdout[-2000:]
+    cells = Store(store).cells()  # the store keeps each fit's settings and the run's seed; two budgets, two series
+    fitted = cells["method"] == "ltp"
+    assert sorted(json.loads(fit)["budget_images"] for fit in cells.loc[fitted, "fit"]) == [18, 36]
+    assert cells.loc[~fitted, "fit"].isna().all() and (cells["seed"] == 0).all()
+    assert sorted(settings.series_labels(cells)[fitted]) == ["ltp (fit.budget_images=18)", "ltp (fit.budget_images=36)"]
 
 
 def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) -> None:
