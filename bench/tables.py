@@ -238,11 +238,12 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     """Write ``results.csv``, ``results.md``, ``results.tex``: one section per evaluation setting (model, weights,
     dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
     :mod:`bench.settings`), each with its comparison table and its top-1 at matched cost (:mod:`bench.matched`).
-    The CSV holds every row with the setting's weights, device and precision, and the fit's own record (``ft_extra``,
+    The CSV holds every row with the setting's weights, device, precision and seed, and the fit's own record (``ft_extra``,
     JSON: steps, skipped steps, LTMP's largest gradient norm, clipped steps and the mean and spread of its r_FLOPs
     over the fit's last quarter, ...); ``results_matched.csv`` the
     matched-cost readings in long form (one row per setting, cost, level and method); ``results_paper.{md,tex}`` the
-    compact tables a paper prints (:func:`paper_table`)."""
+    compact tables a paper prints (:func:`paper_table`); where a setting was run under several seeds, an "across
+    seeds" section of ``results.md`` and ``results_seeds.csv`` (:func:`seed_sections`)."""
     out = reports_dir(out_dir)
     require_results(cells)  # before any file is written (the sections below would be empty)
     paths = [out / "results.csv", out / "results.md", out / "results.tex", out / "results_matched.csv",
@@ -267,8 +268,9 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
             sections_md.append(f"#### {setting.title}: against the published numbers\n\n{published_markdown(compared)}")
             sections_tex.append(f"% {setting.title}: against the published numbers\n"
                                 f"{text_latex(published.shown(compared), text_columns=4)}")
-        setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision", "ft_extra"]]
+        setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision", "seed", "ft_extra"]]
         rows.append(table.join(setting_columns, on="cell_key"))
+    paths += seed_sections(cells, out, naming, sections_md)
     frame = pd.concat(rows, ignore_index=True)
     speedups = [c for c in frame.columns if c.startswith("speedup")]
     frame[[c for c in frame.columns if c not in speedups] + speedups].to_csv(paths[0], index=False)
@@ -282,3 +284,27 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
 
 
 MATCHED_COLUMNS = ["axis", "level", "method", "top1", "top1_pm", "cells", "gap", "gap_pm"]
+SEEDS_NOTE = ("The same setting run under several `--seed`s (each also has its own section above): per series and "
+              "knobs, the mean ± sample standard deviation over the seeds. A fit's seed orders its training images, "
+              "so a learned method's spread is that of its fit (with `--limit`, also that of the images each seed "
+              "draws, which the baseline's spread shows); drop: against each seed's own baseline, paired.")
+
+
+def seed_sections(cells: pd.DataFrame, out: Path, naming: pd.DataFrame | None, sections_md: list[str]) -> list[Path]:
+    """Append an "across seeds" section to ``sections_md`` for every setting run under several seeds
+    (:func:`bench.seeds.seed_spread`) and write them to ``results_seeds.csv`` (returned); with none, no file (a
+    stale one from an earlier export is removed)."""
+    from bench import seeds
+
+    drops = pd.Series(paired_to_baseline(cells).loc[cells["cell_key"], "top1_drop"].to_numpy(float), index=cells.index)
+    knobs = pd.Series([knob_summary(m, k) for m, k in zip(cells["method"], cells["knobs"])], index=cells.index)
+    spreads = seeds.seed_spread(cells, drops, knobs, naming)
+    path = out / "results_seeds.csv"
+    if not spreads:
+        path.unlink(missing_ok=True)
+        return []
+    for setting, spread in spreads:
+        sections_md.append(f"### {setting.title}: across seeds\n\n{SEEDS_NOTE}\n\n{seeds.spread_markdown(spread)}")
+    pd.concat([spread.assign(setting=setting.title) for setting, spread in spreads], ignore_index=True)[
+        ["setting", *seeds.SPREAD_COLUMNS]].to_csv(path, index=False)
+    return [path]

@@ -243,7 +243,42 @@ def test_runs_of_two_seeds_are_two_settings_each_paired_with_its_own_baseline(tm
     drops = tables.paired_to_baseline(cells)["top1_drop"]
     assert drops["t1"] == pytest.approx(50.0) and drops["t0"] == pytest.approx(0.0)
     markdown = tables.export(cells, timings, tmp_path / "out")[1].read_text()
-    assert "### m on d\n" in markdown and "### m on d (seed 1)\n" in markdown and markdown.count("| none ") == 2
+    assert "### m on d\n" in markdown and "### m on d (seed 1)\n" in markdown
+    assert markdown.count("| none ") == 3 and "### m on d: across seeds\n" in markdown  # two sections, one spread
+
+
+def test_a_setting_run_under_three_seeds_gets_its_spread_over_them(tmp_path: Path) -> None:
+    """Seeds 0, 1 and 2 on the same 4 images: the baseline's hits (1, 1, 1, 0) each time, LTMP's fit giving
+    (1, 1, 1, 0), (1, 1, 0, 0) and (1, 1, 1, 1): top-1 75 / 50 / 100 %, mean 75, sample sd 25; paired drops 0 / 25 /
+    -25 points, mean 0, sd 25; GMACs 1.0 / 1.2 / 1.4, mean 1.2, sd 0.2. ToMe, run under seed 0 only, and a bf16
+    setting under one seed get no spread."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    rows = [("b0", "none", 0, [1, 1, 1, 0], 2.0), ("b1", "none", 1, [1, 1, 1, 0], 2.0), ("b2", "none", 2, [1, 1, 1, 0], 2.0),
+            ("l0", "ltmp", 0, [1, 1, 1, 0], 1.0), ("l1", "ltmp", 1, [1, 1, 0, 0], 1.2), ("l2", "ltmp", 2, [1, 1, 1, 1], 1.4),
+            ("t0", "tome", 0, [1, 1, 0, 0], 1.0)]
+    for key, method, seed, hits, gmacs in rows:
+        hits = torch.tensor(hits, dtype=torch.bool)
+        store.write_cell({**fake_row(key, method, float(hits.float().mean()), gmacs), "eval_images": 4, "seed": seed,
+                          "top1_hits": pack_hits(hits)}, [fake_timing()])
+    store.write_cell({**fake_row("bf", "none", 0.75, 2.0), "eval_images": 4, "eval_precision": "bf16"}, [fake_timing()])
+    store.close()
+    cells, timings = Store(path).cells(), Store(path).timings()
+    paths = tables.export(cells, timings, tmp_path / "out")
+    spread = pd.read_csv(tmp_path / "out" / "results_seeds.csv").set_index("method")
+    assert tmp_path / "out" / "results_seeds.csv" in paths and sorted(spread.index) == ["ltmp", "none"]
+    ltmp = spread.loc["ltmp"]
+    assert ltmp["seeds"] == "0, 1, 2" and ltmp["setting"] == "m on d"
+    assert (ltmp["top1_mean"], ltmp["top1_sd"], ltmp["top1_min"], ltmp["top1_max"]) == pytest.approx((75, 25, 50, 100))
+    assert (ltmp["drop_mean"], ltmp["drop_sd"], ltmp["gmacs_mean"], ltmp["gmacs_sd"]) == pytest.approx((0, 25, 1.2, 0.2))
+    assert spread.loc["none", "top1_sd"] == 0 and pd.isna(spread.loc["none", "drop_mean"])
+    markdown = paths[1].read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| ltmp ") and "0, 1, 2" in line)
+    assert markdown.count(": across seeds") == 1 and [cell.strip() for cell in row.split("|")[4:8]] == [
+        "75.00 ± 25.00 [50.00-100.00]", "0.00 ± 25.00", "1.2000 ± 0.2000", "0.600 ± 0.100"]
+    assert list(pd.read_csv(paths[0])["seed"]) == [0, 0, 0, 0, 1, 1, 2, 2]  # results.csv: setting by setting
+    tables.export(cells[cells["seed"] == 0], timings, tmp_path / "out")  # one seed: no spread, and no stale file
+    assert not (tmp_path / "out" / "results_seeds.csv").exists()
 
 
 def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: Path) -> None:
