@@ -28,7 +28,7 @@ DEFAULT_REPORTS = Path("reports")
 TIMM_CONFIG = "imagenet_deit_small"
 RUN_FLAGS = {  # flag -> config key
     "model": "model", "checkpoint": "checkpoint", "data": "data", "train_data": "train_data", "data_dir": "data_dir",
-    "limit": "limit", "device": "device", "threads": "threads", "seed": "seed", "eval_precision": "eval_precision",
+    "limit": "limit", "device": "device", "threads": "threads", "eval_precision": "eval_precision",
 }
 
 
@@ -46,8 +46,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "method (at its declared default sweep)")
     parser.add_argument("--device", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, help="draws the --limit subset, orders the images fits train on and "
-                        "seeds random weights; each seed is its own setting (baseline, figures, table section)")
+    parser.add_argument("--seed", help="draws the --limit subset, orders the images fits train on and seeds random "
+                        "weights; each seed is its own setting (baseline, figures, table section); several, "
+                        "comma-separated (0,1,2), run one after the other and are reported side by side")
     parser.add_argument("--eval-precision", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--precisions", help="latency precisions, comma-separated (fp32,bf16,fp16)")
     parser.add_argument("--batch-sizes", help="latency batch sizes, comma-separated (e.g. 1,32)")
@@ -60,10 +61,25 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "files, comma-separated")
 
 
-def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any]:
+def run_seeds(text: str | None) -> list[int | None]:
+    """``--seed``'s seeds in order, duplicates dropped; ``[None]`` (the config's seed) where it is not given."""
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise BenchError(f"--seed {text!r} is not a whole number or a comma-separated list of them, e.g. --seed 0 or "
+                         "--seed 0,1,2") from None
+    if any(seed < 0 for seed in seeds):
+        raise BenchError(f"--seed {text!r} holds a negative seed: seeds are whole numbers from 0, e.g. --seed 0,1,2")
+    return list(dict.fromkeys(seeds))
+
+
+def build_config(args: argparse.Namespace, subset: bool = True, seed: int | None = None) -> dict[str, Any]:
     """The run's config: the YAML (``--config``; without it the default, or :data:`TIMM_CONFIG` for ``--model``
-    naming another ViT), its ``quick`` overlay with ``--quick``, then the flags. ``--methods`` adds registered
-    methods the config lacks (declared default sweep) and, with ``subset``, runs only those named."""
+    naming another ViT), its ``quick`` overlay with ``--quick``, then the flags and ``seed`` (one of ``--seed``'s,
+    :func:`run_seeds`). ``--methods`` adds registered methods the config lacks (declared default sweep) and, with
+    ``subset``, runs only those named."""
     from bench import config as config_mod
 
     other_model = args.model is not None and args.model != config_mod.DEFAULTS["model"]
@@ -77,6 +93,8 @@ def build_config(args: argparse.Namespace, subset: bool = True) -> dict[str, Any
         value = getattr(args, flag)
         if value is not None:
             config[key] = value
+    if seed is not None:
+        config["seed"] = seed
     if args.pretrained:
         config["pretrained"] = True
     if args.data:
@@ -103,34 +121,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench import distributed, plots, runner, tables, tokenviz
     from bench.store import Store
 
-    config = build_config(args)
-    runner.planned_cells(config)  # validate every knob before opening anything
-    device = runner.resolve_device(config["device"])
-    runner.check_settings(config, device)
+    seeds = run_seeds(args.seed)
+    configs = [build_config(args, seed=seed) for seed in seeds]
+    for config in configs:
+        runner.planned_cells(config)  # validate every knob before opening anything
+    device = runner.resolve_device(configs[0]["device"])
+    for config in configs:
+        runner.check_settings(config, device)
     tables.reports_dir(args.reports)
     process = distributed.init(device)
     store = None
     try:
-        work = runner.prepare(config)  # data and model first: bad input creates no store file
-        store = Store(args.store) if process.main else None  # one writer: rank 0
-        counts, keys = runner.run(work, store, force=args.force, progress=not args.quiet)
+        runs, counts = [], {"done": 0, "skipped": 0}  # (work, its keys) of each seed
+        for seed, config in zip(seeds, configs):
+            work = runner.prepare(config)  # data and model first: bad input creates no store file
+            store = store or (Store(args.store) if process.main else None)  # one writer: rank 0
+            done, keys = runner.run(work, store, force=args.force, progress=not args.quiet)
+            counts = {name: counts[name] + done[name] for name in counts}
+            if args.methods:  # report the whole config's cells in the store: a subset rerun keeps the other rows and maps
+                keys = runner.planned_keys(work, build_config(args, subset=False, seed=seed))
+            runs.append((work, keys))
         if store is None:
             distributed.barrier()
             return 0
-        if args.methods:  # report the whole config's cells in the store: a subset rerun keeps the other rows and maps
-            keys = runner.planned_keys(work, build_config(args, subset=False))
+        keys = [key for _, run_keys in runs for key in run_keys]
         stored, timings = store.cells(), store.timings()
         cells, timings = stored[stored["cell_key"].isin(keys)], timings[timings["cell_key"].isin(keys)]
         # this config's cells (`export` writes the whole store), with the file names `plot` gives them in this store
         paths = tables.export(cells, timings, args.reports, naming=stored)
-        paths += tokenviz.token_maps_from_run(work, cells, store, args.reports, naming=stored)
+        for work, run_keys in runs:
+            paths += tokenviz.token_maps_from_run(work, cells[cells["cell_key"].isin(run_keys)], store, args.reports,
+                                                  naming=stored)
         paths += plots.plot_cells(cells, timings, args.reports, naming=stored)
         distributed.barrier()
     finally:
         if store is not None:
             store.close()
         distributed.shutdown()
-    print(tables.to_markdown(tables.comparison(cells, timings)))
+    for seed, group in cells.groupby("seed"):  # one table per seed (its own setting)
+        if len(runs) > 1:
+            print(f"seed {seed}:")
+        print(tables.to_markdown(tables.comparison(group, timings[timings["cell_key"].isin(group["cell_key"])])))
     print(f"{counts['done']} cells measured, {counts['skipped']} already in {args.store}; written: "
           + ", ".join(str(p) for p in paths))
     return 0

@@ -4,7 +4,8 @@ Each ``--seed`` is its own evaluation setting (:mod:`bench.settings`), with its 
 section. The seed orders the images a fit trains on (and draws a ``--limit`` subset), so where a setting was run
 under two or more seeds, the spread of a learned method's top-1, GMACs and r_FLOPs over the seeds is the variance of
 its fit, which neither the Wilson interval nor the paired drop (both over the evaluation images) contains. A method
-that learns nothing gives the same figures under every seed on a full evaluation set (spread 0).
+that learns nothing gives the same figures under every seed on a full evaluation set with given weights (spread 0);
+random weights are drawn by the seed too, so there the spread is also that of the weights.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ def seed_spread(cells: pd.DataFrame, drops: pd.Series, knob_text: pd.Series,
     none where no series was measured under two seeds. ``drops``: each cell's paired top-1 drop from its own seed's
     baseline in points, and ``knob_text`` its knobs as the tables print them (both indexed like ``cells``). Top-1 and
     drops in points; the standard deviation is the sample one (n - 1)."""
-    unseeded = cells.assign(seed=0)
-    naming = None if naming is None else naming.assign(seed=0)
+    unseeded, naming = (None if frame is None else without_seed(frame) for frame in (cells, naming))
     spreads = []
     for setting, group in split_by_setting(unseeded, naming):
         group = group.assign(seed=cells.loc[group.index, "seed"], series=series_labels(group),
@@ -35,6 +35,13 @@ def seed_spread(cells: pd.DataFrame, drops: pd.Series, knob_text: pd.Series,
         if rows:
             spreads.append((setting, pd.DataFrame(rows, columns=SPREAD_COLUMNS)))
     return spreads
+
+
+def without_seed(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with the seed taken out of their setting: seed 0 for all, and random weights (``random-seedN``,
+    drawn by the seed) named alike."""
+    weights = cells["checkpoint_sha"].where(~cells["checkpoint_sha"].str.startswith("random-seed"), "random-seed")
+    return cells.assign(seed=0, checkpoint_sha=weights)
 
 
 def summarise(series: str, knobs: str, repeats: pd.DataFrame) -> dict:

@@ -85,6 +85,8 @@ CASES = {
     "training methods without --train-data": (lambda f: ["run", "--model", "test_tiny_vit", "--data", str(f["folder"]),
                                                          "--checkpoint", str(f["good"])], "ltmp, ltp, pm learn from training images"),
     "negative threads": (lambda f: tiny_args(f, "--threads", "-2"), "threads must be a positive"),
+    "seed not a number": (lambda f: tiny_args(f, "--seed", "0,x"), "e.g. --seed 0 or --seed 0,1,2"),
+    "negative seed": (lambda f: tiny_args(f, "--seed=1,-1"), "seeds are whole numbers from 0"),
     "zero threads": (lambda f: tiny_args(f, "--threads", "0"), "threads must be a positive whole number (got 0)"),
     "--methods naming nothing": (lambda f: tiny_args(f, "--methods", ","), "--methods ',' names no method"),
     "--train-data on Fashion-MNIST": (lambda f: ["run", "--train-data", str(f["folder"]), "--methods", "ltp"],

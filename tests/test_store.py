@@ -240,6 +240,28 @@ def test_a_fit_budget_in_epochs_is_passes_over_the_training_set(tmp_path: Path, 
     assert sorted(settings.series_labels(cells)[fitted]) == ["ltp (fit.budget_images=18)", "ltp (fit.budget_images=36)"]
 
 
+def test_a_run_of_several_seeds_reports_them_side_by_side(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """``--seed 0,1`` with ``--limit 12`` of the 18 images: each seed draws its own 12 images and is its own setting
+    (the baseline and ToMe measured under both), and the run's report sets the two side by side; the same seeds in
+    another order measure nothing again."""
+    store, reports = tmp_path / "s.sqlite", tmp_path / "r"
+    config = tiny_config(tmp_path, tiny_imagefolder, [2])
+    args = ("run", "--config", str(config), "--store", str(store), "--reports", str(reports), "--quiet", "--limit", "12")
+    first = run_cli(*args, "--seed", "0,1", env={"TOKENBENCH_PLUGINS": "tests.tiny_model"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "4 cells measured, 0 already" in first.stdout and str(reports / "results_seeds.csv") in first.stdout
+    cells = Store(store).cells()
+    assert sorted(zip(cells["seed"], cells["method"])) == [(0, "none"), (0, "tome"), (1, "none"), (1, "tome")]
+    from bench.data import seeded_subset_indices
+    assert not torch.equal(seeded_subset_indices(18, 12, 0), seeded_subset_indices(18, 12, 1))  # two subsets
+    markdown = (reports / "results.md").read_text()
+    assert "(random weights (seed1), seed 1)\n" in markdown and ": across seeds\n" in markdown
+    spread = pd.read_csv(reports / "results_seeds.csv")
+    assert sorted(spread["method"]) == ["none", "tome"] and set(spread["seeds"]) == {"0, 1"}
+    again = run_cli(*args, "--seed", "1,0,1", env={"TOKENBENCH_PLUGINS": "tests.tiny_model"})
+    assert "0 cells measured, 4 already" in again.stdout, again.stdout[-2000:]
+
+
 def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) -> None:
     """Per-image hits stored with each cell give its top-1 drop from the baseline on the same images: the baseline
     right on images 0-2 and 4, ToMe only on image 4 (drop 60 points, 1.96 * sqrt(0.24 / 5) = 42.94, McNemar
