@@ -100,11 +100,11 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
     """Each cell's series name within one setting: its label, with the knobs that tell variants apart appended
     where one label covers cells whose fixed (not swept) knobs or fit settings differ, e.g. ``ltmp (clip_grad=0.0)``
     beside ``ltmp (clip_grad=1.0)`` after a config changed a knob, ``ltmp (fit.budget_images=384)`` beside
-    ``ltmp (fit.budget_images=1536)`` after it changed the fit's budget, or two unlabelled entries of one method; where one label
-    covers cells of several methods (configs run into one store), the method is appended: ``x (tome)``. Otherwise
-    their sweeps would be drawn as one line and read as one method's Pareto front. A knob missing from a cell
-    (stored before the knob existed) counts at its declared default; plug-ins not loaded keep their label, their
-    swept knobs being unknown."""
+    ``ltmp (fit.budget_images=1536)`` after it changed the fit's budget, or two unlabelled entries of one method;
+    where one label covers cells of several methods (configs run into one store), the method is appended:
+    ``x (tome)``. Otherwise their sweeps would be drawn as one line and read as one method's Pareto front. A knob
+    missing from a cell (stored before the knob existed) counts at its declared default; plug-ins not loaded keep
+    their label, their swept knobs being unknown."""
     import json
 
     import methods

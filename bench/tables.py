@@ -236,10 +236,10 @@ def reports_dir(out_dir: str | Path) -> Path:
 def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
            naming: pd.DataFrame | None = None) -> list[Path]:
     """Write ``results.csv``, ``results.md``, ``results.tex``: one section per evaluation setting (model, weights,
-    dataset, image count, device, evaluation precision; named among the cells of ``naming``, see
+    dataset, image count, device, evaluation precision, seed; named among the cells of ``naming``, see
     :mod:`bench.settings`), each with its comparison table and its top-1 at matched cost (:mod:`bench.matched`).
-    The CSV holds every row with the setting's weights, device, precision and seed, and the fit's own record (``ft_extra``,
-    JSON: steps, skipped steps, LTMP's largest gradient norm, clipped steps and the mean and spread of its r_FLOPs
+    The CSV holds every row with the setting's weights, device, precision and seed, and the fit's own record
+    (``ft_extra``, JSON: steps, skipped steps, LTMP's largest gradient norm, clipped steps and the mean and spread of its r_FLOPs
     over the fit's last quarter, ...); ``results_matched.csv`` the
     matched-cost readings in long form (one row per setting, cost, level and method); ``results_paper.{md,tex}`` the
     compact tables a paper prints (:func:`paper_table`); where a setting was run under several seeds, an "across
