@@ -5,7 +5,9 @@
 2. ``throughput``: top-1 vs images/s, one panel per device and precision (the largest batch measured);
 3. ``realisation``: measured speedup vs GMACs ratio with the y = x line, batch 1 and the throughput batch, error
    bars the quartiles of the per-round speedups (baseline and method timed back to back);
-4. ``tokens``: mean tokens per block for each method at matched GMACs (the spread over images shaded).
+4. ``tokens``: mean tokens per block for each method at matched GMACs (the spread over images shaded);
+5. ``frontier_..._seeds``: where a setting was run under several seeds, the frontier of each series' means over the
+   seeds, error bars one sample standard deviation of top-1 and of GMACs (:mod:`bench.seeds`).
 
 One fixed colour-blind-safe colour (Okabe-Ito) and marker per method in every figure, TrueType fonts in PDF,
 sized for a 3.4-inch column; each figure is written as PDF, SVG and PNG.
@@ -25,6 +27,7 @@ import pandas as pd  # noqa: E402
 
 from bench.matched import pareto_front  # noqa: E402
 from bench.published import points_for  # noqa: E402
+from bench.seeds import seed_spread  # noqa: E402
 from bench.settings import series_labels, split_by_setting  # noqa: E402
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442", "#999999"]
@@ -117,6 +120,29 @@ def frontier(cells: pd.DataFrame, labels_on: bool = True, title: str | None = No
         ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
         ax.set_title(title or f"{cells['model'].iloc[0]} on {cells['dataset'].iloc[0]}", fontsize=7)
         place_labels(fig, ax, knob_labels)
+        return fig
+
+
+def seed_frontier(spread: pd.DataFrame, title: str) -> plt.Figure:
+    """Top-1 vs GMACs of one setting's :func:`bench.seeds.seed_spread` rows: each series' means over the seeds, one
+    sample standard deviation as error bars on both axes."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+        labels = list(spread["method"].unique())
+        for label, group in spread.groupby("method", sort=True):
+            colour, marker = style_of(label, labels)
+            group = group.sort_values("gmacs_mean", kind="stable")
+            baseline = label == "none"
+            ax.errorbar(group["gmacs_mean"], group["top1_mean"], xerr=group["gmacs_sd"], yerr=group["top1_sd"],
+                        color=colour, marker="*" if baseline else marker, markersize=10 if baseline else None,
+                        linestyle="none" if baseline else "-", label="baseline" if baseline else label, capsize=2,
+                        linewidth=1.0, gid=f"seeds:{label}")
+        ax.set_xlabel("GMACs per image (mean over seeds)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.legend(frameon=False, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        seeds = sorted({int(seed) for text in spread["seeds"] for seed in text.split(", ")})
+        ax.set_title(f"{title}: seeds {', '.join(map(str, seeds))} (mean ± sd)", fontsize=7)
         return fig
 
 
@@ -317,4 +343,7 @@ def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, 
             continue
         paths += _save(throughput(group, group_timings), out, f"throughput_{setting.stem}")
         paths += _save(realisation(group, group_timings), out, f"realisation_{setting.stem}")
+    no_drops = pd.Series(np.nan, index=cells.index)  # the figure draws top-1 and GMACs only
+    for setting, spread in seed_spread(cells, no_drops, cells["knobs"], naming):
+        paths += _save(seed_frontier(spread, setting.title), out, f"frontier_{setting.stem}__seeds")
     return paths

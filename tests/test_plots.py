@@ -279,6 +279,12 @@ def test_a_setting_run_under_three_seeds_gets_its_spread_over_them(tmp_path: Pat
     assert list(pd.read_csv(paths[0])["seed"]) == [0, 0, 0, 0, 1, 1, 2, 2]  # results.csv: setting by setting
     tables.export(cells[cells["seed"] == 0], timings, tmp_path / "out")  # one seed: no spread, and no stale file
     assert not (tmp_path / "out" / "results_seeds.csv").exists()
+    figures = {path.name for path in plots.plot_cells(cells, timings, tmp_path / "figs") if path.suffix == ".png"}
+    assert "frontier_m__d__seeds.png" in figures and sum(name.endswith("__seeds.png") for name in figures) == 1
+    fig = plots.seed_frontier(spread.reset_index(), "m on d")
+    drawn = {container.get_label(): container.lines[0] for container in fig.axes[0].containers}  # the data lines
+    assert drawn["ltmp"].get_xydata().tolist() == [[pytest.approx(1.2), pytest.approx(75.0)]]
+    assert fig.axes[0].get_title() == "m on d: seeds 0, 1, 2 (mean ± sd)"
 
 
 def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: Path) -> None:
