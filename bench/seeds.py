@@ -29,9 +29,9 @@ def seed_spread(cells: pd.DataFrame, drops: pd.Series, knob_text: pd.Series,
     for setting, group in split_by_setting(unseeded, naming):
         group = group.assign(seed=cells.loc[group.index, "seed"], series=series_labels(group),
                              knob_text=knob_text.loc[group.index], drop=drops.loc[group.index])
-        rows = [summarise(series, knobs, repeats)
+        rows = [summarise(series, knobs, repeats)  # one cell per seed (more would be cells of the same knobs text)
                 for (series, knobs), repeats in group.groupby(["series", "knob_text"], sort=False)
-                if repeats["seed"].nunique() >= 2]
+                if repeats["seed"].nunique() >= 2 and not repeats["seed"].duplicated().any()]
         if rows:
             spreads.append((setting, pd.DataFrame(rows, columns=SPREAD_COLUMNS)))
     return spreads
@@ -54,10 +54,10 @@ def summarise(series: str, knobs: str, repeats: pd.DataFrame) -> dict:
             "r_flops_mean": repeats["r_flops"].mean(), "r_flops_sd": repeats["r_flops"].std()}
 
 
-def spread_markdown(spread: pd.DataFrame) -> str:
-    """A Markdown table of one setting's :func:`seed_spread` rows: mean ± sd [min-max] over the seeds."""
+def spread_text(spread: pd.DataFrame) -> pd.DataFrame:
+    """One setting's :func:`seed_spread` rows as the text a table prints: mean ± sd [min-max] over the seeds."""
     text = lambda mean, sd, digits: "–" if pd.isna(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
-    shown = pd.DataFrame({
+    return pd.DataFrame({
         "method": spread["method"], "knobs": spread["knobs"], "seeds": spread["seeds"],
         "top-1 (%), mean ± sd [min-max]": [f"{text(m, s, 2)} [{lo:.2f}-{hi:.2f}]" for m, s, lo, hi in zip(
             spread["top1_mean"], spread["top1_sd"], spread["top1_min"], spread["top1_max"])],
@@ -65,4 +65,3 @@ def spread_markdown(spread: pd.DataFrame) -> str:
         "GMACs": [text(m, s, 4) for m, s in zip(spread["gmacs_mean"], spread["gmacs_sd"])],
         "r_FLOPs": [text(m, s, 3) for m, s in zip(spread["r_flops_mean"], spread["r_flops_sd"])],
     })
-    return shown.to_markdown(index=False, disable_numparse=True) + "\n"

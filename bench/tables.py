@@ -270,7 +270,7 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
                                 f"{text_latex(published.shown(compared), text_columns=4)}")
         setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision", "seed", "ft_extra"]]
         rows.append(table.join(setting_columns, on="cell_key"))
-    paths += seed_sections(cells, out, naming, sections_md)
+    paths += seed_sections(cells, out, naming, sections_md, sections_tex)
     frame = pd.concat(rows, ignore_index=True)
     speedups = [c for c in frame.columns if c.startswith("speedup")]
     frame[[c for c in frame.columns if c not in speedups] + speedups].to_csv(paths[0], index=False)
@@ -290,9 +290,10 @@ SEEDS_NOTE = ("The same setting run under several `--seed`s (each also has its o
               "draws, which the baseline's spread shows); drop: against each seed's own baseline, paired.")
 
 
-def seed_sections(cells: pd.DataFrame, out: Path, naming: pd.DataFrame | None, sections_md: list[str]) -> list[Path]:
-    """Append an "across seeds" section to ``sections_md`` for every setting run under several seeds
-    (:func:`bench.seeds.seed_spread`) and write them to ``results_seeds.csv`` (returned); with none, no file (a
+def seed_sections(cells: pd.DataFrame, out: Path, naming: pd.DataFrame | None, sections_md: list[str],
+                  sections_tex: list[str]) -> list[Path]:
+    """Append an "across seeds" section to ``sections_md`` and ``sections_tex`` for every setting run under several
+    seeds (:func:`bench.seeds.seed_spread`) and write them to ``results_seeds.csv`` (returned); with none, no file (a
     stale one from an earlier export is removed)."""
     from bench import seeds
 
@@ -304,7 +305,10 @@ def seed_sections(cells: pd.DataFrame, out: Path, naming: pd.DataFrame | None, s
         path.unlink(missing_ok=True)
         return []
     for setting, spread in spreads:
-        sections_md.append(f"### {setting.title}: across seeds\n\n{SEEDS_NOTE}\n\n{seeds.spread_markdown(spread)}")
+        shown = seeds.spread_text(spread)
+        sections_md.append(f"### {setting.title}: across seeds\n\n{SEEDS_NOTE}\n\n"
+                           f"{shown.to_markdown(index=False, disable_numparse=True)}\n")
+        sections_tex.append(f"% {setting.title}: across seeds\n% {SEEDS_NOTE}\n{text_latex(shown, text_columns=3)}")
     pd.concat([spread.assign(setting=setting.title) for setting, spread in spreads], ignore_index=True)[
         ["setting", *seeds.SPREAD_COLUMNS]].to_csv(path, index=False)
     return [path]

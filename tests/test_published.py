@@ -97,16 +97,19 @@ def test_a_broken_published_file_is_a_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (apt-get install texlive-latex-recommended)")
 def test_every_latex_table_compiles(tmp_path: Path) -> None:
     """Every .tex the export writes, typeset by pdflatex with booktabs: the DeiT-S cells (comparison, matched-cost and
-    published tables) and a cell whose label holds every LaTeX special character. The paper table's ``top-1 (%)``
-    header once commented out the end of its row (``Misplaced \\noalign``)."""
+    published tables, and the spread over two seeds) and a cell whose label holds every LaTeX special character. The
+    paper table's ``top-1 (%)`` header once commented out the end of its row (``Misplaced \\noalign``)."""
     from tests.test_store import SPECIAL_LABEL
 
     store = Store(tmp_path / "s.sqlite")
     for row in deit_cells().to_dict("records"):
         store.write_cell(row, [fake_timing(32)])
+        store.write_cell({**row, "cell_key": f"{row['cell_key']}-seed1", "seed": 1, "top1": row["top1"] - 0.01},
+                         [fake_timing(32)])
     store.write_cell({**fake_row("odd", "tome", 0.8, 1.0), "label": SPECIAL_LABEL}, [fake_timing(32)])
     paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
     store.close()
+    assert ": across seeds" in (tmp_path / "out" / "results.tex").read_text()
     for path in (p for p in paths if p.suffix == ".tex"):
         document = tmp_path / f"doc_{path.stem}.tex"
         document.write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[landscape]{geometry}"
