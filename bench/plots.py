@@ -343,7 +343,6 @@ def plot_cells(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path, 
             continue
         paths += _save(throughput(group, group_timings), out, f"throughput_{setting.stem}")
         paths += _save(realisation(group, group_timings), out, f"realisation_{setting.stem}")
-    no_drops = pd.Series(np.nan, index=cells.index)  # the figure draws top-1 and GMACs only
-    for setting, spread in seed_spread(cells, no_drops, cells["knobs"], naming):
+    for setting, spread in seed_spread(cells, naming=naming):  # the figure draws top-1 and GMACs only
         paths += _save(seed_frontier(spread, setting.title), out, f"frontier_{setting.stem}__seeds")
     return paths

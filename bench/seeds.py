@@ -18,17 +18,22 @@ SPREAD_COLUMNS = ["method", "knobs", "seeds", "top1_mean", "top1_sd", "top1_min"
                   "drop_sd", "gmacs_mean", "gmacs_sd", "r_flops_mean", "r_flops_sd"]
 
 
-def seed_spread(cells: pd.DataFrame, drops: pd.Series, knob_text: pd.Series,
+def seed_spread(cells: pd.DataFrame, drops: pd.Series | None = None,
                 naming: pd.DataFrame | None = None) -> list[tuple[Setting, pd.DataFrame]]:
     """The settings of ``cells`` (store rows) that differ only by seed, each with its :data:`SPREAD_COLUMNS` rows;
-    none where no series was measured under two seeds. ``drops``: each cell's paired top-1 drop from its own seed's
-    baseline in points, and ``knob_text`` its knobs as the tables print them (both indexed like ``cells``). Top-1 and
-    drops in points; the standard deviation is the sample one (n - 1)."""
+    none where no series was measured under two seeds. A series repeats where its knobs read alike
+    (:func:`bench.tables.knob_summary`). ``drops``: each cell's paired top-1 drop from its own seed's baseline in
+    points, indexed by ``cell_key`` (None: no drop columns). Top-1 and drops in points; the standard deviation is
+    the sample one (n - 1)."""
+    from bench.tables import knob_summary
+
     unseeded, naming = (None if frame is None else without_seed(frame) for frame in (cells, naming))
+    drops = pd.Series(dtype=float) if drops is None else drops
     spreads = []
     for setting, group in split_by_setting(unseeded, naming):
         group = group.assign(seed=cells.loc[group.index, "seed"], series=series_labels(group),
-                             knob_text=knob_text.loc[group.index], drop=drops.loc[group.index])
+                             knob_text=[knob_summary(m, k) for m, k in zip(group["method"], group["knobs"])],
+                             drop=group["cell_key"].map(drops).astype(float))
         rows = [summarise(series, knobs, repeats)  # one cell per seed (more would be cells of the same knobs text)
                 for (series, knobs), repeats in group.groupby(["series", "knob_text"], sort=False)
                 if repeats["seed"].nunique() >= 2 and not repeats["seed"].duplicated().any()]

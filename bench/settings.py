@@ -126,7 +126,7 @@ def series_labels(cells: pd.DataFrame) -> pd.Series:
         differing = sorted(k for k in set().union(*(fixed[i] for i in indices))
                            if len({json.dumps(fixed[i].get(k)) for i in indices}) > 1)
         recorded = [i for i in indices if i in fits]  # a fit's settings count where the store kept them
-        differing_fit = sorted(k for k in set().union(*(fits[i] for i in recorded), set())
+        differing_fit = sorted(k for k in set().union(*(fits[i] for i in recorded))
                                if len({json.dumps(fits[i].get(k)) for i in recorded}) > 1)
         for i in indices if differing or differing_fit else []:
             parts = [f"{k}={fixed[i].get(k)}" for k in differing]

@@ -239,8 +239,8 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
     dataset, image count, device, evaluation precision, seed; named among the cells of ``naming``, see
     :mod:`bench.settings`), each with its comparison table and its top-1 at matched cost (:mod:`bench.matched`).
     The CSV holds every row with the setting's weights, device, precision and seed, and the fit's own record
-    (``ft_extra``, JSON: steps, skipped steps, LTMP's largest gradient norm, clipped steps and the mean and spread of its r_FLOPs
-    over the fit's last quarter, ...); ``results_matched.csv`` the
+    (``ft_extra``, JSON: steps, skipped steps, LTMP's largest gradient norm, clipped steps and the mean and spread of
+    its r_FLOPs over the fit's last quarter, ...); ``results_matched.csv`` the
     matched-cost readings in long form (one row per setting, cost, level and method); ``results_paper.{md,tex}`` the
     compact tables a paper prints (:func:`paper_table`); where a setting was run under several seeds, an "across
     seeds" section of ``results.md`` and ``results_seeds.csv`` (:func:`seed_sections`)."""
@@ -270,8 +270,8 @@ def export(cells: pd.DataFrame, timings: pd.DataFrame, out_dir: str | Path,
                                 f"{text_latex(published.shown(compared), text_columns=4)}")
         setting_columns = group.set_index("cell_key")[["checkpoint_sha", "device", "eval_precision", "seed", "ft_extra"]]
         rows.append(table.join(setting_columns, on="cell_key"))
-    paths += seed_sections(cells, out, naming, sections_md, sections_tex)
     frame = pd.concat(rows, ignore_index=True)
+    paths += seed_sections(cells, frame.set_index("cell_key")["top1_drop"], out, naming, sections_md, sections_tex)
     speedups = [c for c in frame.columns if c.startswith("speedup")]
     frame[[c for c in frame.columns if c not in speedups] + speedups].to_csv(paths[0], index=False)
     paths[1].write_text("\n".join(sections_md))
@@ -290,16 +290,15 @@ SEEDS_NOTE = ("The same setting run under several `--seed`s (each also has its o
               "draws, which the baseline's spread shows); drop: against each seed's own baseline, paired.")
 
 
-def seed_sections(cells: pd.DataFrame, out: Path, naming: pd.DataFrame | None, sections_md: list[str],
-                  sections_tex: list[str]) -> list[Path]:
+def seed_sections(cells: pd.DataFrame, drops: pd.Series, out: Path, naming: pd.DataFrame | None,
+                  sections_md: list[str], sections_tex: list[str]) -> list[Path]:
     """Append an "across seeds" section to ``sections_md`` and ``sections_tex`` for every setting run under several
-    seeds (:func:`bench.seeds.seed_spread`) and write them to ``results_seeds.csv`` (returned); with none, no file (a
-    stale one from an earlier export is removed)."""
+    seeds (:func:`bench.seeds.seed_spread`; ``drops``: each cell's paired drop, by ``cell_key``, as the comparison
+    tables computed it) and write them to ``results_seeds.csv`` (returned); with none, no file (a stale one from an
+    earlier export is removed)."""
     from bench import seeds
 
-    drops = pd.Series(paired_to_baseline(cells).loc[cells["cell_key"], "top1_drop"].to_numpy(float), index=cells.index)
-    knobs = pd.Series([knob_summary(m, k) for m, k in zip(cells["method"], cells["knobs"])], index=cells.index)
-    spreads = seeds.seed_spread(cells, drops, knobs, naming)
+    spreads = seeds.seed_spread(cells, drops, naming)
     path = out / "results_seeds.csv"
     if not spreads:
         path.unlink(missing_ok=True)
