@@ -1,7 +1,7 @@
 """``run_bench.py``: the command line of the suite.
 
     python run_bench.py                      # the full benchmark on the embedded default (run, default config)
-    python run_bench.py run --quick          # a smaller version of the same (under 2 minutes)
+    python run_bench.py run --quick          # a smaller version of the same (about 2 minutes)
     python run_bench.py run --config imagenet_deit_small --data /imagenet/val --train-data /imagenet/train
     python run_bench.py list                 # methods (knobs, ranges, sweeps), configs, models
     python run_bench.py export               # results.{csv,md,tex} from the store
