@@ -227,7 +227,8 @@ def attention_forward(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor 
     else:
         out = _padded(attn, ctx, qkv if packing is None else packing.unpack(qkv))
         out = out if packing is None else packing.pack(out)
-    out = attn.norm(out)
+    if getattr(attn, "norm", None) is not None:  # scale_norm: timm >= 1.0.16 (absent before)
+        out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
@@ -251,7 +252,7 @@ def _padded(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor) -> torch.
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    return out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+    return out.transpose(1, 2).reshape(batch, tokens, ctx.dims.attn_dim)  # timm < 1.0.23 has no attn.attn_dim
 
 
 def _ragged(attn: Attention, ctx: ReductionContext, qkv: torch.Tensor, packing: Packing) -> torch.Tensor:
