@@ -3,13 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
+CONSTRAINTS ?= constraints.txt
+# the oldest torch and timm pyproject.toml allows; `make test-oldest` runs the suite on them (in .venv-oldest)
+OLDEST_PINS := torch==2.14.1 timm==1.0.21
 
-.PHONY: bench test setup data latex clean-venv
+.PHONY: bench test test-oldest setup data latex clean-venv
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP) data
@@ -35,6 +38,14 @@ bench: setup
 
 test: setup latex
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+# constraints.txt with the oldest pins instead of its torch and timm (and without the CUDA wheels torch 2.15 pulls in)
+.venv-oldest.constraints: constraints.txt Makefile
+	grep -vE '^(torch|timm|triton)==|^(cuda|nvidia)-' constraints.txt > $@
+	printf '%s\n' $(OLDEST_PINS) >> $@
+
+test-oldest: .venv-oldest.constraints
+	$(MAKE) test VENV=.venv-oldest CONSTRAINTS=.venv-oldest.constraints
 
 clean-venv:
 	rm -rf $(VENV)
