@@ -11,12 +11,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import timm
 import torch
@@ -92,13 +94,13 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def read_checkpoint(path: Path) -> Any:
+def read_checkpoint(path: Path, flag: str = "--checkpoint") -> Any:
     """The object saved in a checkpoint file: ``.safetensors`` (timm's Hugging Face hub format, e.g. a cached
-    ``model.safetensors``) or anything ``torch.save`` wrote (``.pth``/``.pt``/``.bin``, loaded weights-only)."""
+    ``model.safetensors``) or anything ``torch.save`` wrote (``.pth``/``.pt``/``.bin``, loaded weights-only).
+    An original JAX ViT ``.npz`` needs the model to convert it: :func:`load_npz` (``--checkpoint`` only)."""
     if path.suffix.lower() in (".npz", ".npy"):
-        raise BenchError(f"checkpoint {path} is a NumPy/JAX file, which only timm's own loader reads: convert it once "
-                         "with `timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))` and "
-                         "`torch.save(model.state_dict(), 'NAME.pth')`")
+        takes = "a torch or safetensors file" + (", or a JAX ViT .npz" if flag == "--checkpoint" else "")
+        raise BenchError(f"checkpoint {path} is a NumPy file, which {flag} does not read: pass {takes}")
     try:
         if path.suffix.lower() == ".safetensors":
             return safetensors.torch.load_file(path, device="cpu")
@@ -115,7 +117,52 @@ def read_state(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str,
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint {path} not found: pass {flag} PATH to an existing file")
-    return extract_state_dict(read_checkpoint(path))
+    return extract_state_dict(read_checkpoint(path, flag))
+
+
+def npz_layout(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """How many classes the classifier of an original JAX/Flax ViT ``.npz`` checkpoint predicts
+    (``head/bias: (classes,)``) and how many encoder blocks it holds (``Transformer/encoderblock_{i}/...``, or one
+    stacked ``Transformer/encoderblock/...: (depth, ...)`` in big_vision's files); None for what it lacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"checkpoint {path} not found: pass --checkpoint PATH to an existing file")
+    try:
+        with np.load(path) as arrays:
+            heads = [arrays[key].shape[-1] for key in arrays.files if key.endswith("head/bias")]
+            blocks = {match[1] for key in arrays.files if (match := re.search(r"Transformer/encoderblock_(\d+)/", key))}
+            stacked = [arrays[key].shape[0] for key in arrays.files
+                       if key.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
+    except Exception as exc:  # zipfile and numpy raise many types for a corrupt file
+        raise BenchError(f"checkpoint {path} is corrupt or not a NumPy .npz file ({type(exc).__name__}): re-save or "
+                         "re-download it") from exc
+    depth = len(blocks) if blocks else int(stacked[0]) if len(stacked) == 1 else None
+    return (int(heads[0]) if len(heads) == 1 else None), depth
+
+
+def load_npz(model: VisionTransformer, path: str | os.PathLike, depth: int | None) -> None:
+    """Load an original JAX/Flax ViT ``.npz`` checkpoint (Google's vit and augreg releases, big_vision) with timm's
+    own converter (``VisionTransformer.load_pretrained``), strictly: timm's converter skips what the file lacks (a
+    head of another size, a norm it has no name for), so the model is first filled with NaN and a weight still NaN
+    afterwards is refused as missing; a file with another number of blocks (``depth``, from :func:`npz_layout`) is
+    refused too, since the converter would ignore blocks beyond the model's. Any mismatch is a one-line error."""
+    if depth is not None and depth != len(model.blocks):
+        raise BenchError(f"checkpoint {path} holds {depth} blocks but the model has {len(model.blocks)}: "
+                         "pass the matching --model")
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+        try:
+            model.load_pretrained(str(path))
+        except Exception as exc:  # a missing key, a shape that does not fit, a layer the converter does not know
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise BenchError(f"checkpoint {path} does not fit this architecture (timm's JAX converter: "
+                             f"{type(exc).__name__} {detail}): pass the matching --model") from exc
+    missing = [key for key, tensor in model.state_dict().items() if tensor.is_floating_point() and tensor.isnan().any()]
+    if missing:
+        raise BenchError(f"checkpoint {path} does not fit this architecture (missing {missing[:3]}): "
+                         "pass the matching --model")
 
 
 def head_classes(state: dict[str, torch.Tensor]) -> int | None:
@@ -191,8 +238,9 @@ def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise BenchError(f"unknown model {name!r}: see `python run_bench.py list` or timm.list_models('*vit*')")
     fetch = pretrained and checkpoint is None and name != EMBEDDED_MODEL
-    state = read_state(checkpoint) if checkpoint is not None else None
-    classes = head_classes(state) if state is not None else None
+    npz = checkpoint is not None and Path(checkpoint).suffix.lower() == ".npz"
+    state = read_state(checkpoint) if checkpoint is not None and not npz else None
+    classes, depth = npz_layout(checkpoint) if npz else (head_classes(state) if state is not None else None, None)
     if classes is not None and "num_classes" not in kwargs:
         kwargs = {**kwargs, "num_classes": classes}
     online = fetch and hub_reachable()
@@ -208,7 +256,9 @@ def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str
                              "pass --checkpoint PATH to a local file instead") from exc
         raise BenchError(f"could not build {name!r}: {str(exc).splitlines()[0]}") from exc
     model = check_vit(model, name)
-    if checkpoint is not None:
+    if npz:
+        load_npz(model, checkpoint, depth)
+    elif checkpoint is not None:
         load_checkpoint(model, checkpoint, state)
     elif name == EMBEDDED_MODEL and not kwargs.get("random_init", False):
         verify_embedded_checkpoint()

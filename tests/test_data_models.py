@@ -5,8 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from bench import data, models
 from bench.errors import BenchError
@@ -231,6 +233,64 @@ def test_safetensors_checkpoint_gives_identical_logits(tmp_path: Path) -> None:
         assert torch.equal(model(x), loaded(x))
 
 
+def jax_vit_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
+    """``model``'s weights laid out as in Google's original JAX ViT ``.npz`` checkpoints (Flax names; dense kernels
+    ``(in, out)``, the patch kernel ``(kh, kw, in, out)``, query/key/value kernels ``(D, heads, head_dim)``, the
+    attention output kernel ``(heads, head_dim, D)``). Written from that layout, not by timm."""
+    heads, width = model.blocks[0].attn.num_heads, model.embed_dim
+    arrays = {"embedding/kernel": model.patch_embed.proj.weight.permute(2, 3, 1, 0),
+              "embedding/bias": model.patch_embed.proj.bias, "cls": model.cls_token,
+              "Transformer/posembed_input/pos_embedding": model.pos_embed,
+              "Transformer/encoder_norm/scale": model.norm.weight, "Transformer/encoder_norm/bias": model.norm.bias,
+              "head/kernel": model.head.weight.T, "head/bias": model.head.bias}
+    for i, block in enumerate(model.blocks):
+        prefix = f"Transformer/encoderblock_{i}/"
+        attention = f"{prefix}MultiHeadDotProductAttention_1/"
+        for norm, layer in (("LayerNorm_0", block.norm1), ("LayerNorm_2", block.norm2)):
+            arrays.update({f"{prefix}{norm}/scale": layer.weight, f"{prefix}{norm}/bias": layer.bias})
+        qkv = zip(("query", "key", "value"), block.attn.qkv.weight.chunk(3), block.attn.qkv.bias.chunk(3))
+        for name, weight, bias in qkv:
+            arrays.update({f"{attention}{name}/kernel": weight.T.reshape(width, heads, -1),
+                           f"{attention}{name}/bias": bias.reshape(heads, -1)})
+        arrays.update({f"{attention}out/kernel": block.attn.proj.weight.T.reshape(heads, -1, width),
+                       f"{attention}out/bias": block.attn.proj.bias})
+        for dense, layer in (("Dense_0", block.mlp.fc1), ("Dense_1", block.mlp.fc2)):
+            arrays.update({f"{prefix}MlpBlock_3/{dense}/kernel": layer.weight.T,
+                           f"{prefix}MlpBlock_3/{dense}/bias": layer.bias})
+    return {key: value.detach().numpy() for key, value in arrays.items()}
+
+
+def test_a_jax_npz_checkpoint_gives_identical_logits_and_its_classes(tmp_path: Path) -> None:
+    """Google's original ViT weights are ``.npz`` files: timm's converter loads them, and the head's size (5 here,
+    3 in the timm name's default) comes from the file."""
+    torch.manual_seed(0)
+    model = make_tiny(num_classes=5).eval()
+    np.savez(tmp_path / "vit.npz", **jax_vit_arrays(model))
+    loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "vit.npz")
+    assert loaded.num_classes == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("no head", r"does not fit this architecture \(missing \['head.weight', 'head.bias'\]\)"),
+    ("no block 1 norm", r"timm's JAX converter: KeyError .*encoderblock_1/LayerNorm_0/scale"),
+    ("one block more", "holds 3 blocks but the model has 2"),
+    ("wider", r"timm's JAX converter: RuntimeError"),
+])
+def test_a_jax_npz_checkpoint_that_does_not_fit_is_refused(tmp_path: Path, change: str, expected: str) -> None:
+    """timm's converter skips weights the file lacks and blocks the model lacks; the suite refuses both."""
+    arrays = jax_vit_arrays(make_tiny(embed_dim=96 if change == "wider" else 48,
+                                      depth=3 if change == "one block more" else 2))
+    drop = {"no head": ("head/kernel", "head/bias"), "no block 1 norm": ("Transformer/encoderblock_1/LayerNorm_0/scale",)}
+    for key in drop.get(change, ()):
+        del arrays[key]
+    np.savez(tmp_path / "vit.npz", **arrays)
+    with pytest.raises(BenchError, match=f"checkpoint .*vit.npz .*{expected}.*: pass the matching --model"):
+        models.create("test_tiny_vit", checkpoint=tmp_path / "vit.npz")
+
+
 def test_a_checkpoint_fine_tuned_to_other_classes_sets_the_head(tmp_path: Path, tiny_imagefolder: Path) -> None:
     """A ViT fine-tuned to 5 classes loads under the timm name whose default head has 3, with identical logits,
     and then expects an ImageFolder of 5 class folders (it did refuse the head's shape)."""
@@ -251,7 +311,9 @@ def test_a_checkpoint_fine_tuned_to_other_classes_sets_the_head(tmp_path: Path, 
 
 @pytest.mark.parametrize(("name", "content", "expected"), [
     ("model.safetensors", b"not safetensors", "is corrupt or not a safetensors file"),
-    ("vit.npz", b"PK", "is a NumPy/JAX file"),
+    ("vit.npz", b"PK", "is corrupt or not a NumPy .npz file"),
+    ("vit.npy", b"\x93NUMPY", "is a NumPy file, which --checkpoint does not read: pass a torch or safetensors file, "
+                              "or a JAX ViT .npz"),
 ])
 def test_unreadable_checkpoint_formats_name_the_fix(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
     (tmp_path / name).write_bytes(content)
