@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -260,12 +261,31 @@ def jax_vit_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
     return {key: value.detach().numpy() for key, value in arrays.items()}
 
 
-def test_a_jax_npz_checkpoint_gives_identical_logits_and_its_classes(tmp_path: Path) -> None:
+def big_vision_layout(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`jax_vit_arrays` as big_vision writes it: under ``params/``, the position embedding at the top level,
+    the blocks' weights stacked along a leading depth axis under ``Transformer/encoderblock/``, and its own
+    sub-module numbers (``LayerNorm_1``, ``MultiHeadDotProductAttention_0``, ``MlpBlock_0``)."""
+    renames = {"LayerNorm_2": "LayerNorm_1", "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+               "MlpBlock_3": "MlpBlock_0"}
+    out, stacks = {}, {}
+    for key, value in arrays.items():
+        if match := re.fullmatch(r"Transformer/encoderblock_(\d+)/(\w+)/(.+)", key):
+            stacked_key = f"Transformer/encoderblock/{renames.get(match[2], match[2])}/{match[3]}"
+            stacks.setdefault(stacked_key, []).append(value)
+        else:
+            out[key.replace("Transformer/posembed_input/", "")] = value
+    out.update({key: np.stack(values) for key, values in stacks.items()})
+    return {f"params/{key}": value for key, value in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["original", "big_vision"])
+def test_a_jax_npz_checkpoint_gives_identical_logits_and_its_classes(tmp_path: Path, layout: str) -> None:
     """Google's original ViT weights are ``.npz`` files: timm's converter loads them, and the head's size (5 here,
     3 in the timm name's default) comes from the file."""
     torch.manual_seed(0)
     model = make_tiny(num_classes=5).eval()
-    np.savez(tmp_path / "vit.npz", **jax_vit_arrays(model))
+    arrays = jax_vit_arrays(model)
+    np.savez(tmp_path / "vit.npz", **(arrays if layout == "original" else big_vision_layout(arrays)))
     loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "vit.npz")
     assert loaded.num_classes == 5
     x = torch.randn(2, 3, 32, 32)
@@ -277,15 +297,17 @@ def test_a_jax_npz_checkpoint_gives_identical_logits_and_its_classes(tmp_path: P
     ("no head", r"does not fit this architecture \(missing \['head.weight', 'head.bias'\]\)"),
     ("no block 1 norm", r"timm's JAX converter: KeyError .*encoderblock_1/LayerNorm_0/scale"),
     ("one block more", "holds 3 blocks but the model has 2"),
+    ("one block more, big_vision", "holds 3 blocks but the model has 2"),
     ("wider", r"timm's JAX converter: RuntimeError"),
 ])
 def test_a_jax_npz_checkpoint_that_does_not_fit_is_refused(tmp_path: Path, change: str, expected: str) -> None:
     """timm's converter skips weights the file lacks and blocks the model lacks; the suite refuses both."""
     arrays = jax_vit_arrays(make_tiny(embed_dim=96 if change == "wider" else 48,
-                                      depth=3 if change == "one block more" else 2))
+                                      depth=3 if change.startswith("one block more") else 2))
     drop = {"no head": ("head/kernel", "head/bias"), "no block 1 norm": ("Transformer/encoderblock_1/LayerNorm_0/scale",)}
     for key in drop.get(change, ()):
         del arrays[key]
+    arrays = big_vision_layout(arrays) if change.endswith("big_vision") else arrays
     np.savez(tmp_path / "vit.npz", **arrays)
     with pytest.raises(BenchError, match=f"checkpoint .*vit.npz .*{expected}.*: pass the matching --model"):
         models.create("test_tiny_vit", checkpoint=tmp_path / "vit.npz")
