@@ -12,8 +12,6 @@ head. Norms, softmax, GELU and element-wise ops are not counted (as in the paper
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,9 +21,9 @@ from methods.blocks import ModelDims
 
 
 def _sdpa_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of scaled dot-product attention, ``q @ k^T`` and ``p @ v`` at 2 per multiply-add; the shapes of
-    ``query: (..., N_q, d)``, ``key: (..., N_k, d)``, ``value: (..., N_k, d_v)``."""
-    return 2 * math.prod(query[:-2]) * query[-2] * key[-2] * (query[-1] + value[-1])
+    """FLOPs of SDPA's CPU kernel (``query: (B, H, N_q, d)``, ``key``/``value: (B, H, N_k, d)``): torch's own count
+    for the other SDPA kernels (``q @ k^T`` and ``p @ v``, 2 per multiply-add)."""
+    return flop_counter.sdpa_flop_count(query, key, value)
 
 
 #: torch < 2.15's FlopCounterMode has no formula for SDPA's CPU flash kernel (timm's fused attention on a CPU) and
