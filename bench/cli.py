@@ -36,7 +36,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="config name in bench/configs or a YAML path (default "
                         f"fmnist_default; {TIMM_CONFIG} with --model naming another ViT)")
     parser.add_argument("--model", help="timm model name (a ViT)")
-    parser.add_argument("--checkpoint", help="local checkpoint file: a state dict or timm-style .pth, .safetensors, or a JAX ViT .npz")
+    parser.add_argument("--checkpoint", help="local checkpoint file: a state dict or timm-style .pth, .safetensors, "
+                        "or a JAX ViT .npz")
     parser.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub or its cache)")
     parser.add_argument("--data", help="ImageFolder with evaluation images (sets dataset to imagefolder)")
     parser.add_argument("--train-data", help="ImageFolder with training images (for methods that fit)")

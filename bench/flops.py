@@ -22,7 +22,8 @@ from methods.blocks import ModelDims
 
 def _sdpa_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of SDPA's CPU kernel (``query: (B, H, N_q, d)``, ``key``/``value: (B, H, N_k, d)``): torch's own count
-    for the other SDPA kernels (``q @ k^T`` and ``p @ v``, 2 per multiply-add)."""
+    for the other SDPA kernels (``q @ k^T`` and ``p @ v``, 2 per multiply-add). Not ``flop_counter.sdpa_flop`` itself:
+    it is registered already wrapped to take shapes, and ``custom_mapping`` would wrap it again (torch 2.14 fails)."""
     return flop_counter.sdpa_flop_count(query, key, value)
 
 

@@ -111,22 +111,25 @@ def read_checkpoint(path: Path, flag: str = "--checkpoint") -> Any:
                          "re-download it") from exc
 
 
-def read_state(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:
-    """The state dict in a checkpoint file, with a one-line error (naming ``flag``, the option that gave the path)
-    if the file is missing or holds none."""
+def checkpoint_file(path: str | os.PathLike, flag: str = "--checkpoint") -> Path:
+    """``path`` if it is a file; else a one-line error naming ``flag``, the option that gave it."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint {path} not found: pass {flag} PATH to an existing file")
-    return extract_state_dict(read_checkpoint(path, flag))
+    return path
+
+
+def read_state(path: str | os.PathLike, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file, with a one-line error (naming ``flag``, the option that gave the path)
+    if the file is missing or holds none."""
+    return extract_state_dict(read_checkpoint(checkpoint_file(path, flag), flag))
 
 
 def npz_layout(path: str | os.PathLike) -> tuple[int | None, int | None]:
     """How many classes the classifier of an original JAX/Flax ViT ``.npz`` checkpoint predicts
     (``head/bias: (classes,)``) and how many encoder blocks it holds (``Transformer/encoderblock_{i}/...``, or one
     stacked ``Transformer/encoderblock/...: (depth, ...)`` in big_vision's files); None for what it lacks."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchError(f"checkpoint {path} not found: pass --checkpoint PATH to an existing file")
+    path = checkpoint_file(path)
     try:
         with np.load(path) as arrays:
             heads = [arrays[key].shape[-1] for key in arrays.files if key.endswith("head/bias")]
