@@ -87,17 +87,32 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def cpu_identity(cpuinfo: str) -> tuple[str, str | None]:
+    """The CPU's model name and its ``vendor family F model M stepping S`` from ``/proc/cpuinfo``'s first processor.
+
+    A virtual machine often shows a bare name ("AMD EPYC"), which hides the generation that sets a CPU's speed
+    ratios (family 25 is Zen 3/4, family 26 Zen 5): the numbers tell them apart. ``(name, None)`` where they lack.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if not {"cpu family", "model"} <= fields.keys():
+        return name, None
+    return name, (f"{fields.get('vendor_id', '?')} family {fields['cpu family']} model {fields['model']} "
+                  f"stepping {fields.get('stepping', '?')}")
+
+
 def environment(device: str) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu, cpu_id = cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu, cpu_id = platform.processor() or platform.machine(), None
     return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "cpu": cpu,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "cpu_id": cpu_id, "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
             "threads": torch.get_num_threads(), "heap": heap_policy(),
             "cpu_isa": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": native_bf16()}
 

@@ -296,6 +296,18 @@ def test_bf16_without_bf16_instructions_is_flagged() -> None:
     assert emulation_warning(everywhere, "cuda", native=False) is None
 
 
+def test_the_cpu_is_recorded_by_its_family_and_model_numbers() -> None:
+    """A VM's bare "AMD EPYC" hides the generation: the first processor's vendor, family, model and stepping are
+    recorded beside the name; a cpuinfo without them records None, and later processors are not read."""
+    from bench.runner import cpu_identity
+
+    zen5 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+            "stepping\t: 1\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n")
+    assert cpu_identity(zen5) == ("AMD EPYC", "AuthenticAMD family 26 model 2 stepping 1")
+    name, number = cpu_identity("Features\t: fp asimd\n")  # an Arm cpuinfo: no family
+    assert number is None and name
+
+
 def test_run_precisions_include_each_training_entrys_own_fit(tmp_path: Path) -> None:
     """The bf16 warning and the precision checks see an entry's own ``fit.precision``, not only the config's: an
     LTP entry fitting in bf16 under an fp32 config puts bf16 in the run; a method that does not train adds nothing."""
