@@ -129,8 +129,13 @@ def preloaded_malloc(libc: ctypes.CDLL) -> bool:
 
 def heap_policy() -> str:
     """The heap policy in force, as recorded with every timing (``environment()['heap']``): what :func:`steady_heap`
-    set, or the system's default in a process that has timed nothing (reading it changes nothing)."""
-    return steady_heap() if steady_heap.cache_info().currsize else "system default"
+    set, or the system's default in a process that has timed nothing (reading it changes nothing); and, where
+    ``THP_MEM_ALLOC_ENABLE`` is set, that torch asks the kernel for transparent huge pages for its tensors of 2 MB and
+    more (it changes how their memory is mapped, so a timing records it; on the Zen 5 EPYC, session 35, LTMP's
+    realisation moved within its run-to-run spread with it)."""
+    policy = steady_heap() if steady_heap.cache_info().currsize else "system default"
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    return policy if thp is None else f"{policy}; THP_MEM_ALLOC_ENABLE={thp}: torch madvises huge pages for >= 2 MB"
 
 
 def _minor_faults() -> int:

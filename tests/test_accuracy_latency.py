@@ -214,8 +214,9 @@ def test_steady_heap_stops_page_faults_of_repeated_large_allocations() -> None:
     in again (fewer with transparent huge pages). With the heap kept, repeated calls reuse the same pages: the
     fewest faults of three rounds of 5 calls, since once in ~17 runs of the suite one round saw a block faulted in
     afresh (16,384 faults) where 40 runs of this script alone never did."""
+    plain_heap = {name: value for name, value in os.environ.items() if name != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", _FAULTS_OF_LARGE_TENSORS], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
+                         cwd=Path(__file__).resolve().parent.parent, env=plain_heap).stdout.splitlines()
     assert out[:2] == ["system default", "True"]
     out = out[2].split()
     before, after = int(out[-2]), int(out[-1])
@@ -273,6 +274,18 @@ def test_steady_heap_reports_an_allocator_preloaded_in_glibcs_place(tmp_path: Pa
                                env={**unloaded, "LD_PRELOAD": str(library)})
     assert plain.stdout.strip() == "glibc, freed memory kept (no mmap, no trim)"
     assert preloaded.stdout.strip() == f"preloaded allocator (LD_PRELOAD={library}): its own policy, not glibc's"
+
+
+def test_torchs_huge_page_request_is_recorded_with_the_heap_policy(monkeypatch) -> None:
+    """``THP_MEM_ALLOC_ENABLE`` makes torch madvise huge pages for its large tensors: the recorded policy names it
+    (with its value) after the heap's own; unset, the policy is the heap's alone."""
+    from bench.latency import heap_policy
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    plain = heap_policy()
+    assert "THP" not in plain
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert heap_policy() == f"{plain}; THP_MEM_ALLOC_ENABLE=1: torch madvises huge pages for >= 2 MB"
 
 
 def test_bf16_without_bf16_instructions_is_flagged() -> None:
