@@ -108,9 +108,10 @@ def cpu_identity(cpuinfo: str) -> tuple[str, str | None]:
 
 def environment(device: str) -> dict[str, Any]:
     try:
-        cpu, cpu_id = cpu_identity(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        cpu, cpu_id = platform.processor() or platform.machine(), None
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: cpu_identity falls back to platform's name
+        cpuinfo = ""
+    cpu, cpu_id = cpu_identity(cpuinfo)
     return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "cpu": cpu,
             "cpu_id": cpu_id, "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
             "threads": torch.get_num_threads(), "heap": heap_policy(),
