@@ -13,6 +13,7 @@ from bench.errors import BenchError
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
 from methods.base import FitReport, budgeted_batches
+from methods import ragged
 from methods.blocks import masked_softmax
 from methods.ltmp import flops_ratio, lr_factor, merge_into_kept
 from methods.tokens import straight_through_step
@@ -93,14 +94,33 @@ def test_masked_training_form_equals_dropping_inference_form(name: str, seed: in
         assert torch.equal(kept_drop, kept_mask)
 
 
+@pytest.mark.parametrize("plan", ["groups", "gpu"])
 @pytest.mark.parametrize("name", LEARNED)
-def test_batched_inference_equals_batch_one(name: str) -> None:
+def test_batched_inference_equals_batch_one(monkeypatch, name: str, plan: str) -> None:
+    """Attention in several groups of images (no price on a group: one per distinct count), and as a GPU plans it
+    (its grouping constants, on CPU tensors): one group a block padded to the largest count, the key mask
+    carrying the difference."""
+    overhead, cap = ((ragged.GROUP_OVERHEAD_MACS["cuda"], ragged.MAX_GROUP_PROBS["cuda"]) if plan == "gpu"
+                     else (0.0, ragged.MAX_GROUP_PROBS["cpu"]))
+    monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", overhead)
+    monkeypatch.setitem(ragged.MAX_GROUP_PROBS, "cpu", cap)
+    spans = []  # per attention call: its groups' (start, end, width)
+    planned = ragged.Packing.groups
+
+    def recording(self, *args):
+        layout = planned(self, *args)
+        spans.append(layout.spans)
+        return layout
+    monkeypatch.setattr(ragged.Packing, "groups", recording)
     model, reducer, x = with_thresholds(name, 3)
     with torch.no_grad():
         batched = model(x)
         counts = model._reduction_ctx.counts()
+        groups = [len(call) for call in spans]  # of the batched pass
         single = torch.cat([model(x[i:i + 1]) for i in range(4)])
     assert len(set(counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
+    distinct = [len(set(block.tolist())) for block in counts[:, :, 0].T][-len(groups):]  # per ragged block, its counts
+    assert max(distinct) > 1 and groups == ([1] * len(groups) if plan == "gpu" else distinct)
     assert torch.allclose(batched, single, atol=1e-5)
     assert torch.equal(batched.argmax(-1), single.argmax(-1))
 

@@ -91,11 +91,15 @@ def reference_attention(qkv: torch.Tensor, alive: torch.Tensor, scale: float, lo
     return torch.cat(outputs), importance
 
 
+@pytest.mark.parametrize("plan", ["cpu", "cuda"])
 @pytest.mark.parametrize("proportional", [False, True])
 @pytest.mark.parametrize("need_importance", [False, True])
 @pytest.mark.parametrize("layout", ["scattered", "dense"])
 def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_importance: bool,
-                                                proportional: bool) -> None:
+                                                proportional: bool, plan: str) -> None:
+    """``plan`` picks the device's grouping constants (the tensors stay on the CPU): "cpu" with a small cap, so
+    several groups; "cuda" with the GPU's own, where a launch outweighs padding and every image shares one group
+    padded to the largest count (the path a GPU runs, which no CPU run would otherwise take)."""
     monkeypatch.setitem(ragged.MAX_GROUP_PROBS, "cpu", 2 * 3 * 12 * 12)  # small cap: several groups
     monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", 50.0)
     generator = torch.Generator().manual_seed(7)
@@ -108,8 +112,10 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
     tokens = int(alive.sum())
     qkv = torch.randn(tokens, 3, 3, 4, generator=generator, requires_grad=True)
     log_size = torch.rand(tokens, generator=generator).mul(3).add(1).log() if proportional else None
-    assert len(packing.groups(24.0, 50.0, 2 * 12 * 12).spans) > 1
-    out, importance = ragged_attention(qkv, packing, 3, 0.5, log_size, need_importance)
+    max_pairs = ragged.MAX_GROUP_PROBS[plan] / 3  # what ragged_attention plans with when it needs importance
+    groups = len(packing.groups(24.0, ragged.GROUP_OVERHEAD_MACS[plan], max_pairs, 3).spans)
+    assert groups == 1 if plan == "cuda" else groups > 1
+    out, importance = ragged_attention(qkv, packing, 3, 0.5, log_size, need_importance, device_type=plan)
     expected_out, expected_importance = reference_attention(qkv, alive, 0.5, log_size)
     assert torch.allclose(out, expected_out, atol=1e-6)
     if need_importance:
