@@ -13,6 +13,7 @@ import torch
 import methods
 from bench.flops import counted_macs, dense_macs, embed_macs, image_macs
 from methods.blocks import ModelDims
+from methods.tokens import bipartite_positions, bipartite_similarity_macs
 from tests.conftest import image_batch
 from tests.test_conformance import prepared, reducing_knobs
 
@@ -86,6 +87,16 @@ def test_tome_similarity_is_counted() -> None:
     extra = sum(float(reducer.extra_macs(l, counts[:, l, 0], counts[:, l, 1], ctx.dims)[0]) for l in range(4))
     # layer sizes 65, 57, 49, 41 tokens: |A| x |B| = 32*32 + 28*28 + 24*24 + 20*20, head_dim 16
     assert extra == (32 * 32 + 28 * 28 + 24 * 24 + 20 * 20) * 16
+
+
+def test_similarity_macs_are_the_bipartite_split_sizes_times_head_dim() -> None:
+    """|A| x |B| x d for every token count, odd ones included (5 patches after one prefix token: A 2, B 3), and 0
+    where prefix tokens are all that is left."""
+    for prefix in (0, 1, 2):
+        tokens = torch.arange(prefix, prefix + 12)
+        a_b = [len(a) * len(b) for a, b in (bipartite_positions(int(n), prefix) for n in tokens)]
+        assert bipartite_similarity_macs(tokens, prefix, 8).tolist() == [8.0 * macs for macs in a_b]
+    assert bipartite_similarity_macs(torch.tensor([6]), 1, 8).tolist() == [2 * 3 * 8]
 
 
 def test_hybrid_stem_macs_derived_by_hand() -> None:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import methods
 from bench.errors import BenchError
@@ -241,6 +242,42 @@ def test_clip_grad_bounds_every_threshold_step() -> None:
     before, after, report = _fit_tiny(methods.create("ltmp", **knobs))
     assert report.extra["clipped_steps"] == 0
     assert float((after - before).norm()) > 8 * 0.05 * 1e-3
+
+
+@pytest.mark.parametrize("case", ["plain", "clipped", "clamped"])
+def test_one_fit_step_is_one_sgd_step_on_the_papers_loss(case: str) -> None:
+    """The fit's first step recomputed by hand: the training form's logits on the batch, loss = cross-entropy with
+    label smoothing 0.1 + lambda (r_FLOPs - r_target)^2, its gradient g with respect to the thresholds, then
+    theta - lr * g (SGD, no momentum), clamped to [0, 1]. "clipped": ``clip_grad`` at 0.75 of g's norm scales g by
+    0.75; "clamped": learning rates so large that both kinds of threshold leave [0, 1] before the clamp."""
+    knobs = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
+    if case == "clamped":
+        knobs.update(lr_merge=1e3, lr_prune=1e3)
+    model = peaked_vit()
+    reducer = methods.create("ltmp", **knobs)
+    reducer.apply(model)
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    dims = model._reduction_ctx.dims
+    reducer.masked = True
+    loss = F.cross_entropy(model(images), labels, label_smoothing=0.1) + 10.0 * (
+        reducer.budget_loss(dims.tokens, dims.dim)[1] - 0.3) ** 2
+    reducer.masked = False
+    gradient = torch.cat(torch.autograd.grad(loss, [reducer.theta_merge, reducer.theta_prune]))
+    scale = 0.75 if case == "clipped" else 1.0
+    if case == "clipped":
+        reducer.values["clip_grad"] = 0.75 * float(gradient.norm())
+    thresholds = torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()])
+    rates = torch.tensor([knobs["lr_merge"]] * 4 + [knobs["lr_prune"]] * 4)
+    unclamped = thresholds - rates * scale * gradient
+    report = reducer.fit(model, lambda: iter([(images, labels)]), {"budget_images": 16}, progress=False)
+    assert report.steps == 1 and report.extra["clipped_steps"] == (1 if case == "clipped" else 0)
+    after = torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()])
+    assert torch.allclose(after, unclamped.clamp(0.0, 1.0), rtol=0, atol=1e-6)
+    assert bool((after != thresholds).all())  # every threshold moved
+    if case == "clamped":
+        assert bool((unclamped[:4] < 0).any() | (unclamped[:4] > 1).any())  # a merge threshold hit a bound
+        assert bool((unclamped[4:] < 0).any() | (unclamped[4:] > 1).any())  # and a prune threshold
 
 
 def test_fit_reports_where_its_r_flops_ended() -> None:

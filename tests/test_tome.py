@@ -18,13 +18,14 @@ KEYS = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.2, 1.0]
 X = torch.tensor([[[7.0], [10.0], [20.0], [30.0], [40.0]]])
 
 
-def context(r: int) -> tuple[methods.TokenReducer, ReductionContext]:
+def context(r: int, keys: torch.Tensor = KEYS) -> tuple[methods.TokenReducer, ReductionContext]:
+    """A one-block ToMe at ``r`` over CLS + patches whose head-mean keys are ``keys: (1, N, 2)``."""
     reducer = methods.create("tome", r=r)
     reducer.schedule = [r]
     dims = ModelDims(depth=1, dim=1, num_heads=1, head_dim=2, attn_dim=2, attn_linear_macs=0, mlp_macs=0,
-                     num_prefix=1, num_patches=4, grid=(2, 2), in_chans=3, img_size=(2, 2), head_macs=0)
+                     num_prefix=1, num_patches=keys.shape[1] - 1, grid=(2, 2), in_chans=3, img_size=(2, 2), head_macs=0)
     ctx = ReductionContext(reducer, dims)
-    ctx.stats["keys"] = KEYS
+    ctx.stats["keys"] = keys
     return reducer, ctx
 
 
@@ -39,6 +40,17 @@ def test_r1_merges_the_most_similar_pair_with_equal_sizes() -> None:
     # patch2 (score 0.995) joins patch1: (10 + 20) / 2 = 15; patch4 stays. Order: [CLS, kept A, B].
     assert out[0, :, 0].tolist() == [7.0, 40.0, 15.0, 30.0]
     assert ctx.size[0].tolist() == [1.0, 1.0, 2.0, 1.0]
+
+
+def test_kept_a_tokens_keep_their_original_order() -> None:
+    """CLS + 6 patches: A = positions 2, 4, 6, B = 1, 3, 5 with keys (1, 0), (0, 1), (-1, 0). A's best cosines:
+    position 2 (1, 0.5) -> 1 at 1/sqrt(1.25) = 0.894, position 4 (0.1, 1) -> 3 at 1/sqrt(1.01) = 0.995, position 6
+    (-1, 0.2) -> 5 at 1/sqrt(1.04) = 0.981. r = 1 merges position 4 into 3; the kept A tokens come in position order
+    (2, 6), not in score order (6, 2) as the descending sort leaves them."""
+    keys = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [1.0, 0.5], [0.0, 1.0], [0.1, 1.0], [-1.0, 0.0], [-1.0, 0.2]]])
+    reducer, ctx = context(1, keys)
+    out = reducer.reduce(0, torch.tensor([[[7.0], [10.0], [20.0], [30.0], [40.0], [50.0], [60.0]]]), ctx)
+    assert out[0, :, 0].tolist() == [7.0, 20.0, 60.0, 10.0, 35.0, 50.0]  # [CLS, kept A in order, B]
 
 
 def test_r2_size_weighted_average() -> None:
