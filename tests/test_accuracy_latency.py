@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import methods
-from bench.accuracy import evaluate, wilson_interval
+from bench.accuracy import EvalResult, evaluate, wilson_interval
 from bench.latency import Timing, on_glibc, paired_ratio, time_interleaved
 from tests.conftest import tiny_vit
 
@@ -51,6 +51,18 @@ def test_exact_top1_and_top5_of_a_controlled_classifier() -> None:
     # ranking = planted class, then 0, 1, 2, ... For wrong image i (label i, planted i + 1) the top 5 are
     # {i+1, 0, 1, 2, 3} (or {i+1, 0..4} minus i+1): it holds label i for i = 0..3, not for i = 4, 5, 6.
     assert result.top5_correct == 13 + 4
+
+
+def test_token_counts_are_summed_and_bounded_over_every_batch() -> None:
+    """Per block and part, the sum, the smallest and the largest count over all images of all batches: the second
+    batch's extremes do not replace the first's."""
+    result = EvalResult()
+    logits, labels = torch.zeros(2, 10), torch.zeros(2, dtype=torch.long)
+    for counts in ([[[65, 40]], [[65, 30]]], [[[65, 50]], [[65, 45]]]):  # (B=2, depth=1, 2)
+        result.add(logits, labels, torch.tensor(counts), torch.zeros(2))
+    assert result.token_sum.tolist() == [[260, 165]]
+    assert result.token_min.tolist() == [[65, 30]] and result.token_max.tolist() == [[65, 50]]
+    assert result.tokens_mean().tolist() == [[65.0, 41.25]]
 
 
 def test_timer_measures_a_sleep() -> None:
@@ -120,6 +132,8 @@ def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
     (25 / 10 = 2.5) happens to agree here; with drift between rounds it would not."""
     assert paired_ratio(Timing([10.0, 20.0, 30.0, 40.0]), Timing([5.0, 10.0, 10.0, 10.0])) == (2.0, 2.5, 3.75)
     assert paired_ratio(Timing([6.0]), Timing([3.0])) == (2.0, 2.0, 2.0)
+    # round by round, not sorted: rounds (40, 10), (10, 5), (30, 10), (20, 10) give ratios 4, 2, 3, 2
+    assert paired_ratio(Timing([40.0, 10.0, 30.0, 20.0]), Timing([10.0, 5.0, 10.0, 10.0])) == (2.0, 2.5, 3.75)
 
 
 def test_latency_is_timed_on_the_evaluation_images() -> None:

@@ -111,6 +111,28 @@ def test_image_alone_equals_image_in_batch(plugin: str) -> None:
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)
+def test_image_alone_equals_image_in_batch_with_average_pooling(plugin: str) -> None:
+    """The same on a register-only ViT that average-pools its tokens: there the padding and the token sizes reach
+    the logits through the pooling, not only through attention."""
+    model, _ = prepared(plugin, timm_vit("vit_little_patch16_reg4_gap_256"), **reducing_knobs(plugin))
+    x = image_batch(model, batch=3, seed=1)
+    with torch.no_grad():
+        batched = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert torch.allclose(batched, alone, atol=1e-4)
+
+
+def test_average_pooling_weights_tokens_by_size_and_skips_dead_ones() -> None:
+    """CLS + 3 tokens of sizes 2, 1, 3, the last one dead (padding): (2 * 10 + 1 * 40) / 3 = 20; the CLS is not
+    pooled."""
+    model, _ = prepared("tome", tiny_vit(global_pool="avg"), r=0)
+    ctx = model._reduction_ctx
+    ctx.size = torch.tensor([[1.0, 2.0, 1.0, 3.0]])
+    ctx.alive = torch.tensor([[True, True, True, False]])
+    assert model.pool(torch.tensor([[[100.0], [10.0], [40.0], [7.0]]])).tolist() == [[20.0]]
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
 def test_deterministic_and_runs_under_inference_mode_and_bf16(plugin: str) -> None:
     model, _ = prepared(plugin, **reducing_knobs(plugin))
     x = image_batch(model)

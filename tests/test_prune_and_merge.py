@@ -30,6 +30,16 @@ def test_merge_matrix_on_hand_made_scores() -> None:
     assert torch.allclose(r[4], torch.zeros(3))  # the pruned token gets nothing back: shortcut only
 
 
+def test_merged_token_joins_its_own_rows_centre_even_where_another_row_has_a_nearer_one() -> None:
+    """CLS + a 2 x 3 grid, positions 1 2 3 / 4 5 6, centres 3 and 6. Position 4 is one step from centre 3 in raster
+    order but joins 6, the centre of its own image row."""
+    score = torch.tensor([0.0, 0.1, 0.1, 0.5, 0.2, 0.1, 0.4])
+    centre = torch.tensor([False, False, False, True, False, False, True])
+    m, _ = merge_matrix(score, centre, torch.zeros(7, dtype=torch.bool), num_prefix=1, grid_width=3)
+    assert torch.allclose(m, torch.tensor([[1, 0, 0, 0, 0, 0, 0], [0, 0.2, 0.2, 1, 0, 0, 0],
+                                           [0, 0, 0, 0, 0.5, 0.25, 1]]))
+
+
 def test_merged_token_without_a_centre_in_its_row_joins_the_nearest_in_raster_order() -> None:
     score = torch.tensor([0.0, 0.5, 0.1, 0.1, 0.1])  # CLS + 2 x 2 grid, one centre at position 1
     centre = torch.tensor([False, True, False, False, False])
