@@ -202,6 +202,41 @@ def test_a_fitting_cell_hands_back_the_fits_free_pages_before_evaluating(monkeyp
     assert events == (["fit batch", "release", "evaluate"] if released else ["evaluate"])
 
 
+def test_a_cells_speedup_is_the_baselines_time_over_the_methods(monkeypatch, tmp_path: Path) -> None:
+    """A ToMe cell timed with fixed per-round times (baseline 30, 30, 30, 30 ms; method 10, 12, 10, 15 ms): speedup
+    30 / 11 = 2.73 (medians), per-round quartiles of 3, 2.5, 3, 2 (2.125 and 3.0), realisation = speedup / GMACs ratio,
+    GMACs ratio = dense / reduced > 1; the timed "baseline" is the unpatched model and "method" the patched one."""
+    from bench import runner
+    from bench.latency import Timing
+    from bench.store import Store
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    base = tiny_vit()
+    timed = {}
+
+    def fixed_times(fns, device, **kwargs):
+        with torch.no_grad():
+            timed.update({name: fn() for name, fn in fns.items()})
+        return {"baseline": Timing([30.0] * 4), "method": Timing([10.0, 12.0, 10.0, 15.0])}
+
+    monkeypatch.setattr(runner, "time_interleaved", fixed_times)
+    config = {"fit": {"budget_images": 0}, "model": "m", "seed": 0, "eval_precision": "fp32",
+              "latency": {"precisions": ["fp32"], "batch_sizes": [4], "warmup_iters": 1, "warmup_s": 0.0,
+                          "min_iters": 1, "min_time_s": 0.0}}
+    work = runner.Workload(config, base, "sha", "d", 4, lambda: iter([(x, torch.zeros(4, dtype=torch.long))]),
+                           lambda: iter(()), "cpu")
+    store = Store(tmp_path / "s.sqlite")
+    row = runner.measure_cell(work, {"method": "tome"}, {"r": 8}, store, False)
+    (timing,) = store.timings().itertuples()
+    assert row["gmacs_ratio"] == pytest.approx(row["gmacs_dense"] / row["gmacs"]) and row["gmacs_ratio"] > 1.2
+    assert timing.speedup == pytest.approx(30 / 11) and (timing.speedup_q1, timing.speedup_q3) == (2.125, 3.0)
+    assert timing.baseline_median_ms == 30.0 and timing.median_ms == 11.0
+    assert timing.realisation == pytest.approx(timing.speedup / row["gmacs_ratio"])
+    with torch.no_grad():
+        assert torch.equal(timed["baseline"], base(x)) and not torch.allclose(timed["method"], base(x))
+    store.close()
+
+
 GLIBC_ONLY = pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
 
 _FAULTS_OF_LARGE_TENSORS = """

@@ -278,6 +278,7 @@ def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) ->
     assert table.loc["k2", "top1_drop_pm"] == pytest.approx(42.94, abs=5e-3)
     assert table.loc["k2", "p_paired"] == pytest.approx(0.25)
     assert table.loc[["k1", "k3"], "top1_drop"].isna().all()
+    assert table.loc[["k2", "k3"], "flops_kept"].tolist() == [0.5, 0.75]  # GMACs 1.0 and 1.5 of the dense 2.0
     markdown = tables.export(store.cells(), store.timings(), tmp_path / "out")[1].read_text()
     assert "| 60.00 ± 42.94 |" in markdown and "| 0.25 " in markdown
     store.close()
