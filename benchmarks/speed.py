@@ -191,20 +191,24 @@ def bench_ltmp(args: argparse.Namespace) -> None:
         padding, executed = padding_overhead(model, x)
         batched = compare(base, model, x, args.precision, args.min_time)
         single = compare(base, model, x[:1], args.precision, args.min_time)
-        per_image_gain = (single["method_ms"] * len(x)) / batched["method_ms"]
-        # the gain if batch 32 ran at exactly its GMACs ratio (realisation 1): what batching can give on this device
-        gain_at_full_realisation = single["method_ms"] * len(x) * ratio / batched["base_ms"]
+        gains = batching_gains(single, batched, len(x), ratio)
         row(f"ltmp {name} b{args.batch}", batched, ratio,
-            {"batch1_method_ms": single["method_ms"], "batch1_base_ms": single["base_ms"],
-             "per_image_gain_vs_b1": per_image_gain,
-             "base_per_image_gain_vs_b1": single["base_ms"] * len(x) / batched["base_ms"],
-             "per_image_gain_at_full_realisation": gain_at_full_realisation,
+            {"batch1_method_ms": single["method_ms"], "batch1_base_ms": single["base_ms"], **gains,
              "padded_batch_macs_overhead": padding, "executed_macs_overhead": executed})
-        print(f"{'':<34} per image: batch {len(x)} is {per_image_gain:.1f}x faster than batch 1 (the unreduced model: "
-              f"{single['base_ms'] * len(x) / batched['base_ms']:.1f}x; at realisation 1: {gain_at_full_realisation:.1f}x); "
-              f"a plainly padded batch would execute {100 * (padding - 1):.0f} % extra MACs, the ragged one executes "
-              f"{100 * (executed - 1):.1f} %")
+        print(f"{'':<34} per image: batch {len(x)} is {gains['per_image_gain_vs_b1']:.1f}x faster than batch 1 (the "
+              f"unreduced model: {gains['base_per_image_gain_vs_b1']:.1f}x; at realisation 1: "
+              f"{gains['per_image_gain_at_full_realisation']:.1f}x); a plainly padded batch would execute "
+              f"{100 * (padding - 1):.0f} % extra MACs, the ragged one executes {100 * (executed - 1):.1f} %")
     bench_ltmp_machinery(embedded, images, args)
+
+
+def batching_gains(single: dict, batched: dict, batch: int, ratio: float) -> dict[str, float]:
+    """How much faster per image a batch of ``batch`` runs than batch 1, from two :func:`compare` results: the method's
+    gain, the unreduced model's, and the method's if the batch ran at exactly its GMACs ``ratio`` to the unreduced
+    model (realisation 1: what batching can give on this device)."""
+    return {"per_image_gain_vs_b1": single["method_ms"] * batch / batched["method_ms"],
+            "base_per_image_gain_vs_b1": single["base_ms"] * batch / batched["base_ms"],
+            "per_image_gain_at_full_realisation": single["method_ms"] * batch * ratio / batched["base_ms"]}
 
 
 def bench_ltmp_machinery(base: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace) -> None:

@@ -1,0 +1,69 @@
+"""The arithmetic of ``benchmarks/speed.py`` (what issue #5's bars are read from), on fixed times and tiny models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import methods
+from bench.flops import counted_macs
+from bench.latency import Timing
+from methods import ragged
+from tests.conftest import image_batch, load_script, tiny_vit
+from tests.test_ltmp import with_thresholds
+
+
+def test_speedup_and_realisation_of_fixed_times(monkeypatch, tmp_path: Path) -> None:
+    """Baseline 30 ms, method 10, 12, 10, 15 ms a round: speedup 30 / 11 (medians), per-round quartiles 2.125 and
+    3.0; at a GMACs ratio of 2.5 the realisation is 1.0909 and its per-round interval 0.85-1.2. The row is appended
+    to the report as printed."""
+    speed = load_script("speed")
+    monkeypatch.setattr(speed, "REPORT", tmp_path / "speed.jsonl")
+    monkeypatch.setattr(speed, "time_interleaved", lambda fns, **kwargs: {
+        "base": Timing([30.0] * 4), "method": Timing([10.0, 12.0, 10.0, 15.0])})
+    result = speed.compare(torch.nn.Identity(), torch.nn.Identity(), torch.zeros(4, 1), "fp32", 0.0)
+    assert (result["base_ms"], result["method_ms"], result["batch"], result["rounds"]) == (30.0, 11.0, 4, 4)
+    assert result["speedup"] == pytest.approx(30 / 11)
+    assert (result["speedup_paired_q1"], result["speedup_paired_q3"]) == (2.125, 3.0)
+    out = speed.row("fixed", result, 2.5)
+    assert out["realisation"] == pytest.approx(30 / 11 / 2.5)
+    assert (out["realisation_paired_q1"], out["realisation_paired_q3"]) == pytest.approx((0.85, 1.2))
+    stored = json.loads((tmp_path / "speed.jsonl").read_text())
+    assert stored["benchmark"] == "fixed" and stored["realisation"] == out["realisation"] and stored["env"]["threads"]
+
+
+def test_batching_gains_hand_values() -> None:
+    """Batch 1: method 7 ms, baseline 4.6 ms; batch 32: method 45 ms, baseline 94 ms; GMACs ratio 2.99. Per image the
+    method gains 7 * 32 / 45 = 4.978x, the baseline 4.6 * 32 / 94 = 1.566x, and at realisation 1 (32 images in
+    94 / 2.99 ms) the method would gain 7 * 32 * 2.99 / 94 = 7.125x."""
+    gains = load_script("speed").batching_gains({"method_ms": 7.0, "base_ms": 4.6}, {"method_ms": 45.0, "base_ms": 94.0},
+                                                32, 2.99)
+    assert gains == pytest.approx({"per_image_gain_vs_b1": 4.978, "base_per_image_gain_vs_b1": 1.566,
+                                   "per_image_gain_at_full_realisation": 7.125}, abs=1e-3)
+
+
+def test_gmacs_ratio_agrees_with_the_flop_counter() -> None:
+    """The ratio the realisation divides by: dense over reduced analytic GMACs, within 1 % of ``FlopCounterMode``'s
+    count of the two models on the same image (ToMe r=8 on the tiny ViT)."""
+    base = tiny_vit()
+    model = methods.create("tome", r=8).apply(tiny_vit())
+    x = image_batch(base, batch=1)
+    counted = counted_macs(base, x) / counted_macs(model, x)
+    assert counted > 1.3 and load_script("speed").gmacs_ratio(model, x) == pytest.approx(counted, rel=0.01)
+
+
+def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
+    """LTMP at thresholds that leave the four images different counts: a batch padded to its largest count would run
+    more MACs than the images' own. The ragged batch runs fewer: its token-wise layers run on the images' own tokens,
+    and on the CPU's plan its attention still pads each block's images to the largest count (one group: on this tiny
+    model a group costs more than its padding), so it runs more than the images' own; with no price on a group,
+    every group holds images of one count and it runs exactly theirs."""
+    model, _, x = with_thresholds("ltmp", 3)
+    speed = load_script("speed")
+    padded, executed = speed.padding_overhead(model, x)
+    assert len(set(model._reduction_ctx.counts()[:, -1, 1].tolist())) > 1
+    assert 1.0 < executed < padded
+    monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", 0.0)
+    assert speed.padding_overhead(model, x) == (padded, 1.0)
