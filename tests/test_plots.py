@@ -168,6 +168,36 @@ def test_one_colour_per_method_everywhere() -> None:
     assert not shipped & set(colours) and len(set(colours)) == len(yours)
 
 
+def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
+    """Three cells, timed at batches 1 and 32 with distinct values: the realisation figure plots each cell's speedup
+    (y) against its GMACs ratio (x); the throughput figure plots images/s of the largest batch; the tokens figure
+    takes each method's cell closest to the median GMACs of the reduced cells (1.2: ToMe's 1.0, not its first cell
+    1.5; LTMP's 1.2)."""
+    store = Store(tmp_path / "s.sqlite")
+    for key, method, gmacs, speedups, rates in (("b", "none", 2.0, (1.0, 1.0), (90.0, 900.0)),
+                                                ("t1", "tome", 1.5, (1.1, 1.3), (99.0, 1170.0)),
+                                                ("t2", "tome", 1.0, (1.2, 1.8), (108.0, 1620.0)),
+                                                ("l1", "ltmp", 1.2, (0.9, 1.5), (81.0, 1350.0))):
+        timings = [{**fake_timing(batch), "speedup": speedup, "images_per_s": rate}
+                   for batch, speedup, rate in zip((1, 32), speedups, rates)]
+        store.write_cell(fake_row(key, method, 0.9, gmacs), timings)
+    store.close()
+    db = Store(tmp_path / "s.sqlite")
+    cells, timings = db.cells(), db.timings()
+
+    def series(ax) -> dict[str, tuple[list[float], list[float]]]:
+        return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+                if not line.get_label().startswith(("_", "y = x"))}
+
+    batch1, batch32 = plots.realisation(cells, timings).axes
+    assert series(batch32)["tome (bf16)"] == ([1.0 / 0.75, 2.0], [1.3, 1.8])  # GMACs ratios 2 / 1.5 and 2 / 1.0
+    assert series(batch1)["ltmp (bf16)"] == ([2.0 / 1.2], [0.9])
+    (through,) = plots.throughput(cells, timings).axes
+    assert series(through)["tome"] == ([1170.0, 1620.0], [90.0, 90.0])  # batch 32's images/s, sorted
+    legend = [t.get_text() for t in plots.tokens_per_layer(cells).axes[0].get_legend().get_texts()]
+    assert legend == ["ltmp (1.200 G)", "baseline", "tome (1.000 G)"]
+
+
 def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> None:
     """speedup 1.5 with per-round quartiles 1.4 and 1.7 -> a bar from 1.4 to 1.7 at the cell's GMACs ratio (2.0);
     a store without quartiles draws no bars."""
