@@ -207,7 +207,6 @@ def test_a_cells_speedup_is_the_baselines_time_over_the_methods(monkeypatch, tmp
     30 / 11 = 2.73 (medians), per-round quartiles of 3, 2.5, 3, 2 (2.125 and 3.0), realisation = speedup / GMACs ratio,
     GMACs ratio = dense / reduced > 1; the timed "baseline" is the unpatched model and "method" the patched one."""
     from bench import runner
-    from bench.latency import Timing
     from bench.store import Store
 
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -13,8 +13,8 @@ import methods
 from bench.errors import BenchError
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
-from methods.base import FitReport, budgeted_batches
 from methods import ragged
+from methods.base import FitReport, budgeted_batches
 from methods.blocks import masked_softmax
 from methods.ltmp import flops_ratio, lr_factor, merge_into_kept
 from methods.tokens import straight_through_step
