@@ -99,3 +99,51 @@ def test_list_shows_each_knobs_allowed_values() -> None:
     assert knob_line(Knob("regime", str, default="a", choices=("a", "b"), help="which")) == \
         "regime: str = a  one of a, b  which"
     assert knob_line(Knob("flag", bool, default=False)) == "flag: bool = False"
+
+
+def test_knob_values_are_converted_and_checked_against_range_and_choices() -> None:
+    """Both ends of the closed range are allowed and nothing beyond them; a choice outside the list and a value of
+    the wrong type are refused in one line; booleans read from text (a command line, an environment variable)."""
+    from methods.base import Knob, KnobValueError
+
+    ranged = Knob("rate", float, default=0.5, low=0.1, high=0.9)
+    assert ranged.check("m", "0.1") == 0.1 and ranged.check("m", 0.9) == 0.9
+    assert ranged.check("m", [0.2, "0.3"]) == [0.2, 0.3]  # a sweep: each value checked
+    for bad, message in ((0.09, r"knob m.rate=0.09 is outside \[0.1, 0.9\]"), (0.91, r"is outside \[0.1, 0.9\]"),
+                         ("x", r"knob m.rate='x' is not a float")):
+        with pytest.raises(KnobValueError, match=message):
+            ranged.check("m", bad)
+    chosen = Knob("schedule", str, default="constant", choices=("constant", "cosine"))
+    with pytest.raises(KnobValueError, match=r"is not one of \['constant', 'cosine'\]"):
+        chosen.check("m", "linear")
+    flag = Knob("fuse", bool, default=True)
+    assert [flag.check("m", text) for text in ("true", "Yes", "1", "on", "false", "0", "no")] == [True] * 4 + [False] * 3
+
+
+def test_every_identity_field_of_a_cell_changes_its_store_key() -> None:
+    """A cell is re-measured, never reused, when its model, weights, data, image count, seed, knobs, device,
+    evaluation precision or fit budget differ: each such change gives another key; naming a knob at its default
+    does not."""
+    import dataclasses
+
+    import torch
+
+    from bench import runner
+
+    config_base = {"model": "m", "seed": 0, "eval_precision": "fp32", "fit": {"budget_images": 64, "batch_size": 16}}
+    work = runner.Workload(config_base, torch.nn.Identity(), "sha", "d", 100, None, None, "cpu", train_images=1000)
+    entry = {"method": "ltmp", "knobs": {"r_target": 0.7}}
+
+    def key(work=work, entry=entry) -> str:
+        import methods
+        return runner.cell_store_key(work, entry, methods.create(entry["method"], **entry.get("knobs", {})))
+
+    variants = [key(), key(entry={"method": "ltmp", "knobs": {"r_target": 0.6}}), key(entry={"method": "ltp",
+                "knobs": {"r_target": 0.7}}), key(entry={**entry, "label": "ltmp-b"})]
+    for field, value in (("checkpoint_sha", "other"), ("dataset", "e"), ("eval_images", 50), ("device", "cuda")):
+        variants.append(key(work=dataclasses.replace(work, **{field: value})))
+    for field, value in (("model", "n"), ("seed", 1), ("eval_precision", "bf16"),
+                         ("fit", {"budget_images": 128, "batch_size": 16})):
+        variants.append(key(work=dataclasses.replace(work, config={**config_base, field: value})))
+    assert len(set(variants)) == len(variants) == 12
+    assert key(entry={"method": "ltmp", "knobs": {"r_target": 0.7, "lr_schedule": "constant"}}) == variants[0]  # a default

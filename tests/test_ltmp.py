@@ -455,6 +455,8 @@ def test_budgeted_batches_cross_epochs_and_stop_at_the_budget() -> None:
 
     got = [y.tolist() for _, y in budgeted_batches(batches, 10)]
     assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]] and epochs == [0, 1]
+    # a budget reached exactly inside an epoch stops there, without the epoch's next batch
+    assert [len(y) for _, y in budgeted_batches(lambda: iter([(torch.zeros(4, 1), torch.arange(4))] * 3), 8)] == [4, 4]
 
 
 @pytest.mark.parametrize("name", ["ltmp", "ltp"])
