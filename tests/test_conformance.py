@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+from timm.models.vision_transformer import Attention, ParallelScalingBlock, VisionTransformer
 
 import methods
 from bench.errors import BenchError
@@ -43,6 +43,34 @@ def prepared(name: str, model=None, **knobs):
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_off_setting_reproduces_unpatched_logits(plugin: str, model_name: str) -> None:
     model = timm_vit(model_name)
+    x = image_batch(model)
+    with torch.no_grad():
+        reference = model(x)
+        patched, _ = prepared(plugin, model, **methods.REGISTRY[plugin].off)
+        assert torch.allclose(patched(x), reference, atol=1e-5)
+
+
+class GatedAttention(Attention):
+    """timm's Attention with its output gate on (no ViT constructor option sets it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, gated=True, **kwargs)
+
+
+ATTENTION_OPTIONS = {  # timm Attention options no TIMM_MODELS family uses, on the tiny ViT
+    "qk_norm and scale_norm": {"qk_norm": True, "scale_attn_norm": True},
+    "gated attention": {"attn_layer": GatedAttention},
+}
+
+
+@pytest.mark.parametrize("options", sorted(ATTENTION_OPTIONS))
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_off_setting_reproduces_unpatched_logits_with_every_attention_option(plugin: str, options: str) -> None:
+    """As above, on attention with normalised queries and keys, a normalised output, or an output gate: the patched
+    attention applies each of timm's modules where timm's does."""
+    if not ATTENTION_OPTIONS[options].keys() <= inspect.signature(VisionTransformer.__init__).parameters.keys():
+        pytest.skip(f"this timm's VisionTransformer has no {options} (timm < 1.0.23 has no attn_layer)")
+    model = tiny_vit(**ATTENTION_OPTIONS[options])
     x = image_batch(model)
     with torch.no_grad():
         reference = model(x)

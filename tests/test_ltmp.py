@@ -127,6 +127,19 @@ def test_batched_inference_equals_batch_one(monkeypatch, name: str, plan: str) -
 
 
 @pytest.mark.parametrize("name", ["ltmp", "ltp"])
+def test_a_model_without_prefix_tokens_keeps_one_token_per_image(name: str) -> None:
+    """With no CLS or register token and a prune threshold that no importance exceeds, each image keeps its first
+    token rather than none (average pooling then reads that token)."""
+    model = peaked_vit(class_token=False, global_pool="avg")
+    reducer = methods.create(name, init_prune=1.0, **({"init_merge": 0.0} if name == "ltmp" else {}))
+    reducer.apply(model)
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 32, 32))
+    assert torch.isfinite(logits).all()
+    assert model._reduction_ctx.counts()[:, :, 1].tolist() == [[1] * 4] * 3
+
+
+@pytest.mark.parametrize("name", ["ltmp", "ltp"])
 def test_only_prefix_tokens_left_does_not_crash(name: str) -> None:
     model = peaked_vit(reg_tokens=2)
     reducer = methods.create(name, init_prune=1.0, **({"init_merge": 0.0} if name == "ltmp" else {}))
