@@ -1,15 +1,19 @@
 """The run's config from YAML and flags: which base config a command starts from, and what --methods selects."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from bench import config
+import methods
+from bench import config, runner
 from bench.cli import build_config, make_parser
 from bench.errors import BenchError
+from methods.base import Knob, KnobValueError
 
 
 def config_of(*argv: str, subset: bool = True) -> dict[str, Any]:
@@ -90,7 +94,6 @@ def test_a_config_without_methods_runs_nothing_and_says_so(tmp_path: Path) -> No
 def test_list_shows_each_knobs_allowed_values() -> None:
     """``list`` printed ``[0.0, None]`` for a knob bounded below only and nothing for a knob of fixed choices."""
     from bench.cli import knob_line
-    from methods.base import Knob
 
     assert knob_line(Knob("r", int, default=8, low=0, sweep=(8, 16), help="tokens merged")) == \
         "r: int = 8  >= 0  sweep [8, 16]  tokens merged"
@@ -104,8 +107,6 @@ def test_list_shows_each_knobs_allowed_values() -> None:
 def test_knob_values_are_converted_and_checked_against_range_and_choices() -> None:
     """Both ends of the closed range are allowed and nothing beyond them; a choice outside the list and a value of
     the wrong type are refused in one line; booleans read from text (a command line, an environment variable)."""
-    from methods.base import Knob, KnobValueError
-
     ranged = Knob("rate", float, default=0.5, low=0.1, high=0.9)
     assert ranged.check("m", "0.1") == 0.1 and ranged.check("m", 0.9) == 0.9
     assert ranged.check("m", [0.2, "0.3"]) == [0.2, 0.3]  # a sweep: each value checked
@@ -124,18 +125,11 @@ def test_every_identity_field_of_a_cell_changes_its_store_key() -> None:
     """A cell is re-measured, never reused, when its model, weights, data, image count, seed, knobs, device,
     evaluation precision or fit budget differ: each such change gives another key; naming a knob at its default
     does not."""
-    import dataclasses
-
-    import torch
-
-    from bench import runner
-
     config_base = {"model": "m", "seed": 0, "eval_precision": "fp32", "fit": {"budget_images": 64, "batch_size": 16}}
     work = runner.Workload(config_base, torch.nn.Identity(), "sha", "d", 100, None, None, "cpu", train_images=1000)
     entry = {"method": "ltmp", "knobs": {"r_target": 0.7}}
 
     def key(work=work, entry=entry) -> str:
-        import methods
         return runner.cell_store_key(work, entry, methods.create(entry["method"], **entry.get("knobs", {})))
 
     variants = [key(), key(entry={"method": "ltmp", "knobs": {"r_target": 0.6}}), key(entry={"method": "ltp",

@@ -39,15 +39,25 @@ def prepared(name: str, model=None, **knobs):
     return model, reducer
 
 
-@pytest.mark.parametrize("model_name", sorted(TIMM_MODELS))
-@pytest.mark.parametrize("plugin", PLUGINS)
-def test_off_setting_reproduces_unpatched_logits(plugin: str, model_name: str) -> None:
-    model = timm_vit(model_name)
+def skip_unless_vit_takes(options: dict, what: str) -> None:
+    """Skip where this timm's ``VisionTransformer`` has no constructor argument for ``options``."""
+    if not options.keys() <= inspect.signature(VisionTransformer.__init__).parameters.keys():
+        pytest.skip(f"this timm's VisionTransformer has no {what} (timm < 1.0.23 has no attn_layer)")
+
+
+def assert_off_setting_reproduces(plugin: str, model) -> None:
+    """``plugin`` at its ``off`` knobs gives ``model``'s unpatched logits (atol 1e-5)."""
     x = image_batch(model)
     with torch.no_grad():
         reference = model(x)
         patched, _ = prepared(plugin, model, **methods.REGISTRY[plugin].off)
         assert torch.allclose(patched(x), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", sorted(TIMM_MODELS))
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_off_setting_reproduces_unpatched_logits(plugin: str, model_name: str) -> None:
+    assert_off_setting_reproduces(plugin, timm_vit(model_name))
 
 
 class GatedAttention(Attention):
@@ -68,14 +78,8 @@ ATTENTION_OPTIONS = {  # timm Attention options no TIMM_MODELS family uses, on t
 def test_off_setting_reproduces_unpatched_logits_with_every_attention_option(plugin: str, options: str) -> None:
     """As above, on attention with normalised queries and keys, a normalised output, or an output gate: the patched
     attention applies each of timm's modules where timm's does."""
-    if not ATTENTION_OPTIONS[options].keys() <= inspect.signature(VisionTransformer.__init__).parameters.keys():
-        pytest.skip(f"this timm's VisionTransformer has no {options} (timm < 1.0.23 has no attn_layer)")
-    model = tiny_vit(**ATTENTION_OPTIONS[options])
-    x = image_batch(model)
-    with torch.no_grad():
-        reference = model(x)
-        patched, _ = prepared(plugin, model, **methods.REGISTRY[plugin].off)
-        assert torch.allclose(patched(x), reference, atol=1e-5)
+    skip_unless_vit_takes(ATTENTION_OPTIONS[options], options)
+    assert_off_setting_reproduces(plugin, tiny_vit(**ATTENTION_OPTIONS[options]))
 
 
 @pytest.mark.parametrize("model_name", sorted(TIMM_MODELS))
@@ -108,8 +112,7 @@ UNSUPPORTED = {  # a timm ViT option that token reducers cannot patch -> the sta
 def test_unsupported_architecture_is_refused_by_apply(plugin: str, case: str) -> None:
     """Refused with a one-line BenchError naming the part, before the plug-in's own check reads the model."""
     options, message = UNSUPPORTED[case]
-    if not options.keys() <= inspect.signature(VisionTransformer.__init__).parameters.keys():
-        pytest.skip(f"this timm's VisionTransformer has no {case} (timm < 1.0.23 has no attn_layer)")
+    skip_unless_vit_takes(options, case)
     model = tiny_vit(**options)
     with pytest.raises(BenchError, match=re.escape(message)):
         methods.create(plugin).apply(model)
@@ -128,25 +131,16 @@ def test_counts_recorded_and_non_increasing(plugin: str) -> None:
         assert int(flat[:, 0].min()) == model.patch_embed.num_patches + model.num_prefix_tokens
 
 
+@pytest.mark.parametrize("model_name, batch", [(None, 4), ("vit_little_patch16_reg4_gap_256", 3)])
 @pytest.mark.parametrize("plugin", PLUGINS)
-def test_image_alone_equals_image_in_batch(plugin: str) -> None:
-    model, _ = prepared(plugin, **reducing_knobs(plugin))
-    x = image_batch(model, batch=4, seed=1)
+def test_image_alone_equals_image_in_batch(plugin: str, model_name: str | None, batch: int) -> None:
+    """On the tiny CLS ViT, and on a register-only ViT that average-pools its tokens, where the padding and the token
+    sizes reach the logits through the pooling too, not only through attention."""
+    model, _ = prepared(plugin, None if model_name is None else timm_vit(model_name), **reducing_knobs(plugin))
+    x = image_batch(model, batch=batch, seed=1)
     with torch.no_grad():
         batched = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
-    assert torch.allclose(batched, alone, atol=1e-4)
-
-
-@pytest.mark.parametrize("plugin", PLUGINS)
-def test_image_alone_equals_image_in_batch_with_average_pooling(plugin: str) -> None:
-    """The same on a register-only ViT that average-pools its tokens: there the padding and the token sizes reach
-    the logits through the pooling, not only through attention."""
-    model, _ = prepared(plugin, timm_vit("vit_little_patch16_reg4_gap_256"), **reducing_knobs(plugin))
-    x = image_batch(model, batch=3, seed=1)
-    with torch.no_grad():
-        batched = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        alone = torch.cat([model(x[i:i + 1]) for i in range(batch)])
     assert torch.allclose(batched, alone, atol=1e-4)
 
 

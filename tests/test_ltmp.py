@@ -219,15 +219,25 @@ def test_masked_softmax_does_not_trace_its_row_maximum() -> None:
     assert torch.allclose(logits.grad, expected, rtol=0, atol=1e-12)
 
 
+def _thresholds(reducer) -> torch.Tensor:
+    """A copy of all of ``reducer``'s thresholds, merge then prune: (2 * depth,)."""
+    return torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()])
+
+
+def _training_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """16 seeded random images for the tiny ViT, (16, 3, 32, 32), and labels (16,)."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+
+
 def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, FitReport]:
     """``steps`` SGD steps of ``reducer`` on a peaked tiny ViT: all its thresholds before and after, and the report."""
     model = peaked_vit()
     reducer.apply(model)
-    generator = torch.Generator().manual_seed(1)
-    images, labels = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
-    before = torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]).clone()
+    images, labels = _training_batch()
+    before = _thresholds(reducer)
     report = reducer.fit(model, lambda: iter([(images, labels)] * steps), {"budget_images": 16 * steps}, progress=False)
-    return before, torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]), report
+    return before, _thresholds(reducer), report
 
 
 def _observe_steps(reducer, observe: Callable[[torch.Tensor], None]) -> None:
@@ -269,8 +279,7 @@ def test_one_fit_step_is_one_sgd_step_on_the_papers_loss(case: str) -> None:
     model = peaked_vit()
     reducer = methods.create("ltmp", **knobs)
     reducer.apply(model)
-    generator = torch.Generator().manual_seed(1)
-    images, labels = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    images, labels = _training_batch()
     dims = model._reduction_ctx.dims
     reducer.masked = True
     loss = F.cross_entropy(model(images), labels, label_smoothing=0.1) + 10.0 * (
@@ -280,12 +289,12 @@ def test_one_fit_step_is_one_sgd_step_on_the_papers_loss(case: str) -> None:
     scale = 0.75 if case == "clipped" else 1.0
     if case == "clipped":
         reducer.values["clip_grad"] = 0.75 * float(gradient.norm())
-    thresholds = torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()])
+    thresholds = _thresholds(reducer)
     rates = torch.tensor([knobs["lr_merge"]] * 4 + [knobs["lr_prune"]] * 4)
     unclamped = thresholds - rates * scale * gradient
     report = reducer.fit(model, lambda: iter([(images, labels)]), {"budget_images": 16}, progress=False)
     assert report.steps == 1 and report.extra["clipped_steps"] == (1 if case == "clipped" else 0)
-    after = torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()])
+    after = _thresholds(reducer)
     assert torch.allclose(after, unclamped.clamp(0.0, 1.0), rtol=0, atol=1e-6)
     assert bool((after != thresholds).all())  # every threshold moved
     if case == "clamped":
@@ -317,8 +326,7 @@ def test_cosine_lr_schedule_scales_every_step_by_its_hand_computed_factor() -> N
                                ("constant", [1.0] * 7)):
         reducer = methods.create("ltmp", lr_schedule=schedule, **knobs)
         snapshots = []
-        _observe_steps(reducer, lambda ratio: snapshots.append(
-            torch.cat([reducer.theta_merge.detach(), reducer.theta_prune.detach()]).clone()))
+        _observe_steps(reducer, lambda ratio: snapshots.append(_thresholds(reducer)))
         _, _, report = _fit_tiny(reducer)
         assert report.extra["clipped_steps"] == 8
         moves = [float((b - a).norm()) / (0.05 * 1e-3) for a, b in zip(snapshots, snapshots[1:])]

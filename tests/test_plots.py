@@ -169,7 +169,7 @@ def test_one_colour_per_method_everywhere() -> None:
 
 
 def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
-    """Three cells, timed at batches 1 and 32 with distinct values: the realisation figure plots each cell's speedup
+    """A baseline and three reduced cells, timed at batches 1 and 32 with distinct values: the realisation figure plots each cell's speedup
     (y) against its GMACs ratio (x); the throughput figure plots images/s of the largest batch; the tokens figure
     takes each method's cell closest to the median GMACs of the reduced cells (1.2: ToMe's 1.0, not its first cell
     1.5; LTMP's 1.2)."""

@@ -55,11 +55,11 @@ def test_gmacs_ratio_agrees_with_the_flop_counter() -> None:
 
 
 def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
-    """LTMP at thresholds that leave the four images different counts: a batch padded to its largest count would run
-    more MACs than the images' own. The ragged batch runs fewer: its token-wise layers run on the images' own tokens,
-    and on the CPU's plan its attention still pads each block's images to the largest count (one group: on this tiny
-    model a group costs more than its padding), so it runs more than the images' own; with no price on a group,
-    every group holds images of one count and it runs exactly theirs."""
+    """LTMP at thresholds that leave the four images different counts. A batch padded to its largest count would run
+    more MACs than the images' own. The ragged batch runs less than that (its token-wise layers see only the images'
+    own tokens) but still more than the images' own: on this tiny model the CPU's plan puts each block's images in one
+    attention group padded to the largest count, a group costing more than its padding. With no price on a group,
+    every group holds images of one count and the ragged batch runs exactly the images' own MACs."""
     model, _, x = with_thresholds("ltmp", 3)
     speed = load_script("speed")
     padded, executed = speed.padding_overhead(model, x)

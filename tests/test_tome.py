@@ -6,10 +6,10 @@ import torch
 
 import methods
 from bench.errors import BenchError
-from methods.blocks import ModelDims, ReductionContext
+from methods.blocks import ReductionContext
 from methods.tome import r_schedule
 from methods.tokens import bipartite_positions
-from tests.conftest import tiny_vit
+from tests.conftest import hand_dims, tiny_vit
 
 # CLS + 4 patches. Keys: patch1=(1,0), patch2=(1,0.1), patch3=(0,1), patch4=(0.2,1).
 # Split after the CLS: A = positions 2, 4; B = positions 1, 3.
@@ -22,9 +22,7 @@ def context(r: int, keys: torch.Tensor = KEYS) -> tuple[methods.TokenReducer, Re
     """A one-block ToMe at ``r`` over CLS + patches whose head-mean keys are ``keys: (1, N, 2)``."""
     reducer = methods.create("tome", r=r)
     reducer.schedule = [r]
-    dims = ModelDims(depth=1, dim=1, num_heads=1, head_dim=2, attn_dim=2, attn_linear_macs=0, mlp_macs=0,
-                     num_prefix=1, num_patches=keys.shape[1] - 1, grid=(2, 2), in_chans=3, img_size=(2, 2), head_macs=0)
-    ctx = ReductionContext(reducer, dims)
+    ctx = ReductionContext(reducer, hand_dims(keys.shape[1] - 1, head_dim=2))
     ctx.stats["keys"] = keys
     return reducer, ctx
 

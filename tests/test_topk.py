@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import methods
-from methods.blocks import ModelDims, ReductionContext
+from methods.blocks import ReductionContext
 from methods.topk import pruning_layers
+from tests.conftest import hand_dims
 
 
 def test_pruning_layers_are_evits_4th_7th_and_10th_of_12() -> None:
@@ -20,9 +21,7 @@ def test_keeps_the_ceil_of_keep_rate_most_attended_tokens_and_fuses_the_rest_by_
     """CLS + 5 patches, keep_rate 0.5: ceil(2.5) = 3 kept. CLS attention 0.1, 0.4, 0.05, 0.3, 0.15 keeps patches 2, 4
     and 5 (in position order); patches 1 and 3 fuse into (0.1 * 10 + 0.05 * 30) / 0.15 = 16.67, of size 2."""
     reducer = methods.create("topk", keep_rate=0.5, fuse=fuse)
-    dims = ModelDims(depth=4, dim=1, num_heads=1, head_dim=1, attn_dim=1, attn_linear_macs=0, mlp_macs=0,
-                     num_prefix=1, num_patches=5, grid=(1, 5), in_chans=3, img_size=(1, 5), head_macs=0)
-    ctx = ReductionContext(reducer, dims)
+    ctx = ReductionContext(reducer, hand_dims(5, depth=4))
     ctx.stats["cls_attn"] = torch.tensor([[0.0, 0.1, 0.4, 0.05, 0.3, 0.15]])
     x = torch.tensor([[[7.0], [10.0], [20.0], [30.0], [40.0], [50.0]]])
     assert torch.equal(reducer.reduce(0, x, ctx), x)  # block 0 is not a pruning layer
