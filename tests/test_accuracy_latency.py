@@ -22,6 +22,7 @@ def test_wilson_interval_reference_values() -> None:
     low, high = wilson_interval(50, 100)
     assert low == pytest.approx(0.40383, abs=1e-4) and high == pytest.approx(0.59617, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # no images: the interval says nothing
     for total in range(1, 80):  # the interval always holds the proportion; 0 and all correct end exactly at 0 and 1
         for correct in range(total + 1):
             low, high = wilson_interval(correct, total)
@@ -53,16 +54,18 @@ def test_exact_top1_and_top5_of_a_controlled_classifier() -> None:
     assert result.top5_correct == 13 + 4
 
 
-def test_token_counts_are_summed_and_bounded_over_every_batch() -> None:
-    """Per block and part, the sum, the smallest and the largest count over all images of all batches: the second
-    batch's extremes do not replace the first's."""
+def test_token_counts_and_macs_are_summed_and_bounded_over_every_batch() -> None:
+    """Per block and part, the sum, the smallest and the largest count over all images of all batches, and the mean,
+    smallest and largest MACs per image: the second batch's extremes do not replace the first's (here the attention's
+    largest count and the MLP's smallest are in the first batch, the others in the second)."""
     result = EvalResult()
     logits, labels = torch.zeros(2, 10), torch.zeros(2, dtype=torch.long)
-    for counts in ([[[65, 40]], [[65, 30]]], [[[65, 50]], [[65, 45]]]):  # (B=2, depth=1, 2)
-        result.add(logits, labels, torch.tensor(counts), torch.zeros(2))
-    assert result.token_sum.tolist() == [[260, 165]]
-    assert result.token_min.tolist() == [[65, 30]] and result.token_max.tolist() == [[65, 50]]
-    assert result.tokens_mean().tolist() == [[65.0, 41.25]]
+    for counts, macs in (([[[60, 40]], [[65, 30]]], [1.0, 4.0]), ([[[50, 50]], [[55, 45]]], [2.0, 3.0])):
+        result.add(logits, labels, torch.tensor(counts), torch.tensor(macs, dtype=torch.float64))  # (B=2, depth=1, 2)
+    assert result.token_sum.tolist() == [[230, 165]]
+    assert result.token_min.tolist() == [[50, 30]] and result.token_max.tolist() == [[65, 50]]
+    assert result.tokens_mean().tolist() == [[57.5, 41.25]]
+    assert result.macs_summary() == (2.5, 1.0, 4.0)
 
 
 def test_timer_measures_a_sleep() -> None:

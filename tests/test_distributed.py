@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
 
+from bench import distributed
+from bench.accuracy import EvalResult
 from bench.store import Store
 from tests.conftest import ROOT
 
@@ -88,3 +93,51 @@ def test_a_failing_rank_fails_the_run_with_its_message(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "rank 1 cannot read its data shard" in result.stderr
     assert not (tmp_path / "fail.sqlite").exists() or len(Store(tmp_path / "fail.sqlite").cells()) == 0
+
+
+def evaluation_batch() -> tuple[torch.Tensor, ...]:
+    """Seven images' ``logits: (7, 10)``, ``labels: (7,)``, token ``counts: (7, 3, 2)`` and ``macs: (7,)`` float64.
+    Rank 1 of two takes images 1, 3 and 5: image 1 has every largest count and the largest MACs, image 3 every
+    smallest count, image 5 the smallest MACs, so a rank 0 that kept its own extremes, or took the other extreme
+    across ranks, would be wrong. Top-1 is right for images 0, 3, 4 and 6 only."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 10, generator=generator)
+    right = torch.tensor([True, False, False, True, True, False, True])
+    labels = torch.where(right, logits.argmax(1), (logits.argmax(1) + 1) % 10)
+    counts = torch.randint(2, 197, (7, 3, 2), generator=generator)
+    counts[1], counts[3] = 197, 1
+    macs = 1e8 + torch.rand(7, generator=generator).double() * 1e8
+    macs[1], macs[5] = 3e8, 5e7
+    return logits, labels, counts, macs
+
+
+def synchronise_on_rank(rank: int, folder: str) -> None:
+    """One of two gloo ranks: evaluate its shard of :func:`evaluation_batch`, synchronise, rank 0 saves the result."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        shard = distributed.shard(torch.arange(7))
+        result = EvalResult()
+        result.add(*(part[shard] for part in evaluation_batch()))
+        result.synchronise()
+        if rank == 0:
+            torch.save({"numbers": (result.images, result.top1_correct, result.top5_correct, result.macs_summary()),
+                        "tokens": (result.token_sum, result.token_min, result.token_max), "hits": result.image_hits()},
+                       f"{folder}/rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronised_ranks_equal_one_process(tmp_path: Path) -> None:
+    """Two ranks' partial evaluations, all-reduced, equal one process's over all images: counts, token sums, minima
+    and maxima, MACs mean / min / max, and each image's hit back at its place in the evaluation order."""
+    logits, labels, counts, macs = evaluation_batch()
+    torch.multiprocessing.spawn(synchronise_on_rank, args=(str(tmp_path),), nprocs=2)
+    synchronised = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    alone = EvalResult()
+    alone.add(logits, labels, counts, macs)
+    mean, low, high = synchronised["numbers"][3]
+    assert synchronised["numbers"][:3] == (alone.images, alone.top1_correct, alone.top5_correct) and alone.top1_correct == 4
+    assert mean == pytest.approx(alone.macs_summary()[0], rel=1e-12) and (low, high) == alone.macs_summary()[1:]
+    for reduced, reference in zip(synchronised["tokens"], (alone.token_sum, alone.token_min, alone.token_max)):
+        assert torch.equal(reduced.long(), reference)
+    assert torch.equal(synchronised["hits"], alone.image_hits())
