@@ -129,6 +129,15 @@ def test_timer_counts_the_page_faults_of_each_call() -> None:
     assert result["sleep"].page_faults_per_call < 50
 
 
+def test_timing_summaries() -> None:
+    """Median, inter-quartile range (exclusive quartiles of 1..5 at positions 1.5 and 4.5: 1.5 and 4.5) and the
+    median page faults of a call; one time has no spread, and no fault counts give None."""
+    timing = Timing([5.0, 1.0, 4.0, 2.0, 3.0], [0, 7, 100, 5, 6])
+    assert (timing.median_ms, timing.iqr_ms, timing.page_faults_per_call) == (3.0, 3.0, 6)
+    assert timing.images_per_s(8) == 8 / 0.003
+    assert Timing([7.0]).iqr_ms == 0.0 and Timing([7.0]).page_faults_per_call is None
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
     """Rounds (10, 5), (20, 10), (30, 10), (40, 10): ratios 2, 2, 3, 4 -> median 2.5; exclusive quartiles at
     positions 1.25 and 3.75 of the sorted ratios -> 2.0 and 3 + 0.75 * (4 - 3) = 3.75. The ratio of the medians
@@ -233,6 +242,8 @@ def test_a_cells_speedup_is_the_baselines_time_over_the_methods(monkeypatch, tmp
     assert row["gmacs_ratio"] == pytest.approx(row["gmacs_dense"] / row["gmacs"]) and row["gmacs_ratio"] > 1.2
     assert timing.speedup == pytest.approx(30 / 11) and (timing.speedup_q1, timing.speedup_q3) == (2.125, 3.0)
     assert timing.baseline_median_ms == 30.0 and timing.median_ms == 11.0
+    # exclusive quartiles of 10, 10, 12, 15 at positions 1.25 and 3.75: 10 and 12 + 0.75 * 3 = 14.25
+    assert (timing.iqr_ms, timing.baseline_iqr_ms) == (4.25, 0.0) and timing.images_per_s == pytest.approx(4000 / 11)
     assert timing.realisation == pytest.approx(timing.speedup / row["gmacs_ratio"])
     with torch.no_grad():
         assert torch.equal(timed["baseline"], base(x)) and not torch.allclose(timed["method"], base(x))
