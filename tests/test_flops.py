@@ -110,3 +110,30 @@ def test_hybrid_stem_macs_derived_by_hand() -> None:
     assert dims.in_chans == 3 and dims.num_patches == 64
     assert embed_macs(model, dims) == 64 * (16 * 3 * 3 * 3) + 64 * (48 * 16)
     assert dense_macs(dims, embed_macs(model, dims)) == counted_macs(model, torch.zeros(1, 3, 32, 32))
+
+
+class _ReadsImportanceAtLayer1:
+    """The two methods of a reducer that :func:`image_macs` calls: it reads attention received in block 1 only and
+    does ``extra`` MACs of its own in every block."""
+
+    def __init__(self, extra: float) -> None:
+        self.extra = extra
+
+    def needs_at(self, layer: int) -> frozenset[str]:
+        return frozenset({"importance"}) if layer == 1 else frozenset()
+
+    def extra_macs(self, layer: int, n_attn: torch.Tensor, n_mlp: torch.Tensor, dims: ModelDims) -> torch.Tensor:
+        return torch.full(n_attn.shape, self.extra, dtype=torch.float64)
+
+
+def test_image_macs_by_hand() -> None:
+    """Two blocks of 3 heads x 4 (qkv + proj 100 MACs a token, MLP 200), patch embedding 1,000, head 50. Counts
+    (attention, MLP) of (10, 8) then (8, 5): blocks 10*100 + 2*10^2*12 + 8*200 = 5,000 and 8*100 + 2*8^2*12 + 5*200
+    = 3,336; attention received in block 1, 3 heads x 8^2 = 192; the reducer's own 7 a block. Unreduced (10 tokens
+    throughout) the image costs 1,000 + 50 + 2 * 5,400 = 11,850, as :func:`dense_macs` says."""
+    dims = ModelDims(depth=2, dim=12, num_heads=3, head_dim=4, attn_dim=12, attn_linear_macs=100, mlp_macs=200,
+                     num_prefix=1, num_patches=9, grid=(3, 3), in_chans=1, img_size=(3, 3), head_macs=50)
+    counts = torch.tensor([[[10, 8], [8, 5]], [[10, 10], [10, 10]]])  # (B=2, depth, 2)
+    assert image_macs(counts, dims, _ReadsImportanceAtLayer1(7.0), embed=1000).tolist() == [
+        1000 + 50 + 5000 + 3336 + 192 + 2 * 7, 11850 + 3 * 10 ** 2 + 2 * 7]
+    assert dense_macs(dims, embed=1000) == 11850
