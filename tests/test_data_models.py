@@ -36,6 +36,10 @@ def test_pixel_range_and_normalisation(fmnist) -> None:
     x = fmnist["train"].normalized(slice(0, 60000))
     assert x.shape == (60000, 1, 28, 28)
     assert float(x.mean()) == pytest.approx(0.0, abs=0.01) and float(x.std()) == pytest.approx(1.0, abs=0.01)
+    # pixel p becomes (p / 255 - 0.2860) / 0.3530, Fashion-MNIST's mean and std, as the embedded model was trained
+    split = data.TensorSplit(torch.tensor([[[0, 51, 255]]], dtype=torch.uint8), torch.zeros(1), data.FMNIST_CLASSES)
+    assert split.normalized(slice(None)).flatten().tolist() == pytest.approx(
+        [(p / 255 - 0.2860) / 0.3530 for p in (0, 51, 255)], rel=1e-6)
 
 
 def test_data_dir_resolution_order(tmp_path: Path, monkeypatch) -> None:
@@ -83,6 +87,8 @@ def test_image_folder_labels_are_the_models_classes(tmp_path: Path, tiny_imagefo
         data.image_folder(tmp_path, make_tiny(num_classes=10))
     with pytest.raises(BenchError, match="has 3 class folders but the model predicts 1000 classes"):
         data.image_folder(tiny_imagefolder, make_tiny(num_classes=1000))  # red/green/blue are no synsets
+    with pytest.raises(BenchError, match="has 3 class folders but the model predicts 2 classes"):
+        data.image_folder(tiny_imagefolder, make_tiny(num_classes=2))  # more folders than classes: label 2 has none
     assert data.image_folder(tiny_imagefolder, make_tiny()).targets[:1] == [0]  # 3 folders, 3 classes: as sorted
 
 
