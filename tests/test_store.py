@@ -265,7 +265,8 @@ def test_a_run_of_several_seeds_reports_them_side_by_side(tmp_path: Path, tiny_i
 def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) -> None:
     """Per-image hits stored with each cell give its top-1 drop from the baseline on the same images: the baseline
     right on images 0-2 and 4, ToMe only on image 4 (drop 60 points, 1.96 * sqrt(0.24 / 5) = 42.94, McNemar
-    p = 0.25); a cell stored without hits (an older store) and the baseline itself get none."""
+    p = 0.25); a cell stored without hits (an older store) and the baseline itself get none, and no cell gets one
+    where the baseline was stored without them."""
     from bench.accuracy import pack_hits
 
     store = Store(tmp_path / "s.sqlite")
@@ -281,6 +282,8 @@ def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) ->
     assert table.loc[["k2", "k3"], "flops_kept"].tolist() == [0.5, 0.75]  # GMACs 1.0 and 1.5 of the dense 2.0
     markdown = tables.export(store.cells(), store.timings(), tmp_path / "out")[1].read_text()
     assert "| 60.00 ± 42.94 |" in markdown and "| 0.25 " in markdown
+    store.write_cell({**fake_row("k1", "none", 0.8, 2.0), "eval_images": 5}, [])  # the baseline, stored without hits
+    assert tables.comparison(store.cells(), store.timings())["top1_drop"].isna().all()
     store.close()
 
 
@@ -320,6 +323,22 @@ SPECIAL_LABEL_LATEX = ("a\\&b\\%c\\$d\\#e\\_f\\{g\\}h\\textasciitilde{}i\\textas
 def test_latex_escapes_every_special_character() -> None:
     assert tables.latex_escape(SPECIAL_LABEL) == SPECIAL_LABEL_LATEX
     assert tables.latex_cell(f"**{SPECIAL_LABEL}**") == f"\\textbf{{{SPECIAL_LABEL_LATEX}}}"
+
+
+def test_latex_comparison_table_by_hand() -> None:
+    """Method and knobs left-aligned, numbers right-aligned; bold: the highest top-1, the fewest GMACs and the highest
+    speedup of each column (here in different rows); p-values to 3 significant digits, a missing one as ``--``."""
+    table = pd.DataFrame({"model": ["m", "m"], "dataset": ["d", "d"], "method": ["none", "tome"], "knobs": ["-", "r=8"],
+                          "top1": [91.0, 88.0], "gmacs": [2.0, 1.0], "gmacs_ratio": [1.0, 2.0],
+                          "p_paired": [float("nan"), 0.012345], "speedup cpu fp32 b32": [0.98, 1.7],
+                          "cell_key": ["a", "b"]})
+    assert tables.to_latex(table).splitlines() == [
+        "\\begin{tabular}{llrrrrr}", "\\toprule",
+        "method & knobs & top1 & gmacs & gmacs\\_ratio & p\\_paired & speedup cpu fp32 b32 \\\\", "\\midrule",
+        "none & - & \\textbf{91.00} & 2.000 & 1.00 & -- & 0.98 \\\\",
+        "tome & r=8 & 88.00 & \\textbf{1.000} & 2.00 & 0.0123 & \\textbf{1.70} \\\\", "\\bottomrule", "\\end{tabular}"]
+    # only a whole ``**...**`` is bold
+    assert [tables.latex_cell(text) for text in ("**x**", "**x", "x**", "****")] == ["\\textbf{x}", "**x", "x**", "****"]
 
 
 def test_latex_tables_escape_headers_and_users_labels(tmp_path: Path) -> None:
