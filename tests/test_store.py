@@ -273,8 +273,9 @@ def test_tables_give_each_cells_paired_drop_from_the_baseline(tmp_path: Path) ->
     base, tome = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool), torch.tensor([0, 0, 0, 0, 1], dtype=torch.bool)
     store.write_cell({**fake_row("k1", "none", 0.8, 2.0), "eval_images": 5, "top1_hits": pack_hits(base)}, [])
     store.write_cell({**fake_row("k2", "tome", 0.2, 1.0), "eval_images": 5, "top1_hits": pack_hits(tome)}, [])
-    store.write_cell({**fake_row("k3", "tome", 0.4, 1.5), "eval_images": 5, "knobs": {"r": 4}}, [])
+    store.write_cell({**fake_row("k3", "tome", 0.4, 1.5), "eval_images": 5, "knobs": {"r": 4}, "ft_images": None}, [])
     table = tables.comparison(store.cells(), store.timings()).set_index("cell_key")
+    assert table.loc["k3", "ft_images"] == 0  # no fit recorded: no fine-tuning images
     assert table.loc["k2", "top1_drop"] == pytest.approx(60.0)
     assert table.loc["k2", "top1_drop_pm"] == pytest.approx(42.94, abs=5e-3)
     assert table.loc["k2", "p_paired"] == pytest.approx(0.25)
