@@ -281,11 +281,11 @@ def test_a_setting_run_under_three_seeds_gets_its_spread_over_them(tmp_path: Pat
     """Seeds 0, 1 and 2 on the same 4 images: the baseline's hits (1, 1, 1, 0) each time, LTMP's fit giving
     (1, 1, 1, 0), (1, 1, 0, 0) and (1, 1, 1, 1): top-1 75 / 50 / 100 %, mean 75, sample sd 25; paired drops 0 / 25 /
     -25 points, mean 0, sd 25; GMACs 1.0 / 1.2 / 1.4, mean 1.2, sd 0.2. ToMe, run under seed 0 only, and a bf16
-    setting under one seed get no spread."""
+    setting under one seed get no spread. LTMP's seed 2 is stored first: the seeds are listed in order."""
     path = tmp_path / "s.sqlite"
     store = Store(path)
     rows = [("b0", "none", 0, [1, 1, 1, 0], 2.0), ("b1", "none", 1, [1, 1, 1, 0], 2.0), ("b2", "none", 2, [1, 1, 1, 0], 2.0),
-            ("l0", "ltmp", 0, [1, 1, 1, 0], 1.0), ("l1", "ltmp", 1, [1, 1, 0, 0], 1.2), ("l2", "ltmp", 2, [1, 1, 1, 1], 1.4),
+            ("l2", "ltmp", 2, [1, 1, 1, 1], 1.4), ("l0", "ltmp", 0, [1, 1, 1, 0], 1.0), ("l1", "ltmp", 1, [1, 1, 0, 0], 1.2),
             ("t0", "tome", 0, [1, 1, 0, 0], 1.0)]
     for key, method, seed, hits, gmacs in rows:
         hits = torch.tensor(hits, dtype=torch.bool)
