@@ -47,7 +47,7 @@ def load(path: str | Path = PUBLISHED_FILE) -> pd.DataFrame:
     except (OSError, yaml.YAMLError, TypeError, AttributeError) as exc:
         raise BenchError(f"published numbers {path} unreadable ({type(exc).__name__}): restore it with "
                          "`git checkout bench/assets`") from exc
-    return frame.astype({"top1": float, "gmacs": float}).fillna({"knobs": ""})
+    return frame.astype({"top1": float, "gmacs": float, "knobs": object}).fillna({"knobs": ""})  # all missing: float NaN
 
 
 def points_for(cells: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:

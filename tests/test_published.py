@@ -86,6 +86,15 @@ def test_a_fashion_mnist_store_gets_no_published_section(tmp_path: Path) -> None
     assert "published" not in paths[1].read_text()
 
 
+def test_a_point_without_knobs_reads_as_none_named(tmp_path: Path) -> None:
+    """A point may leave out ``knobs`` (the paper names no setting in this suite's knobs): it reads as empty, and the
+    reports show ``–``, not ``nan``."""
+    (tmp_path / "published.yaml").write_text("m:\n  - {method: tome, top1: 79.7, gmacs: 3.4, source: paper}\n")
+    points = published.load(tmp_path / "published.yaml")
+    assert points.to_dict("records") == [{"model": "m", "method": "tome", "knobs": "", "top1": 79.7, "gmacs": 3.4,
+                                          "source": "paper"}]
+
+
 def test_a_broken_published_file_is_a_one_line_error(tmp_path: Path) -> None:
     from bench.errors import BenchError
 
