@@ -73,6 +73,18 @@ def test_foreign_or_corrupt_files_are_refused_and_untouched(tmp_path: Path, cont
     assert path.read_bytes() == before
 
 
+def test_a_store_of_another_schema_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(BenchError, match="has schema 2, this suite writes 1: pass another --store"):
+        Store(path)
+    assert path.read_bytes() == before
+
+
 def test_export_round_trips(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     store.write_cell(fake_row("k1", "none", 0.91, 2.0), [fake_timing()])
