@@ -222,9 +222,9 @@ def test_a_closed_output_pipe_ends_quietly() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "list"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    proc.stdout.close()
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=120) == 141
+    with subprocess.Popen([sys.executable, str(ROOT / "run_bench.py"), "list"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}) as proc:
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -152,11 +152,10 @@ def test_resume_after_kill_recomputes_nothing(tmp_path: Path, tiny_imagefolder: 
     script = tmp_path / "resume.py"
     script.write_text("import tests.tiny_model\n" + RESUME_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), str(config), "30", str(store), str(reports)],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    assert proc.stdout.readline().strip() == "cell"  # first cell committed, then sleeping
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with subprocess.Popen([sys.executable, str(script), str(config), "30", str(store), str(reports)],
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env) as proc:
+        assert proc.stdout.readline().strip() == "cell"  # first cell committed, then sleeping
+        os.kill(proc.pid, signal.SIGKILL)
     assert len(Store(store).cells()) == 1
     done = subprocess.run([sys.executable, str(script), str(config), "0", str(store), str(reports)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
