@@ -104,6 +104,8 @@ def test_prefix_tokens_survive_reduction(plugin: str, model_name: str) -> None:
 UNSUPPORTED = {  # a timm ViT option that token reducers cannot patch -> the start of its error
     "parallel blocks": ({"block_fn": ParallelScalingBlock}, "block 0 (ParallelScalingBlock) is not a timm pre-norm Block"),
     "differential attention": ({"attn_layer": "diff"}, "block 0's attention is a DiffAttention, not timm's Attention"),
+    "dynamic image size": ({"dynamic_img_size": True}, "dynamic_img_size models are not supported"),
+    "attention pooling": ({"global_pool": "map"}, "global_pool='map' is not supported with token reduction"),
 }
 
 
@@ -116,6 +118,25 @@ def test_unsupported_architecture_is_refused_by_apply(plugin: str, case: str) ->
     model = tiny_vit(**options)
     with pytest.raises(BenchError, match=re.escape(message)):
         methods.create(plugin).apply(model)
+
+
+def test_unpatching_gives_back_the_plain_model_which_takes_another_reducer() -> None:
+    """After ``unpatch_model`` the model, its blocks and their attention are timm's classes again with no reducer
+    state left on them, give the unpatched logits, and can be patched again (a model carrying a reducer is refused)."""
+    model = tiny_vit()
+    x = image_batch(model)
+    with torch.no_grad():
+        plain = model(x)
+    methods.create("tome", r=4).apply(model)
+    with pytest.raises(BenchError, match="already carries a token reducer"):
+        methods.create("ltp").apply(model)
+    methods.unpatch_model(model)
+    modules = [model, *model.blocks, *(block.attn for block in model.blocks)]
+    assert [type(m).__name__ for m in modules[:2]] == ["VisionTransformer", "Block"] and type(modules[-1]) is Attention
+    assert not [m for m in modules if "_reduction_ctx" in vars(m) or "_reduction_layer" in vars(m)]
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    methods.create("ltp").apply(model)
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)

@@ -15,10 +15,10 @@ from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
 from methods import ragged
 from methods.base import FitReport, budgeted_batches
-from methods.blocks import masked_softmax
+from methods.blocks import ReductionContext, masked_softmax
 from methods.ltmp import flops_ratio, lr_factor, merge_into_kept
 from methods.tokens import straight_through_step
-from tests.conftest import tiny_vit
+from tests.conftest import hand_dims, tiny_vit
 
 LEARNED = ("ltmp", "ltm", "ltp")
 
@@ -195,6 +195,18 @@ def test_masked_softmax_gradient_grows_as_exp_of_a_dead_keys_lead() -> None:
         probs[0, 0, 0, 0].backward()
         assert float(probs.detach()[0, 0, 0, 0]) == 1.0
         assert mask.grad.tolist() == pytest.approx([0.0, -torch.e ** gap], rel=1e-6)
+
+
+def test_a_soft_mask_leaves_its_dead_keys_to_the_masked_softmax() -> None:
+    """In the training form the mask is a float carrying a gradient: its dead keys (mask 0) get no -inf bias, so the
+    masked softmax's gradient reaches their mask (the paper's exp(l_j) m_j / sum_k exp(l_k) m_k, the test above); the
+    bias is the log size only. A hard (bool) mask of the inference form masks its dead keys with -inf."""
+    ctx = ReductionContext(methods.create("ltmp"), hand_dims(3))
+    ctx.size = torch.tensor([[1.0, 2.0, 1.0, 4.0]])
+    ctx.alive = torch.tensor([[1.0, 1.0, 0.0, 1.0]], requires_grad=True)
+    assert torch.equal(ctx.attention_bias(), ctx.size.log().view(1, 1, 1, 4))
+    ctx.alive = torch.tensor([[True, True, False, True]])
+    assert ctx.attention_bias().flatten().tolist() == pytest.approx([0.0, math.log(2.0), -math.inf, math.log(4.0)])
 
 
 def test_masked_softmax_does_not_trace_its_row_maximum() -> None:

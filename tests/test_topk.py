@@ -1,6 +1,8 @@
 """Top-K pruning by CLS attention (EViT-style), on a hand-built token set whose result was worked out by hand."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,3 +33,18 @@ def test_keeps_the_ceil_of_keep_rate_most_attended_tokens_and_fuses_the_rest_by_
         assert ctx.size[0].tolist() == [1.0, 1.0, 1.0, 1.0, 2.0]
     else:
         assert out.tolist() == [7.0, 20.0, 40.0, 50.0]
+
+
+@pytest.mark.parametrize("num_prefix", [0, 2])
+def test_cls_attention_is_the_mean_over_heads_and_prefix_queries(num_prefix: int) -> None:
+    """2 heads, 4 tokens. With 2 prefix tokens (CLS + a register), their rows: head 0 attends from token 0 to key 0
+    and from token 1 to key 1, head 1 to keys 2 and 3: the mean over heads and both prefix rows is 0.25 each. Without
+    a prefix token every query counts: the mean over heads and all four rows."""
+    attn = torch.zeros(1, 2, 4, 4)
+    attn[0, 0, [0, 1], [0, 1]] = 1.0
+    attn[0, 1, [0, 1], [2, 3]] = 1.0
+    attn[0, :, 2:, 0] = 1.0  # queries 2 and 3 (patches) attend to key 0
+    ctx = ReductionContext(methods.create("topk"), dataclasses.replace(hand_dims(4 - num_prefix), num_prefix=num_prefix))
+    ctx.record_attention(attn)
+    expected = [0.25, 0.25, 0.25, 0.25] if num_prefix else [5 / 8, 1 / 8, 1 / 8, 1 / 8]  # key 0: 1 + 2 from each head
+    assert ctx.stats["cls_attn"][0].tolist() == expected
