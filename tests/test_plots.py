@@ -215,11 +215,12 @@ def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> 
 
 
 def settings_store(path: Path) -> Path:
-    """One model evaluated on 1,000 images: the main setting, pretrained weights, bf16 evaluation; a 100-image smoke
-    run; three ImageFolders, two of them called ``val``. Each with a baseline and one ToMe cell; the main setting
+    """One model evaluated on 1,000 images: the main setting, pretrained weights, weights of a checkpoint file, bf16
+    evaluation; a 100-image smoke run; three ImageFolders, two of them called ``val``. Each with a baseline and one ToMe cell; the main setting
     also has a second ToMe cell (more cells win a tie in images)."""
     store = Store(path)
-    variants = {"full": {}, "pre": {"checkpoint_sha": "pretrained"}, "bf16": {"eval_precision": "bf16"},
+    variants = {"full": {}, "pre": {"checkpoint_sha": "pretrained"}, "file": {"checkpoint_sha": "1a2b3c4d5e6f7a8b"},
+                "bf16": {"eval_precision": "bf16"},
                 "quick": {"eval_images": 100}, "in": {"dataset": "imagefolder:/a/test"},
                 "va": {"dataset": "imagefolder:/b/val"}, "vb": {"dataset": "imagefolder:/c/val"}}
     for name, fields in variants.items():
@@ -235,11 +236,13 @@ def test_cells_of_different_settings_never_share_a_figure_or_a_table(tmp_path: P
     db = Store(settings_store(tmp_path / "s.sqlite"))
     cells, timings = db.cells(), db.timings()
     named = {setting.stem: sorted(group["cell_key"]) for setting, group in settings.split_by_setting(cells)}
+    assert list(named) == sorted(named)  # by name: a family's main setting (the plain stem) first
     val_stems = sorted(stem for stem in named if stem.startswith("m__imagefolder__val__"))
     assert len(val_stems) == 2  # both folders are called val: a short hash tells them apart
     # in each family (model, dataset kind) the setting with the most images (then cells) keeps the plain name; the
     # others add how they differ from it
     assert named == {"m__d": ["full-none", "full-tome", "full-tome2"], "m__d__pretrained": ["pre-none", "pre-tome"],
+                     "m__d__w1a2b3c4d": ["file-none", "file-tome"],
                      "m__d__bf16": ["bf16-none", "bf16-tome"], "m__d__100img": ["quick-none", "quick-tome"],
                      "m__imagefolder": ["in-none", "in-tome"], val_stems[0]: named[val_stems[0]],
                      val_stems[1]: named[val_stems[1]]}
@@ -248,9 +251,10 @@ def test_cells_of_different_settings_never_share_a_figure_or_a_table(tmp_path: P
     assert {p.name for p in paths if p.suffix == ".png" and p.name.startswith("frontier")} == {
         f"frontier_{stem}.png" for stem in named}
     markdown = tables.export(cells, timings, tmp_path / "out")[1].read_text()
-    assert markdown.count("### ") == 7 and markdown.count("| none ") == 7
+    assert markdown.count("### ") == 8 and markdown.count("| none ") == 8
     assert "### m on d\n" in markdown and "### m on d (1,000 images)" not in markdown
     assert "### m on d (100 images)\n" in markdown and "### m on d (bf16 evaluation)\n" in markdown
+    assert "### m on d (weights 1a2b3c4d)\n" in markdown
     assert "### m on imagefolder:/a/test\n" in markdown and "### m on imagefolder:/b/val [" in markdown
 
 
