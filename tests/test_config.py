@@ -1,6 +1,7 @@
 """The run's config from YAML and flags: which base config a command starts from, and what --methods selects."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -77,6 +78,20 @@ def test_well_formed_values_of_related_kinds_pass() -> None:
     for name in ("fmnist_default", "fmnist_full", "imagenet_deit_small"):  # the shipped configs and their quick runs
         quick = config.apply_quick(config.load(name))
     assert quick["fit"]["budget_epochs"] is None  # null over the config's 1: a kind the defaults allow
+
+
+def test_quick_thins_each_sweep_to_evenly_spaced_values() -> None:
+    """``quick.sweep_points: k`` keeps k values of a longer sweep, evenly spaced and both ends included (index
+    round(i * (n - 1) / (k - 1))); a sweep of k or fewer values stays whole; k = 1 keeps the first."""
+    base = config.load("fmnist_default")
+    base["methods"] = [{"method": "tome", "sweep": {"r": [4, 8, 12, 16, 20]}},
+                       {"method": "ltmp", "sweep": {"r_target": [0.9, 0.7, 0.5]}},
+                       {"method": "topk", "sweep": {"keep_rate": [0.9, 0.5]}}]
+    expected = {3: [[4, 12, 20], [0.9, 0.7, 0.5], [0.9, 0.5]], 2: [[4, 20], [0.9, 0.5], [0.9, 0.5]],
+                1: [[4], [0.9], [0.9]]}
+    for points, sweeps in expected.items():
+        quick = config.apply_quick({**copy.deepcopy(base), "quick": {"sweep_points": points}})
+        assert [next(iter(entry["sweep"].values())) for entry in quick["methods"]] == sweeps, points
 
 
 def test_a_config_without_methods_runs_nothing_and_says_so(tmp_path: Path) -> None:
