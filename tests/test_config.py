@@ -94,6 +94,15 @@ def test_quick_thins_each_sweep_to_evenly_spaced_values() -> None:
         assert [next(iter(entry["sweep"].values())) for entry in quick["methods"]] == sweeps, points
 
 
+def test_every_swept_value_is_checked_before_anything_runs() -> None:
+    """A sweep whose last value is impossible is refused while its cells are planned, before its first value's cell
+    would be measured."""
+    with pytest.raises(BenchError, match=r"^knob tome.r=-3 is outside \[0, None\]"):
+        config.expand({"method": "tome", "sweep": {"r": [8, -3]}}, methods.REGISTRY)
+    assert config.expand({"method": "tome", "knobs": {"trace_source": True}, "sweep": {"r": [8, 16]}},
+                         methods.REGISTRY) == [{"trace_source": True, "r": 8}, {"trace_source": True, "r": 16}]
+
+
 def test_a_config_without_methods_runs_nothing_and_says_so(tmp_path: Path) -> None:
     """``methods: []`` used to run nothing and then blame an empty store; with ``--methods`` it has cells."""
     from bench import runner
