@@ -1,4 +1,5 @@
-"""torchrun with two gloo processes on the embedded data equals a single-process run."""
+"""torchrun with two gloo processes on the embedded data equals a single-process run, and so do two spawned gloo ranks'
+evaluations of one batch, synchronised."""
 from __future__ import annotations
 
 import json
@@ -136,7 +137,8 @@ def test_synchronised_ranks_equal_one_process(tmp_path: Path) -> None:
     alone = EvalResult()
     alone.add(logits, labels, counts, macs)
     mean, low, high = synchronised["numbers"][3]
-    assert synchronised["numbers"][:3] == (alone.images, alone.top1_correct, alone.top5_correct) and alone.top1_correct == 4
+    assert synchronised["numbers"][:3] == (alone.images, alone.top1_correct, alone.top5_correct)
+    assert alone.top1_correct == 4  # images 0, 3, 4 and 6
     assert mean == pytest.approx(alone.macs_summary()[0], rel=1e-12) and (low, high) == alone.macs_summary()[1:]
     for reduced, reference in zip(synchronised["tokens"], (alone.token_sum, alone.token_min, alone.token_max)):
         assert torch.equal(reduced.long(), reference)

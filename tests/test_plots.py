@@ -216,8 +216,8 @@ def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> 
 
 def settings_store(path: Path) -> Path:
     """One model evaluated on 1,000 images: the main setting, pretrained weights, weights of a checkpoint file, bf16
-    evaluation; a 100-image smoke run; three ImageFolders, two of them called ``val``. Each with a baseline and one ToMe cell; the main setting
-    also has a second ToMe cell (more cells win a tie in images)."""
+    evaluation; a 100-image smoke run; three ImageFolders, two of them called ``val``. Each with a baseline and one
+    ToMe cell; the main setting also has a second ToMe cell (more cells win a tie in images)."""
     store = Store(path)
     variants = {"full": {}, "pre": {"checkpoint_sha": "pretrained"}, "file": {"checkpoint_sha": "1a2b3c4d5e6f7a8b"},
                 "bf16": {"eval_precision": "bf16"},
