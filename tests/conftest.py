@@ -57,11 +57,11 @@ def timm_vit(name: str) -> VisionTransformer:
     return copy.deepcopy(_timm_vit_cached(name))
 
 
-def hand_dims(num_patches: int, depth: int = 1, head_dim: int = 1) -> ModelDims:
-    """The dims of a hand-built token set for a reducer's ``reduce``: one head of ``head_dim``, width 1, CLS + a row of
-    ``num_patches`` patches, no Linear MACs."""
+def hand_dims(num_patches: int, depth: int = 1, head_dim: int = 1, num_prefix: int = 1) -> ModelDims:
+    """The dims of a hand-built token set for a reducer's ``reduce``: one head of ``head_dim``, width 1, ``num_prefix``
+    prefix tokens (CLS) + a row of ``num_patches`` patches, no Linear MACs."""
     return ModelDims(depth=depth, dim=1, num_heads=1, head_dim=head_dim, attn_dim=head_dim, attn_linear_macs=0,
-                     mlp_macs=0, num_prefix=1, num_patches=num_patches, grid=(1, num_patches), in_chans=3,
+                     mlp_macs=0, num_prefix=num_prefix, num_patches=num_patches, grid=(1, num_patches), in_chans=3,
                      img_size=(1, num_patches), head_macs=0)
 
 

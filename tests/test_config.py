@@ -105,8 +105,6 @@ def test_every_swept_value_is_checked_before_anything_runs() -> None:
 
 def test_a_config_without_methods_runs_nothing_and_says_so(tmp_path: Path) -> None:
     """``methods: []`` used to run nothing and then blame an empty store; with ``--methods`` it has cells."""
-    from bench import runner
-
     (tmp_path / "none.yaml").write_text("methods: []\n")
     with pytest.raises(BenchError, match=r"^the config lists no methods: add entries under `methods:`"):
         runner.planned_cells(config_of("--config", str(tmp_path / "none.yaml")))

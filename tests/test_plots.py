@@ -169,10 +169,10 @@ def test_one_colour_per_method_everywhere() -> None:
 
 
 def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
-    """A baseline and three reduced cells, timed at batches 1 and 32 with distinct values: the realisation figure plots each cell's speedup
-    (y) against its GMACs ratio (x); the throughput figure plots images/s of the largest batch; the tokens figure
-    takes each method's cell closest to the median GMACs of the reduced cells (1.2: ToMe's 1.0, not its first cell
-    1.5; LTMP's 1.2)."""
+    """A baseline and three reduced cells, timed at batches 1 and 32 with distinct values: the realisation figure
+    plots each cell's speedup (y) against its GMACs ratio (x); the throughput figure plots images/s of the largest
+    batch; the tokens figure takes each method's cell closest to the median GMACs of the reduced cells (1.2: ToMe's
+    1.0, not its first cell 1.5; LTMP's 1.2)."""
     store = Store(tmp_path / "s.sqlite")
     for key, method, gmacs, speedups, rates in (("b", "none", 2.0, (1.0, 1.0), (90.0, 900.0)),
                                                 ("t1", "tome", 1.5, (1.1, 1.3), (99.0, 1170.0)),

@@ -1,8 +1,6 @@
 """Top-K pruning by CLS attention (EViT-style), on a hand-built token set whose result was worked out by hand."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -44,7 +42,7 @@ def test_cls_attention_is_the_mean_over_heads_and_prefix_queries(num_prefix: int
     attn[0, 0, [0, 1], [0, 1]] = 1.0
     attn[0, 1, [0, 1], [2, 3]] = 1.0
     attn[0, :, 2:, 0] = 1.0  # queries 2 and 3 (patches) attend to key 0
-    ctx = ReductionContext(methods.create("topk"), dataclasses.replace(hand_dims(4 - num_prefix), num_prefix=num_prefix))
+    ctx = ReductionContext(methods.create("topk"), hand_dims(4 - num_prefix, num_prefix=num_prefix))
     ctx.record_attention(attn)
     expected = [0.25, 0.25, 0.25, 0.25] if num_prefix else [5 / 8, 1 / 8, 1 / 8, 1 / 8]  # key 0: 1 + 2 from each head
     assert ctx.stats["cls_attn"][0].tolist() == expected
