@@ -240,6 +240,21 @@ def test_safetensors_checkpoint_gives_identical_logits(tmp_path: Path) -> None:
         assert torch.equal(model(x), loaded(x))
 
 
+def test_training_checkpoints_give_their_state_dict() -> None:
+    """timm's and DeiT's training scripts save the weights under ``state_dict``, ``model`` or ``state_dict_ema``,
+    DistributedDataParallel prefixes every name with ``module.``; the plain weights win over the EMA ones, and a
+    file whose values are not all tensors holds no state dict."""
+    state = {"w": torch.ones(2), "b": torch.zeros(1)}
+    ddp = {f"module.{key}": value for key, value in state.items()}
+    for saved in (state, ddp, {"state_dict": state}, {"model": ddp}, {"state_dict_ema": state, "epoch": 3},
+                  {"state_dict": state, "state_dict_ema": {"w": torch.full((2,), 9.0), "b": torch.zeros(1)}}):
+        extracted = models.extract_state_dict(saved)
+        assert extracted.keys() == state.keys() and all(torch.equal(extracted[k], state[k]) for k in state)
+    for saved in ({"w": torch.ones(2), "epoch": 3}, [torch.ones(2)], {"state_dict": [torch.ones(2)]}):
+        with pytest.raises(BenchError, match=r"checkpoint holds no state dict: save `model.state_dict\(\)`"):
+            models.extract_state_dict(saved)
+
+
 def jax_vit_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
     """``model``'s weights laid out as in Google's original JAX ViT ``.npz`` checkpoints (Flax names; dense kernels
     ``(in, out)``, the patch kernel ``(kh, kw, in, out)``, query/key/value kernels ``(D, heads, head_dim)``, the
