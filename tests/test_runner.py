@@ -1,0 +1,86 @@
+"""The runner's bookkeeping: a cell's row holds what its fit and its evaluation measured, field by field, and the
+commit it records says whether the tree held uncommitted changes."""
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import methods
+from bench import runner
+from bench.accuracy import evaluate
+from bench.flops import embed_macs
+from tests.conftest import image_batch, tiny_vit
+
+LTMP_KNOBS = {"r_target": 0.7, "init_merge": 0.7, "init_prune": 0.01}  # on tiny_vit: 41-54 tokens after the last block
+
+
+def workload(images: torch.Tensor, labels: torch.Tensor) -> runner.Workload:
+    config = {"fit": {"budget_images": 0, "batch_size": 4, "precision": "fp32"}, "model": "m", "seed": 0,
+              "eval_precision": "fp32", "latency": {"precisions": []}}
+    return runner.Workload(config, tiny_vit(), "sha", "d", len(images), lambda: iter([(images[:5], labels[:5]),
+                                                                                      (images[5:], labels[5:])]),
+                           lambda: iter([(images, labels)]), "cpu", train_images=len(images))
+
+
+def test_a_cells_row_holds_what_its_evaluation_measured() -> None:
+    """An LTMP cell whose images keep different token counts: the row's top-5, per-image GMACs range, token counts
+    per block (attention and MLP, mean, min and max) and r_FLOPs equal an evaluation of the same patched model run
+    here. Each label is the model's second guess, so top-1 (0) and top-5 (1) differ."""
+    images = image_batch(tiny_vit(), 8, seed=1)
+    patched = methods.create("ltmp", **LTMP_KNOBS).apply(tiny_vit())
+    with torch.no_grad():
+        labels = patched(images).topk(2).indices[:, 1]
+    work = workload(images, labels)
+    row = runner.measure_cell(work, {"method": "ltmp"}, LTMP_KNOBS, None, False)
+    dims = patched._reduction_ctx.dims
+    result = evaluate(patched, work.eval_batches(), embed_macs(patched, dims), progress=False)
+    macs_mean, macs_min, macs_max = result.macs_summary()
+    tokens = result.tokens_mean()
+    assert macs_min < macs_mean < macs_max and (result.token_min < result.token_max).any()  # the fields differ
+    assert (row["top1"], row["top5"], row["eval_images"]) == (result.top1, result.top5, 8) == (0.0, 1.0, 8)
+    assert (row["gmacs"], row["gmacs_min"], row["gmacs_max"]) == (macs_mean / 1e9, macs_min / 1e9, macs_max / 1e9)
+    assert row["tokens_attn"] == tokens[:, 0].tolist() and row["tokens_mlp"] == tokens[:, 1].tolist()
+    assert row["tokens_attn"] != row["tokens_mlp"]
+    assert row["tokens_attn_min"] == result.token_min[:, 0].tolist()
+    assert row["tokens_attn_max"] == result.token_max[:, 0].tolist()
+    assert row["r_flops"] == runner.evaluation_r_flops(tokens, dims)
+
+
+def test_a_cells_row_records_its_fit() -> None:
+    """A fitting method's row records the fit's settings, device, steps (skipped ones too: 0 of 2) and the
+    thresholds it learned; a method that does not fit records no fit, no device and no images."""
+    images = image_batch(tiny_vit(), 8, seed=1)
+    work = workload(images, torch.zeros(8, dtype=torch.long))
+    work.config["fit"]["budget_images"] = 16  # two passes over the 8 training images, one step each
+    row = runner.measure_cell(work, {"method": "ltmp"}, LTMP_KNOBS, None, False)
+    assert row["fit"] == work.config["fit"] and row["ft_device"] == "cpu"
+    assert (row["ft_images"], row["ft_epochs"]) == (16, 2.0)
+    assert row["ft_extra"]["steps"] == 2 and row["ft_extra"]["skipped_steps"] == 0
+    assert row["ft_extra"]["r_target"] == 0.7
+    tome = runner.measure_cell(work, {"method": "tome"}, {"r": 4}, None, False)
+    assert (tome["fit"], tome["ft_device"], tome["ft_images"], tome["ft_epochs"]) == (None, None, 0, 0.0)
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_the_recorded_commit_says_whether_the_tree_was_changed(tmp_path: Path, monkeypatch) -> None:
+    """The commit of the checkout; ``-dirty`` once a tracked file differs from it (an untracked file does not count,
+    reports/ holds untracked results); ``unknown`` outside a git checkout."""
+    monkeypatch.setattr(runner, "PROJECT_ROOT", tmp_path)
+    assert runner.git_commit() == "unknown"
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git(tmp_path, "add", "a.py")
+    git(tmp_path, "commit", "-qm", "a")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    (tmp_path / "untracked.txt").write_text("results")
+    assert runner.git_commit() == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert runner.git_commit() == f"{head}-dirty"
