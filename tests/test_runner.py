@@ -84,3 +84,23 @@ def test_the_recorded_commit_says_whether_the_tree_was_changed(tmp_path: Path, m
     assert runner.git_commit() == head
     (tmp_path / "a.py").write_text("x = 2\n")
     assert runner.git_commit() == f"{head}-dirty"
+
+
+def test_the_seed_orders_the_training_images(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """A fit reads the training images in an order drawn from the seed: the same seed gives the same order every
+    time, another seed another order, and every order holds each of the 18 images once."""
+    import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
+    from bench import config as config_mod
+    from tests.test_store import tiny_config
+
+    def training_order(seed: int) -> list[float]:
+        config = config_mod.load(str(tiny_config(tmp_path, tiny_imagefolder, [2])))
+        config.update(seed=seed, train_data=str(tiny_imagefolder), workers=0)
+        config["fit"]["batch_size"] = 4
+        config["methods"].append({"method": "ltp"})
+        work = runner.prepare(config)
+        return [float(image.sum()) for x, _ in work.train_batches() for image in x]
+
+    first = training_order(0)
+    assert len(first) == len(set(first)) == 18
+    assert training_order(0) == first and training_order(1) != first and sorted(training_order(1)) == sorted(first)
