@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import methods
-from bench import runner
+from bench import config as config_mod
+from bench import data, runner
 from bench.accuracy import evaluate
 from bench.flops import embed_macs
 from tests.conftest import image_batch, tiny_vit
@@ -90,7 +91,6 @@ def test_the_seed_orders_the_training_images(tmp_path: Path, tiny_imagefolder: P
     """A fit reads the training images in an order drawn from the seed: the same seed gives the same order every
     time, another seed another order, and every order holds each of the 18 images once."""
     import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
-    from bench import config as config_mod
     from tests.test_store import tiny_config
 
     def training_order(seed: int) -> list[float]:
@@ -104,3 +104,19 @@ def test_the_seed_orders_the_training_images(tmp_path: Path, tiny_imagefolder: P
     first = training_order(0)
     assert len(first) == len(set(first)) == 18
     assert training_order(0) == first and training_order(1) != first and sorted(training_order(1)) == sorted(first)
+
+
+def test_the_seed_orders_the_fashion_mnist_training_split() -> None:
+    """Fashion-MNIST's fits read the training split in a seeded order too, not in file order: the first batch
+    differs from the file's first images and between seeds, and is the same for the same seed."""
+    def first_batch(seed: int) -> torch.Tensor:
+        config = config_mod.load(None)
+        config.update(seed=seed, limit=4, methods=[{"method": "ltp"}])
+        config["fit"]["batch_size"] = 8
+        x, _ = next(iter(runner.prepare(config).train_batches()))
+        return x
+
+    in_file_order = data.load_fmnist("train").normalized(torch.arange(8))
+    first = first_batch(0)
+    assert not torch.equal(first, in_file_order) and not torch.equal(first_batch(1), first)
+    assert torch.equal(first_batch(0), first)
