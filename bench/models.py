@@ -263,7 +263,7 @@ def create(name: str = EMBEDDED_MODEL, pretrained: bool = False, checkpoint: str
         load_npz(model, checkpoint, depth)
     elif checkpoint is not None:
         load_checkpoint(model, checkpoint, state)
-    elif name == EMBEDDED_MODEL and not kwargs.get("random_init", False):
+    elif name == EMBEDDED_MODEL:
         verify_embedded_checkpoint()
         load_checkpoint(model, EMBEDDED_CHECKPOINT)
     return model.eval()
