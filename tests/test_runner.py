@@ -120,3 +120,14 @@ def test_the_seed_orders_the_fashion_mnist_training_split() -> None:
     first = first_batch(0)
     assert not torch.equal(first, in_file_order) and not torch.equal(first_batch(1), first)
     assert torch.equal(first_batch(0), first)
+
+
+def test_a_budget_in_epochs_is_rounded_up_to_whole_images() -> None:
+    """Half a pass over 7 training images is 4 images (3.5 rounded up, so the fit sees at least what was asked);
+    an entry's own budget overrides the config's, and the epochs become images in the fit settings."""
+    config = {"fit": {"budget_images": 100, "budget_epochs": 0.5, "batch_size": 2}}
+    work = runner.Workload(config, torch.nn.Identity(), "sha", "d", 1, None, None, "cpu", train_images=7)
+    assert runner.fit_budget(work, {"method": "ltp"}) == {"budget_images": 4, "batch_size": 2}
+    assert runner.fit_budget(work, {"method": "ltp", "fit": {"budget_epochs": 3}}) == {"budget_images": 21,
+                                                                                        "batch_size": 2}
+    assert runner.fit_budget(work, {"method": "ltp", "fit": {"budget_epochs": None}})["budget_images"] == 100
