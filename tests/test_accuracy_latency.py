@@ -217,7 +217,8 @@ def test_a_fitting_cell_hands_back_the_fits_free_pages_before_evaluating(monkeyp
 def test_a_cells_speedup_is_the_baselines_time_over_the_methods(monkeypatch, tmp_path: Path) -> None:
     """A ToMe cell timed with fixed per-round times (baseline 30, 30, 30, 30 ms; method 10, 12, 10, 15 ms): speedup
     30 / 11 = 2.73 (medians), per-round quartiles of 3, 2.5, 3, 2 (2.125 and 3.0), realisation = speedup / GMACs ratio,
-    GMACs ratio = dense / reduced > 1; the timed "baseline" is the unpatched model and "method" the patched one."""
+    GMACs ratio = dense / reduced > 1; the timed "baseline" is the unpatched model and "method" the patched one. The
+    timing row also keeps the method's iteration count, the threads, and each side's median page faults per call."""
     from bench import runner
     from bench.store import Store
 
@@ -228,7 +229,7 @@ def test_a_cells_speedup_is_the_baselines_time_over_the_methods(monkeypatch, tmp
     def fixed_times(fns, device, **kwargs):
         with torch.no_grad():
             timed.update({name: fn() for name, fn in fns.items()})
-        return {"baseline": Timing([30.0] * 4), "method": Timing([10.0, 12.0, 10.0, 15.0])}
+        return {"baseline": Timing([30.0] * 4, [9, 9, 9, 9]), "method": Timing([10.0, 12.0, 10.0, 15.0], [3, 2, 3, 4])}
 
     monkeypatch.setattr(runner, "time_interleaved", fixed_times)
     config = {"fit": {"budget_images": 0}, "model": "m", "seed": 0, "eval_precision": "fp32",
@@ -245,6 +246,8 @@ def test_a_cells_speedup_is_the_baselines_time_over_the_methods(monkeypatch, tmp
     # exclusive quartiles of 10, 10, 12, 15 at positions 1.25 and 3.75: 10 and 12 + 0.75 * 3 = 14.25
     assert (timing.iqr_ms, timing.baseline_iqr_ms) == (4.25, 0.0) and timing.images_per_s == pytest.approx(4000 / 11)
     assert timing.realisation == pytest.approx(timing.speedup / row["gmacs_ratio"])
+    assert (timing.iterations, timing.threads) == (4, torch.get_num_threads())
+    assert (timing.page_faults_per_call, timing.baseline_page_faults_per_call) == (3, 9)  # medians
     with torch.no_grad():
         assert torch.equal(timed["baseline"], base(x)) and not torch.allclose(timed["method"], base(x))
     store.close()
