@@ -3,6 +3,7 @@ commit it records says whether the tree held uncommitted changes."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import methods
 from bench import config as config_mod
 from bench import data, runner
 from bench.accuracy import evaluate
+from bench.errors import BenchError
 from bench.flops import embed_macs
 from tests.conftest import image_batch, tiny_vit
 
@@ -131,3 +133,41 @@ def test_a_budget_in_epochs_is_rounded_up_to_whole_images() -> None:
     assert runner.fit_budget(work, {"method": "ltp", "fit": {"budget_epochs": 3}}) == {"budget_images": 21,
                                                                                         "batch_size": 2}
     assert runner.fit_budget(work, {"method": "ltp", "fit": {"budget_epochs": None}})["budget_images"] == 100
+
+
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("eval_batch_size", True, "eval_batch_size must be a positive whole number (got True)"),
+    ("latency.batch_sizes", [1, True], "latency batch size must be a positive whole number (got True)"),
+    ("latency.min_iters", 2.5, "latency.min_iters must be a positive whole number (got 2.5)"),
+    ("latency.warmup_s", -1, "latency.warmup_s must be a number of seconds >= 0 (got -1)"),
+    ("latency.min_time_s", "1", "latency.min_time_s must be a number of seconds >= 0 (got '1')"),
+    ("fit.budget_images", True, "fit.budget_images must be a whole number of images >= 0 (got True)"),
+    ("fit.budget_epochs", True, "fit.budget_epochs must be a number of passes over the training set > 0"),
+    ("fit.budget_epochs", 0, "fit.budget_epochs must be a number of passes over the training set > 0"),
+])
+def test_impossible_counts_are_refused_before_the_run(setting: str, value, message: str) -> None:
+    """Counts must be whole numbers (YAML's ``true`` is a bool, which Python counts as the int 1: refused too),
+    times numbers of seconds, budgets in range; each with its one-line error, before any cell is measured."""
+    config = config_mod.load(None)
+    runner.check_settings(config, "cpu")  # the default config passes
+    section, _, key = setting.rpartition(".")
+    (config[section] if section else config)[key] = value
+    with pytest.raises(BenchError, match=re.escape(message)):
+        runner.check_settings(config, "cpu")
+
+
+def test_a_limit_above_the_images_is_noted_and_one_below_is_not(tiny_imagefolder: Path, capsys) -> None:
+    """``--limit`` above the folder's 18 images evaluates all 18 with a note; a limit of 18 or fewer draws that many,
+    silently. A run whose images cannot give every rank one is refused (here a rank's shard made empty)."""
+    import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
+
+    config = {**config_mod.load(None), "model": "test_tiny_vit", "dataset": "imagefolder", "data": str(tiny_imagefolder),
+              "data_dir": None, "methods": [{"method": "none"}], "workers": 0}
+    for limit, images, noted in ((50, 18, True), (18, 18, False), (5, 5, False)):
+        assert runner.prepare({**config, "limit": limit}).eval_images == images
+        assert ("note: --limit" in capsys.readouterr().err) == noted
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner.distributed, "shard", lambda indices: indices[:0])
+        with pytest.raises(BenchError, match="5 images cannot be shared by more ranks: use fewer processes or a "
+                                             "larger --limit"):
+            runner.prepare({**config, "limit": 5})
