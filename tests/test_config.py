@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import methods
-from bench import config, runner
+from bench import cli, config, runner
 from bench.cli import build_config, make_parser
 from bench.errors import BenchError
 from methods.base import Knob, KnobValueError
@@ -44,6 +44,25 @@ def test_methods_selects_from_the_config_and_adds_registered_ones_at_their_decla
     assert sweeps(chosen) == {"none": None, "pm-ft": {"keep_rate": [0.6]}, "ltm": None}
     whole = config_of("--methods", "none,ltm", subset=False)
     assert list(sweeps(whole)) == ["none", "tome", "topk", "ltmp", "ltp", "pm", "pm-ft", "ltm"]
+
+
+def test_each_run_flag_sets_its_config_key() -> None:
+    """Flags win over the config: each sets its key, ``--data`` makes the dataset an ImageFolder, ``--precisions`` and
+    ``--batch-sizes`` set the latency lists, ``--quick`` applies the config's quick overlay, and each of ``--seed``'s
+    seeds (in order, repeats dropped) gets its own config."""
+    flagged = config_of("--checkpoint", "w.pt", "--data", "/val", "--train-data", "/train", "--limit", "7",
+                        "--device", "cpu", "--threads", "3", "--eval-precision", "bf16", "--precisions", "fp32,bf16",
+                        "--batch-sizes", "1,8", "--pretrained")
+    assert {key: flagged[key] for key in ("checkpoint", "data", "train_data", "limit", "device", "threads",
+                                          "eval_precision", "dataset", "pretrained")} == {
+        "checkpoint": "w.pt", "data": "/val", "train_data": "/train", "limit": 7, "device": "cpu", "threads": 3,
+        "eval_precision": "bf16", "dataset": "imagefolder", "pretrained": True}
+    assert (flagged["latency"]["precisions"], flagged["latency"]["batch_sizes"]) == (["fp32", "bf16"], [1, 8])
+    assert (config_of("--data-dir", "/f")["data_dir"], config_of("--data-dir", "/f")["dataset"]) == ("/f", "fashion-mnist")
+    assert config_of("--quick") == config.apply_quick(config.load(None)) != config.load(None)
+    assert cli.run_seeds("2,0,2") == [2, 0] and cli.run_seeds(None) == [None]
+    args = make_parser().parse_args(["run", "--seed", "2,0"])
+    assert [build_config(args, seed=seed)["seed"] for seed in cli.run_seeds(args.seed)] == [2, 0]
 
 
 MALFORMED = {  # YAML text -> the one-line error's telling part (each raised a TypeError/AttributeError, ran nothing
