@@ -100,3 +100,15 @@ def test_a_second_stage_lists_the_first(workspace: Path) -> None:
     other.write_bytes(models.EMBEDDED_CHECKPOINT.read_bytes())
     third = train("--restart", "--epochs", "1", "--init-from", str(other))
     assert third["stages"] == [{"init_from": str(other), "sha256": models.sha256_file(other)}]
+
+
+def test_each_epoch_reads_every_training_image_once_in_a_new_order(workspace: Path, monkeypatch) -> None:
+    """Both epochs of 4 batches of 16 hold each of the 64 training images once, in two different orders."""
+    batches = []
+    monkeypatch.setattr(train_base, "augment", lambda x, generator, max_shift: batches.append(x.sum((1, 2, 3))) or x)
+    train("--restart")
+    first, second = torch.cat(batches).view(2, 64)  # each image's pixel sum, in the order training read it
+    every_image = train_base.data_mod.load_fmnist("train").normalized(torch.arange(64)).sum((1, 2, 3))
+    for epoch in (first, second):
+        assert torch.allclose(epoch.sort().values, every_image.sort().values, rtol=1e-5)
+    assert not torch.allclose(first, second, rtol=1e-5)
