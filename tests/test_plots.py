@@ -515,3 +515,37 @@ def test_plot_and_export_methods_show_those_labels_and_the_baseline(tmp_path: Pa
     assert cli.main(["plot", "--store", str(store), "--reports", str(tmp_path / "f"), "--methods", "ltmp,tomme"]) == 2
     assert capsys.readouterr().err == ("error: --methods names ['tomme'], which the store holds no cells of: choose "
                                        "from ['ltmp', 'none', 'tome']\n")
+
+
+def test_error_bars_and_shading_span_what_they_name(tmp_path: Path) -> None:
+    """Hand values: a ToMe cell at 1.0 GMACs with top-1 80 % and a Wilson interval 75-82 % draws its bar from 75 to 82
+    (not mirrored); its timings at fp32 and bf16 are dotted and solid lines; in the tokens figure only LTMP, whose
+    block-2 count ranges over 120-180 tokens, is shaded, exactly over that range (the baseline's row, stored without
+    a range, as rows written before it existed, reads NaN under pandas 3 and is left unshaded); the seeds figure's bars
+    are one sd of GMACs (x: 1.0-1.4) and of top-1 (y: 50-100)."""
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell(fake_row("b", "none", 0.9, 2.0), [fake_timing()])
+    store.write_cell({**fake_row("t", "tome", 0.8, 1.0), "top1_low": 0.75, "top1_high": 0.82,
+                      "tokens_attn_min": [197, 150], "tokens_attn_max": [197, 150]},
+                     [fake_timing(), {**fake_timing(), "precision": "fp32"}])
+    store.write_cell({**fake_row("l", "ltmp", 0.85, 1.2), "tokens_attn": [197, 150], "tokens_attn_min": [197, 120],
+                      "tokens_attn_max": [197, 180]}, [fake_timing()])
+    store.close()
+    db = Store(tmp_path / "s.sqlite")
+    cells, timings = db.cells(), db.timings()
+    frontier = plots.frontier(cells).axes[0]
+    tome_bar = next(c for c in frontier.containers if c.get_label() == "tome").lines[2][0].get_segments()
+    assert np.allclose(tome_bar, [[[1.0, 75.0], [1.0, 82.0]]])
+    realisation = plots.realisation(cells, timings).axes[0]
+    styles = {line.get_label(): line.get_linestyle() for line in realisation.get_lines()}
+    assert (styles["tome (bf16)"], styles["tome (fp32)"]) == ("-", ":")
+    tokens = plots.tokens_per_layer(cells).axes[0]
+    (shade,) = tokens.collections  # ToMe's range is a single count: no shade
+    assert tokens.get_title().endswith("shaded: range over images")
+    corners = shade.get_paths()[0].vertices
+    assert corners[:, 1].min() == 120 and corners[corners[:, 0] == 1, 1].max() == 180
+    spread = pd.DataFrame({"method": ["ltmp"], "gmacs_mean": [1.2], "gmacs_sd": [0.2], "top1_mean": [75.0],
+                           "top1_sd": [25.0], "seeds": ["0, 1, 2"]})
+    (container,) = plots.seed_frontier(spread, "m on d").axes[0].containers
+    bars = sorted(segment.tolist() for bars in container.lines[2] for segment in bars.get_segments())
+    assert np.allclose(bars, [[[1.0, 75.0], [1.4, 75.0]], [[1.2, 50.0], [1.2, 100.0]]])
