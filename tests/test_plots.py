@@ -549,3 +549,20 @@ def test_error_bars_and_shading_span_what_they_name(tmp_path: Path) -> None:
     (container,) = plots.seed_frontier(spread, "m on d").axes[0].containers
     bars = sorted(segment.tolist() for bars in container.lines[2] for segment in bars.get_segments())
     assert np.allclose(bars, [[[1.0, 75.0], [1.4, 75.0]], [[1.2, 50.0], [1.2, 100.0]]])
+
+
+def test_a_label_at_the_axes_edge_moves_inside(tmp_path: Path) -> None:
+    """The rightmost point's label, at its preferred spot right of the point, would stick out of the axes (their
+    margin is 5 % of the data's range): it is placed on the left instead."""
+    store = Store(tmp_path / "s.sqlite")
+    for key, top1, gmacs in (("l1", 0.80, 1.0), ("l2", 0.85, 1.5), ("l3", 0.90, 2.0)):
+        store.write_cell({**fake_row(key, "ltmp", top1, gmacs), "knobs": {"r_target": gmacs / 2}}, [])
+    store.close()
+    fig = plots.frontier(Store(tmp_path / "s.sqlite").cells())
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    rightmost = next(text for text in ax.texts if text.xy == (2.0, 90.0))
+    box = rightmost.get_window_extent(renderer)
+    assert rightmost.get_text() == "1.0" and rightmost.get_horizontalalignment() == "right"
+    assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
