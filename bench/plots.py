@@ -305,7 +305,7 @@ def tokens_per_layer(cells: pd.DataFrame) -> plt.Figure:
             layers = list(range(len(mean)))
             name = "baseline" if label == "none" else f"{label} ({row['gmacs']:.3f} G)"
             ax.plot(layers, mean, color=colour, marker=marker, label=name)
-            if pd.notna(row["tokens_attn_min"]):  # NULL in rows stored before the range (NaN under pandas 3)
+            if pd.notna(row["tokens_attn_min"]):  # a row stored without the range: NULL, read as NaN under pandas 3
                 low, high = json.loads(row["tokens_attn_min"]), json.loads(row["tokens_attn_max"])
                 if low != high:
                     ax.fill_between(layers, low, high, color=colour, alpha=0.15, linewidth=0)

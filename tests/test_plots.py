@@ -521,8 +521,8 @@ def test_error_bars_and_shading_span_what_they_name(tmp_path: Path) -> None:
     """Hand values: a ToMe cell at 1.0 GMACs with top-1 80 % and a Wilson interval 75-82 % draws its bar from 75 to 82
     (not mirrored); its timings at fp32 and bf16 are dotted and solid lines; in the tokens figure only LTMP, whose
     block-2 count ranges over 120-180 tokens, is shaded, exactly over that range (the baseline's row, stored without
-    a range, as rows written before it existed, reads NaN under pandas 3 and is left unshaded); the seeds figure's bars
-    are one sd of GMACs (x: 1.0-1.4) and of top-1 (y: 50-100)."""
+    a range, reads NaN there under pandas 3 and is left unshaded: its `is not None` check let NaN through to
+    json.loads); the seeds figure's bars are one sd of GMACs (x: 1.0-1.4) and of top-1 (y: 50-100)."""
     store = Store(tmp_path / "s.sqlite")
     store.write_cell(fake_row("b", "none", 0.9, 2.0), [fake_timing()])
     store.write_cell({**fake_row("t", "tome", 0.8, 1.0), "top1_low": 0.75, "top1_high": 0.82,
