@@ -7,6 +7,7 @@ i.e. 196 patch tokens + CLS = 197 tokens, DeiT's token count at 224/16. It is re
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -34,6 +35,9 @@ EMBEDDED_MODEL = "vit_fmnist_convstem"
 EMBEDDED_CHECKPOINT = ASSETS / "vit_fmnist_convstem.pt"
 EMBEDDED_MANIFEST = ASSETS / "vit_fmnist_convstem.json"
 RETRAIN_HINT = "retrain it with `python run_bench.py train-base` (or restore it with `git checkout bench/assets`)"
+#: Python objects that training scripts save beside the weights, which a weights-only load may build: timm's and
+#: DeiT's train.py keep their command-line flags (``args``, an argparse Namespace) in every checkpoint
+CHECKPOINT_OBJECTS = [argparse.Namespace]
 
 
 class ConvStemEmbed(PatchEmbed):
@@ -96,7 +100,8 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(path: Path, flag: str = "--checkpoint") -> Any:
     """The object saved in a checkpoint file: ``.safetensors`` (timm's Hugging Face hub format, e.g. a cached
-    ``model.safetensors``) or anything ``torch.save`` wrote (``.pth``/``.pt``/``.bin``, loaded weights-only).
+    ``model.safetensors``) or anything ``torch.save`` wrote (``.pth``/``.pt``/``.bin``/``.pth.tar``, loaded
+    weights-only: tensors, containers, numbers and :data:`CHECKPOINT_OBJECTS`; no other object is built).
     An original JAX ViT ``.npz`` needs the model to convert it: :func:`load_npz` (``--checkpoint`` only)."""
     if path.suffix.lower() in (".npz", ".npy"):
         takes = "a torch or safetensors file" + (", or a JAX ViT .npz" if flag == "--checkpoint" else "")
@@ -104,8 +109,12 @@ def read_checkpoint(path: Path, flag: str = "--checkpoint") -> Any:
     try:
         if path.suffix.lower() == ".safetensors":
             return safetensors.torch.load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(CHECKPOINT_OBJECTS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a corrupt file
+        if other := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc)):
+            raise BenchError(f"checkpoint {path} holds a {other[1]} object, which loading would have to run code to "
+                             "build: save `model.state_dict()` alone to a new file and pass that") from exc
         kind = "safetensors" if path.suffix.lower() == ".safetensors" else "torch"
         raise BenchError(f"checkpoint {path} is corrupt or not a {kind} file ({type(exc).__name__}): re-save or "
                          "re-download it") from exc

@@ -255,6 +255,32 @@ def test_training_checkpoints_give_their_state_dict() -> None:
             models.extract_state_dict(saved)
 
 
+class Recipe:
+    """An object of the test's own, saved in a checkpoint beside the weights."""
+
+
+def test_a_timm_training_checkpoint_loads_and_a_foreign_object_is_refused(tmp_path: Path) -> None:
+    """timm's train.py saves ``model_best.pth.tar`` with the weights beside the optimiser's state, the epoch, the
+    metric and its flags as an argparse Namespace: it loads weights-only with identical logits. A checkpoint holding
+    an object of any other class is refused by name (building it would run its code), not called corrupt."""
+    import argparse
+
+    torch.manual_seed(0)
+    model = make_tiny().eval()
+    checkpoint = {"epoch": 3, "arch": "test_tiny_vit", "state_dict": model.state_dict(), "version": 2,
+                  "optimizer": torch.optim.AdamW(model.parameters()).state_dict(), "metric": 81.2,
+                  "args": argparse.Namespace(model="test_tiny_vit", lr=1e-3, sched="cosine")}
+    torch.save(checkpoint, tmp_path / "model_best.pth.tar")
+    loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "model_best.pth.tar")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    torch.save({**checkpoint, "recipe": Recipe()}, tmp_path / "own.pth")
+    with pytest.raises(BenchError, match=r"own.pth holds a tests.test_data_models.Recipe object, which loading would "
+                                         r"have to run code to build: save `model.state_dict\(\)` alone"):
+        models.create("test_tiny_vit", checkpoint=tmp_path / "own.pth")
+
+
 def jax_vit_arrays(model: VisionTransformer) -> dict[str, np.ndarray]:
     """``model``'s weights laid out as in Google's original JAX ViT ``.npz`` checkpoints (Flax names; dense kernels
     ``(in, out)``, the patch kernel ``(kh, kw, in, out)``, query/key/value kernels ``(D, heads, head_dim)``, the
