@@ -415,3 +415,10 @@ def test_class_folders_without_images_are_counted_and_a_few_named(tmp_path: Path
     message = str(caught.value)
     assert "8 class folder(s) hold no image with the extensions .jpg, .jpeg," in message
     assert message.endswith(": c01, c02, c03, c04, c05, ...): expected class/image.jpg")
+
+
+def test_pretrained_on_the_embedded_model_means_its_shipped_weights() -> None:
+    """``--pretrained`` with the embedded model fetches nothing (it has no hub weights): its shipped checkpoint loads,
+    as without the flag."""
+    shipped, pretrained = models.create(models.EMBEDDED_MODEL), models.create(models.EMBEDDED_MODEL, pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), pretrained.state_dict().values()))
