@@ -279,6 +279,17 @@ def test_clip_grad_bounds_every_threshold_step() -> None:
     assert float((after - before).norm()) > 8 * 0.05 * 1e-3
 
 
+def test_the_fit_records_its_largest_gradient_norm(monkeypatch) -> None:
+    """``max_grad_norm`` is the largest of the 8 steps' gradient norms (each read where the fit computes it), not the
+    last one's."""
+    norms = []
+    total_norm = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: norms.append(total_norm(grads)) or norms[-1])
+    _, _, report = _fit_tiny(methods.create("ltmp", r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002))
+    assert len(norms) == 8 and max(norms) > norms[-1]
+    assert report.extra["max_grad_norm"] == float(max(norms))
+
+
 @pytest.mark.parametrize("case", ["plain", "clipped", "clamped"])
 def test_one_fit_step_is_one_sgd_step_on_the_papers_loss(case: str) -> None:
     """The fit's first step recomputed by hand: the training form's logits on the batch, loss = cross-entropy with
