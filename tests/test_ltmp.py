@@ -6,11 +6,13 @@ from types import SimpleNamespace
 from typing import Callable
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import methods
 from bench.errors import BenchError
+from bench.models import EMBEDDED_MODEL
 from bench.flops import block_macs, image_macs
 from bench.runner import evaluation_r_flops
 from methods import ragged
@@ -277,6 +279,23 @@ def test_clip_grad_bounds_every_threshold_step() -> None:
     before, after, report = _fit_tiny(methods.create("ltmp", **knobs))
     assert report.extra["clipped_steps"] == 0
     assert float((after - before).norm()) > 8 * 0.05 * 1e-3
+
+
+def test_a_fit_changes_nothing_but_the_thresholds() -> None:
+    """On the embedded architecture (random weights), whose conv stem has BatchNorm: two fit steps move the thresholds
+    and leave every backbone weight and BatchNorm statistic as it was (the backbone runs in eval mode and frozen),
+    compute no gradient for the backbone, and hand its parameters back trainable."""
+    torch.manual_seed(0)
+    model = timm.create_model(EMBEDDED_MODEL).eval()
+    reducer = methods.create("ltmp", r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
+    reducer.apply(model)
+    backbone = {name: value.clone() for name, value in model.state_dict().items()}
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    before = _thresholds(reducer)
+    reducer.fit(model, lambda: iter([(images, torch.arange(4))] * 2), {"budget_images": 8}, progress=False)
+    assert not torch.equal(_thresholds(reducer), before)
+    assert all(torch.equal(value, backbone[name]) for name, value in model.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_the_fit_records_its_largest_gradient_norm(monkeypatch) -> None:
