@@ -281,6 +281,26 @@ def test_clip_grad_bounds_every_threshold_step() -> None:
     assert float((after - before).norm()) > 8 * 0.05 * 1e-3
 
 
+def test_only_a_tokens_pass_a_gradient_to_the_merge_threshold() -> None:
+    """CLS + 4 patches, keys at angles 0, 18.2, 90 and 60 degrees: B = patches 1 and 3, A = patches 2 and 4, whose
+    best cosines are cos(18.2 deg) = 0.95 (merges at theta 0.9) and cos(30 deg) = 0.866 (stays). The gradient of the
+    alive count with respect to theta_merge is sum over A of sigmoid'(z) / tau, z = (cosine - theta) / tau; CLS and the
+    B tokens, which cannot merge, add nothing (their step would otherwise pass sigmoid'((-2 - theta) / tau) / tau)."""
+    reducer = methods.create("ltm", tau=0.5)
+    reducer.masked = True
+    reducer.theta_merge = torch.nn.Parameter(torch.tensor([0.9]))
+    ctx = ReductionContext(reducer, hand_dims(4, head_dim=2))
+    angles = torch.tensor([0.0, 0.0, math.acos(0.95), math.pi / 2, math.pi / 3])
+    ctx.stats["keys"] = torch.stack([angles.cos(), angles.sin()], -1)[None]
+    ctx.stats["keys"][0, 0] = torch.tensor([0.0, -1.0])  # CLS: never a candidate
+    reducer._decide(0, ctx, torch.randn(1, 5, 3))
+    assert ctx.alive.tolist() == [[1.0, 1.0, 0.0, 1.0, 1.0]]
+    ctx.alive.sum().backward()
+    slope = lambda cosine: torch.sigmoid(torch.tensor((cosine - 0.9) / 0.5)).mul(
+        1 - torch.sigmoid(torch.tensor((cosine - 0.9) / 0.5))) / 0.5
+    assert float(reducer.theta_merge.grad) == pytest.approx(float(slope(0.95) + slope(math.cos(math.pi / 6))), rel=1e-5)
+
+
 def test_a_fit_changes_nothing_but_the_thresholds() -> None:
     """On the embedded architecture (random weights), whose conv stem has BatchNorm: two fit steps move the thresholds
     and leave every backbone weight and BatchNorm statistic as it was (the backbone runs in eval mode and frozen),
