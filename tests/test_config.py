@@ -58,7 +58,8 @@ def test_each_run_flag_sets_its_config_key() -> None:
         "checkpoint": "w.pt", "data": "/val", "train_data": "/train", "limit": 7, "device": "cpu", "threads": 3,
         "eval_precision": "bf16", "dataset": "imagefolder", "pretrained": True}
     assert (flagged["latency"]["precisions"], flagged["latency"]["batch_sizes"]) == (["fp32", "bf16"], [1, 8])
-    assert (config_of("--data-dir", "/f")["data_dir"], config_of("--data-dir", "/f")["dataset"]) == ("/f", "fashion-mnist")
+    fmnist = config_of("--data-dir", "/f")
+    assert (fmnist["data_dir"], fmnist["dataset"]) == ("/f", "fashion-mnist")
     assert config_of("--quick") == config.apply_quick(config.load(None)) != config.load(None)
     assert cli.run_seeds("2,0,2") == [2, 0] and cli.run_seeds(None) == [None]
     args = make_parser().parse_args(["run", "--seed", "2,0"])

@@ -1,8 +1,9 @@
-"""The runner's bookkeeping: a cell's row holds what its fit and its evaluation measured, field by field, and the
-commit it records says whether the tree held uncommitted changes."""
+"""The runner's bookkeeping: a cell's row holds what its fit and its evaluation measured, field by field; the commit
+it records says whether the tree held uncommitted changes; the seed orders the training images; fit budgets in epochs
+become images; impossible settings and limits are refused or noted before anything is measured."""
 from __future__ import annotations
 
-import copy
+import io
 import re
 import subprocess
 from pathlib import Path
@@ -64,6 +65,9 @@ def test_a_cells_row_records_its_fit() -> None:
     assert (row["ft_images"], row["ft_epochs"]) == (16, 2.0)
     assert row["ft_extra"]["steps"] == 2 and row["ft_extra"]["skipped_steps"] == 0
     assert row["ft_extra"]["r_target"] == 0.7
+    learned = torch.load(io.BytesIO(row["learned_state"]), weights_only=True)
+    assert learned.keys() == {"theta_merge", "theta_prune"}
+    assert not torch.equal(learned["theta_merge"], torch.full((4,), 0.7))  # moved from its init
     tome = runner.measure_cell(work, {"method": "tome"}, {"r": 4}, None, False)
     assert (tome["fit"], tome["ft_device"], tome["ft_images"], tome["ft_epochs"]) == (None, None, 0, 0.0)
 
@@ -156,18 +160,17 @@ def test_impossible_counts_are_refused_before_the_run(setting: str, value, messa
         runner.check_settings(config, "cpu")
 
 
-def test_a_limit_above_the_images_is_noted_and_one_below_is_not(tiny_imagefolder: Path, capsys) -> None:
+def test_a_limit_above_the_images_is_noted_and_one_below_is_not(tiny_imagefolder: Path, capsys, monkeypatch) -> None:
     """``--limit`` above the folder's 18 images evaluates all 18 with a note; a limit of 18 or fewer draws that many,
     silently. A run whose images cannot give every rank one is refused (here a rank's shard made empty)."""
     import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
 
-    config = {**config_mod.load(None), "model": "test_tiny_vit", "dataset": "imagefolder", "data": str(tiny_imagefolder),
-              "data_dir": None, "methods": [{"method": "none"}], "workers": 0}
+    config = {**config_mod.load(None), "model": "test_tiny_vit", "dataset": "imagefolder",
+              "data": str(tiny_imagefolder), "data_dir": None, "methods": [{"method": "none"}], "workers": 0}
     for limit, images, noted in ((50, 18, True), (18, 18, False), (5, 5, False)):
         assert runner.prepare({**config, "limit": limit}).eval_images == images
         assert ("note: --limit" in capsys.readouterr().err) == noted
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner.distributed, "shard", lambda indices: indices[:0])
-        with pytest.raises(BenchError, match="5 images cannot be shared by more ranks: use fewer processes or a "
-                                             "larger --limit"):
-            runner.prepare({**config, "limit": 5})
+    monkeypatch.setattr(runner.distributed, "shard", lambda indices: indices[:0])
+    with pytest.raises(BenchError, match="5 images cannot be shared by more ranks: use fewer processes or a larger "
+                                         "--limit"):
+        runner.prepare({**config, "limit": 5})
