@@ -91,15 +91,20 @@ def test_the_manifest_describes_its_checkpoint(workspace: Path) -> None:
 
 def test_a_second_stage_lists_the_first(workspace: Path) -> None:
     """Continuing from the shipped weights (``--init-from`` the embedded checkpoint) lists the earlier manifest under
-    ``stages`` and adds its wall time to the total; from any other file the stage is that file and its sha256."""
+    ``stages`` and adds its wall time to the total; a third stage lists both earlier ones, oldest first; from any other
+    file the stage is that file and its sha256."""
     first = train("--restart")
     second = train("--restart", "--epochs", "1", "--init-from", str(models.EMBEDDED_CHECKPOINT))
     assert second["stages"] == [first] and second["init_from"] == str(models.EMBEDDED_CHECKPOINT)
     assert second["total_wall_time_s"] == pytest.approx(second["wall_time_s"] + first["wall_time_s"], abs=0.06)
+    third = train("--restart", "--epochs", "1", "--init-from", str(models.EMBEDDED_CHECKPOINT))
+    assert third["stages"] == [first, {key: value for key, value in second.items() if key != "stages"}]  # oldest first
+    assert third["total_wall_time_s"] == pytest.approx(
+        third["wall_time_s"] + second["wall_time_s"] + first["wall_time_s"], abs=0.06)
     other = workspace / "other.pt"
     other.write_bytes(models.EMBEDDED_CHECKPOINT.read_bytes())
-    third = train("--restart", "--epochs", "1", "--init-from", str(other))
-    assert third["stages"] == [{"init_from": str(other), "sha256": models.sha256_file(other)}]
+    fourth = train("--restart", "--epochs", "1", "--init-from", str(other))
+    assert fourth["stages"] == [{"init_from": str(other), "sha256": models.sha256_file(other)}]
 
 
 def test_each_epoch_reads_every_training_image_once_in_a_new_order(workspace: Path, monkeypatch) -> None:
