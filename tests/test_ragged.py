@@ -133,6 +133,24 @@ def test_ragged_attention_equals_image_by_image(monkeypatch, layout: str, need_i
     assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("need_importance", [False, True])
+def test_ragged_attention_applies_attention_dropout(need_importance: bool) -> None:
+    """In training mode a block passes its attention dropout on: at p = 1 every attention weight is dropped, so the
+    output is 0, while importance (read before the dropout) is the same as without it; at p = 0.5 the output differs
+    from the undropped one."""
+    generator = torch.Generator().manual_seed(3)
+    alive = torch.rand(4, 6, generator=generator) < 0.7
+    alive[:, 0] = True
+    packing = Packing(alive)
+    qkv = torch.randn(int(alive.sum()), 3, 2, 4, generator=generator)
+    plain, importance = ragged_attention(qkv, packing, 2, 0.5, None, need_importance)
+    dropped, dropped_importance = ragged_attention(qkv, packing, 2, 0.5, None, need_importance, dropout_p=1.0)
+    assert plain.abs().min() > 0 and torch.equal(dropped, torch.zeros_like(plain))
+    assert (importance is None and dropped_importance is None) or torch.equal(dropped_importance, importance)
+    torch.manual_seed(0)
+    assert not torch.allclose(ragged_attention(qkv, packing, 2, 0.5, None, need_importance, dropout_p=0.5)[0], plain)
+
+
 @pytest.mark.parametrize("negative_threshold", [False, True])
 @pytest.mark.parametrize("seed", range(3))
 def test_merging_pairs_equal_general_matches(seed: int, negative_threshold: bool) -> None:
