@@ -1,5 +1,6 @@
 """``train-base``, the embedded model's training, on a few generated Fashion-MNIST-sized images: an interrupted run
-resumes to the very weights of an uninterrupted one, and the manifest describes the checkpoint it sits beside."""
+resumes to the very weights of an uninterrupted one, each epoch reads every image once in a new order, and the
+manifest describes the checkpoint it sits beside and the stages it continued from."""
 from __future__ import annotations
 
 import argparse
