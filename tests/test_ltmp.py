@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import methods
 from bench.errors import BenchError
-from bench.models import EMBEDDED_MODEL
 from bench.flops import block_macs, image_macs
+from bench.models import EMBEDDED_MODEL
 from bench.runner import evaluation_r_flops
 from methods import ragged
 from methods.base import FitReport, budgeted_batches
@@ -244,6 +244,10 @@ def _training_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
 
 
+#: LTMP knobs whose fit moves the thresholds visibly in a few steps on the tiny ViT (rates x10 / x10^4 the paper's)
+FAST_FIT = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
+
+
 def _fit_tiny(reducer, steps: int = 8) -> tuple[torch.Tensor, torch.Tensor, FitReport]:
     """``steps`` SGD steps of ``reducer`` on a peaked tiny ViT: all its thresholds before and after, and the report."""
     model = peaked_vit()
@@ -271,12 +275,11 @@ def test_clip_grad_bounds_every_threshold_step() -> None:
     most 5e-5 in L2 norm, so 8 steps by at most 4e-4; without clipping the same fit moves them further. The tolerance
     is float32's rounding of the four merge thresholds near 0.9 (half a spacing, 3e-8, per step and threshold: 8 * 3e-8
     * sqrt(4) = 4.8e-7 in norm), which is 1e-3 of the bound, not 1e-5."""
-    knobs = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
-    before, after, report = _fit_tiny(methods.create("ltmp", clip_grad=1e-3, **knobs))
+    before, after, report = _fit_tiny(methods.create("ltmp", clip_grad=1e-3, **FAST_FIT))
     assert report.steps == 8 and report.skipped_steps == 0
     assert report.extra["clipped_steps"] == 8 and report.extra["max_grad_norm"] > 1e-3
     assert 0 < float((after - before).norm()) <= 8 * 0.05 * 1e-3 + 4.8e-7
-    before, after, report = _fit_tiny(methods.create("ltmp", **knobs))
+    before, after, report = _fit_tiny(methods.create("ltmp", **FAST_FIT))
     assert report.extra["clipped_steps"] == 0
     assert float((after - before).norm()) > 8 * 0.05 * 1e-3
 
@@ -296,9 +299,11 @@ def test_only_a_tokens_pass_a_gradient_to_the_merge_threshold() -> None:
     reducer._decide(0, ctx, torch.randn(1, 5, 3))
     assert ctx.alive.tolist() == [[1.0, 1.0, 0.0, 1.0, 1.0]]
     ctx.alive.sum().backward()
-    slope = lambda cosine: torch.sigmoid(torch.tensor((cosine - 0.9) / 0.5)).mul(
-        1 - torch.sigmoid(torch.tensor((cosine - 0.9) / 0.5))) / 0.5
-    assert float(reducer.theta_merge.grad) == pytest.approx(float(slope(0.95) + slope(math.cos(math.pi / 6))), rel=1e-5)
+    def slope(cosine: float) -> float:  # d sigmoid((cosine - theta) / tau) / d theta, up to its sign
+        s = torch.sigmoid(torch.tensor((cosine - 0.9) / 0.5))
+        return float(s * (1 - s) / 0.5)
+
+    assert float(reducer.theta_merge.grad) == pytest.approx(slope(0.95) + slope(math.cos(math.pi / 6)), rel=1e-5)
 
 
 def test_a_fit_changes_nothing_but_the_thresholds() -> None:
@@ -307,7 +312,7 @@ def test_a_fit_changes_nothing_but_the_thresholds() -> None:
     compute no gradient for the backbone, and hand its parameters back trainable."""
     torch.manual_seed(0)
     model = timm.create_model(EMBEDDED_MODEL).eval()
-    reducer = methods.create("ltmp", r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
+    reducer = methods.create("ltmp", **FAST_FIT)
     reducer.apply(model)
     backbone = {name: value.clone() for name, value in model.state_dict().items()}
     images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -324,7 +329,7 @@ def test_the_fit_records_its_largest_gradient_norm(monkeypatch) -> None:
     norms = []
     total_norm = torch.nn.utils.get_total_norm
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: norms.append(total_norm(grads)) or norms[-1])
-    _, _, report = _fit_tiny(methods.create("ltmp", r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002))
+    _, _, report = _fit_tiny(methods.create("ltmp", **FAST_FIT))
     assert len(norms) == 8 and max(norms) > norms[-1]
     assert report.extra["max_grad_norm"] == float(max(norms))
 
@@ -335,7 +340,7 @@ def test_one_fit_step_is_one_sgd_step_on_the_papers_loss(case: str) -> None:
     label smoothing 0.1 + lambda (r_FLOPs - r_target)^2, its gradient g with respect to the thresholds, then
     theta - lr * g (SGD, no momentum), clamped to [0, 1]. "clipped": ``clip_grad`` at 0.75 of g's norm scales g by
     0.75; "clamped": learning rates so large that both kinds of threshold leave [0, 1] before the clamp."""
-    knobs = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002)
+    knobs = dict(FAST_FIT)
     if case == "clamped":
         knobs.update(lr_merge=1e3, lr_prune=1e3)
     model = peaked_vit()
@@ -383,7 +388,7 @@ def test_cosine_lr_schedule_scales_every_step_by_its_hand_computed_factor() -> N
     thresholds by exactly lr * factor_k * 1e-3, factor_k = (1 + cos(pi k / 8)) / 2: 1, 0.96194, 0.85355, 0.69134,
     0.5, 0.30866, 0.14645 for k = 0..6 (the 8th step's move is not observed). ``constant`` moves 1 every step. The
     tolerance is float32's rounding of thresholds near 0.9 (6e-8) against moves of ~1.5e-5 per threshold."""
-    knobs = dict(r_target=0.3, lr_merge=0.05, lr_prune=0.05, init_prune=0.002, clip_grad=1e-3)
+    knobs = {**FAST_FIT, "clip_grad": 1e-3}
     for schedule, expected in (("cosine", [1.0, 0.96194, 0.85355, 0.69134, 0.5, 0.30866, 0.14645]),
                                ("constant", [1.0] * 7)):
         reducer = methods.create("ltmp", lr_schedule=schedule, **knobs)

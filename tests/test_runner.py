@@ -17,7 +17,9 @@ from bench import data, runner
 from bench.accuracy import evaluate
 from bench.errors import BenchError
 from bench.flops import embed_macs
+import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
 from tests.conftest import image_batch, tiny_vit
+from tests.test_store import tiny_config
 
 LTMP_KNOBS = {"r_target": 0.7, "init_merge": 0.7, "init_prune": 0.01}  # on tiny_vit: 41-54 tokens after the last block
 
@@ -96,9 +98,6 @@ def test_the_recorded_commit_says_whether_the_tree_was_changed(tmp_path: Path, m
 def test_the_seed_orders_the_training_images(tmp_path: Path, tiny_imagefolder: Path) -> None:
     """A fit reads the training images in an order drawn from the seed: the same seed gives the same order every
     time, another seed another order, and every order holds each of the 18 images once."""
-    import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
-    from tests.test_store import tiny_config
-
     def training_order(seed: int) -> list[float]:
         config = config_mod.load(str(tiny_config(tmp_path, tiny_imagefolder, [2])))
         config.update(seed=seed, train_data=str(tiny_imagefolder), workers=0)
@@ -163,8 +162,6 @@ def test_impossible_counts_are_refused_before_the_run(setting: str, value, messa
 def test_a_limit_above_the_images_is_noted_and_one_below_is_not(tiny_imagefolder: Path, capsys, monkeypatch) -> None:
     """``--limit`` above the folder's 18 images evaluates all 18 with a note; a limit of 18 or fewer draws that many,
     silently. A run whose images cannot give every rank one is refused (here a rank's shard made empty)."""
-    import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
-
     config = {**config_mod.load(None), "model": "test_tiny_vit", "dataset": "imagefolder",
               "data": str(tiny_imagefolder), "data_dir": None, "methods": [{"method": "none"}], "workers": 0}
     for limit, images, noted in ((50, 18, True), (18, 18, False), (5, 5, False)):
