@@ -17,7 +17,8 @@ Differences from the reference code (the paper is followed; tests pin each):
   distillation / register tokens be merged *into*); for CLS-only models the split is identical;
 * kept A tokens are always re-sorted to their original order (the reference sorts only with a CLS token),
   so the next layer's alternation does not depend on the score order;
-* the similarity ignores dead (padded) tokens when run after a reducer that pads.
+* the similarity ignores dead (padded) tokens when run after a reducer that pads (no shipped plug-in pads
+  before ToMe; a subclass that does must keep ``r`` within each image's alive A tokens, or padding merges).
 """
 from __future__ import annotations
 

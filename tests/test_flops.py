@@ -78,15 +78,18 @@ def test_fused_attention_on_the_cpu_is_counted_exactly() -> None:
     assert counted_macs(attention, query, key, value) == 2 * 3 * 5 * 7 * (4 + 4)
 
 
-def test_tome_similarity_is_counted() -> None:
-    model, reducer = prepared("tome", r=8)
+@pytest.mark.parametrize("r, expected", [
+    (8, (32 * 32 + 28 * 28 + 24 * 24 + 20 * 20) * 16),  # layer sizes 65, 57, 49, 41 tokens: |A| x |B|, head_dim 16
+    ([0, 3, 0, 0], 32 * 32 * 16),  # only the block that merges computes the similarity
+])
+def test_tome_similarity_is_counted(r: int | list[int], expected: int) -> None:
+    model, reducer = prepared("tome", r=r)
     ctx = model._reduction_ctx
     with torch.no_grad():
         model(image_batch(model, batch=1))
     counts = ctx.counts()
     extra = sum(float(reducer.extra_macs(l, counts[:, l, 0], counts[:, l, 1], ctx.dims)[0]) for l in range(4))
-    # layer sizes 65, 57, 49, 41 tokens: |A| x |B| = 32*32 + 28*28 + 24*24 + 20*20, head_dim 16
-    assert extra == (32 * 32 + 28 * 28 + 24 * 24 + 20 * 20) * 16
+    assert extra == expected
 
 
 def test_similarity_macs_are_the_bipartite_split_sizes_times_head_dim() -> None:

@@ -70,11 +70,56 @@ def test_r_schedules() -> None:
     assert r_schedule(8, 4) == [8, 8, 8, 8]
     assert r_schedule(8, 12, inflect=-1) == [16, 14, 13, 11, 10, 8, 7, 5, 4, 2, 1, 0]
     assert r_schedule([4, 2], 4) == [4, 2, 0, 0]
+    # fractional ends: first = int(7 * 0.5) = 3, last = 2 * 7 - 3 = 11 (the two ends still average r), middle int(7.0)
+    assert r_schedule(7, 3, inflect=0.5) == [3, 7, 11]
+    assert r_schedule(7, 3, inflect=-0.5) == [10, 7, 4]  # int(10.5) = 10, 14 - 10 = 4
+    assert r_schedule(8, 1, inflect=-1) == [16]  # one block: the first layer's count
 
 
 def test_impossible_r_is_rejected_with_one_line() -> None:
     with pytest.raises(BenchError, match=r"use r <= 32"):
         methods.create("tome", r=40).apply(tiny_vit())  # 64 patches
+
+
+def test_r_limit_is_half_the_patches_rounded_down() -> None:
+    """5 x 5 = 25 patches: 12 A tokens may all merge (r = 12 is accepted), 13 would be more than half."""
+    methods.create("tome", r=12).apply(tiny_vit(img_size=20))
+    with pytest.raises(BenchError, match=r"tome.r=13 merges more than half of the 25 patch tokens.*use r <= 12"):
+        methods.create("tome", r=13).apply(tiny_vit(img_size=20))
+
+
+@pytest.mark.parametrize("alive, out, alive_after", [
+    # patch 4 dead: patch2 -> patch1 (0.995) as without padding; the dead A token stays, still dead
+    ([1, 1, 1, 1, 0], [7.0, 40.0, 15.0, 30.0], [1, 0, 1, 1]),
+    # patch 2 dead: its 0.995 to patch1 does not count; patch4 -> patch3 (0.981): (30 + 40) / 2
+    ([1, 1, 0, 1, 1], [7.0, 20.0, 10.0, 35.0], [1, 0, 1, 1]),
+    # patch 1 dead: nothing merges into it; patch4 -> patch3 (0.981) beats patch2 -> patch3 (0.0995)
+    ([1, 0, 1, 1, 1], [7.0, 20.0, 10.0, 35.0], [1, 1, 0, 1]),
+])
+def test_dead_tokens_neither_merge_nor_receive_and_stay_dead(alive: list[int], out: list[float],
+                                                              alive_after: list[int]) -> None:
+    """After a reducer that pads, a dead (padding) token takes no part in the matching (the cosines of the
+    module's comment at the top), and ``ctx.alive`` follows the tokens: [CLS, kept A, B]."""
+    reducer, ctx = context(1)
+    ctx.alive = torch.tensor([alive], dtype=torch.bool)
+    merged = reducer.reduce(0, X, ctx)
+    assert merged[0, :, 0].tolist() == out
+    assert ctx.alive[0].int().tolist() == alive_after
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_prop_attn_knob_switches_the_log_size_bias(prop_attn: bool) -> None:
+    """With ``prop_attn=False`` a token's size does not change the attention (ToMe's ablation); with it, it does."""
+    model = tiny_vit(depth=1)
+    methods.create("tome", r=0, prop_attn=prop_attn).apply(model)
+    attn, ctx = model.blocks[0].attn, model._reduction_ctx
+    x = torch.randn(1, 5, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ctx.reset()
+        unsized = attn(x)
+        ctx.size = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0]])
+        sized = attn(x)
+    assert torch.equal(sized, unsized) is not prop_attn
 
 
 def test_proportional_attention_equals_duplicated_tokens() -> None:

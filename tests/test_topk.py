@@ -13,7 +13,9 @@ from tests.conftest import hand_dims
 def test_pruning_layers_are_evits_4th_7th_and_10th_of_12() -> None:
     assert pruning_layers(12) == (3, 6, 9)
     assert pruning_layers(4) == (1, 2, 3)
+    assert pruning_layers(3) == (1, 2)  # step 1: blocks 1, 2 and 3 capped at the last, 2
     assert pruning_layers(2) == (1,)
+    assert pruning_layers(1) == (0,)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -31,6 +33,24 @@ def test_keeps_the_ceil_of_keep_rate_most_attended_tokens_and_fuses_the_rest_by_
         assert ctx.size[0].tolist() == [1.0, 1.0, 1.0, 1.0, 2.0]
     else:
         assert out.tolist() == [7.0, 20.0, 40.0, 50.0]
+
+
+def test_kept_tokens_keep_their_position_order() -> None:
+    """CLS attention rising with position (0.1, 0.15, 0.05, 0.3, 0.4) ranks patches 5, 4, 2; they are kept as 2, 4, 5."""
+    reducer = methods.create("topk", keep_rate=0.5, fuse=False)
+    ctx = ReductionContext(reducer, hand_dims(5, depth=4))
+    ctx.stats["cls_attn"] = torch.tensor([[0.0, 0.1, 0.15, 0.05, 0.3, 0.4]])
+    x = torch.tensor([[[7.0], [10.0], [20.0], [30.0], [40.0], [50.0]]])
+    assert reducer.reduce(1, x, ctx)[0, :, 0].tolist() == [7.0, 20.0, 40.0, 50.0]
+
+
+def test_a_keep_rate_that_keeps_every_token_adds_no_fused_token() -> None:
+    """keep_rate 0.9 of 5 patches keeps ceil(4.5) = 5: nothing is pruned, so nothing is fused (no empty fused token)."""
+    reducer = methods.create("topk", keep_rate=0.9, fuse=True)
+    ctx = ReductionContext(reducer, hand_dims(5, depth=4))
+    ctx.stats["cls_attn"] = torch.tensor([[0.0, 0.1, 0.4, 0.05, 0.3, 0.15]])
+    x = torch.tensor([[[7.0], [10.0], [20.0], [30.0], [40.0], [50.0]]])
+    assert torch.equal(reducer.reduce(1, x, ctx), x)
 
 
 @pytest.mark.parametrize("num_prefix", [0, 2])
