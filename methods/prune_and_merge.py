@@ -67,8 +67,7 @@ def search_structure(scores: torch.Tensor, num_prefix: int, keep_rate: float, pr
     centre = torch.zeros(total, dtype=torch.bool)
     pruned = torch.zeros(total, dtype=torch.bool)
     centre[order[:n_centre]] = True
-    if n_pruned:
-        pruned[order[total - n_pruned:]] = True
+    pruned[order[total - n_pruned:]] = True
     pad = torch.zeros(scores.shape[0], num_prefix, dtype=torch.bool)
     return torch.cat([pad, centre.view_as(patch_scores)], 1), torch.cat([pad, pruned.view_as(patch_scores)], 1)
 
@@ -149,7 +148,7 @@ class PruneAndMerge(TokenReducer):
                 scores = gradient_attention_scores(loss, ctx.attention_maps).float().cpu()
                 total = scores if total is None else total + scores
                 images += len(y)
-                ctx.attention_maps = []
+                ctx.attention_maps = []  # free the maps and their graph now (the next forward would, later)
         finally:
             self.calibrating = False
         if total is None:

@@ -1,5 +1,5 @@
 """torchrun with two gloo processes on the embedded data equals a single-process run, and so do two spawned gloo ranks'
-evaluations of one batch, synchronised."""
+evaluations of one batch, synchronised, and their fits (LTMP's gradients averaged, Prune-and-Merge's scores summed)."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
+import methods
 from bench import distributed
 from bench.accuracy import EvalResult
 from bench.store import Store
+from methods.parallel import all_ranks_true
 from tests.conftest import ROOT
+from tests.test_ltmp import FAST_FIT, _thresholds, _training_batch, peaked_vit
 
 CONFIG = """
 model: vit_fmnist_convstem
@@ -143,3 +146,62 @@ def test_synchronised_ranks_equal_one_process(tmp_path: Path) -> None:
     for reduced, reference in zip(synchronised["tokens"], (alone.token_sum, alone.token_min, alone.token_max)):
         assert torch.equal(reduced.long(), reference)
     assert torch.equal(synchronised["hits"], alone.image_hits())
+
+
+def _one_step_fits(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One LTMP SGD step and a Prune-and-Merge calibration, each on ``images: (B, 3, 32, 32)`` of the tiny ViT: the
+    thresholds after the step, the calibration's scores and merge matrices, and whether the plug-ins' parameters were
+    left attached to the models."""
+    ltmp_model, ltmp = peaked_vit(), methods.create("ltmp", **FAST_FIT)
+    ltmp.apply(ltmp_model)
+    ltmp.fit(ltmp_model, lambda: iter([(images, labels)]), {"budget_images": len(labels)}, progress=False)
+    pm_model, pm = peaked_vit(), methods.create("pm", keep_rate=0.5, prune_rate=0.1, calib_batches=1)
+    pm.apply(pm_model)
+    pm.fit(pm_model, lambda: iter([(images, labels)]), {"budget_images": len(labels)}, progress=False)
+    attached = any(name == "_plugin_trainables" for model in (ltmp_model, pm_model) for name, _ in model.named_children())
+    return {"thresholds": _thresholds(ltmp), "scores": pm.scores, "M": torch.cat([m.detach() for m in pm.M], 0),
+            "attached": torch.tensor(attached)}
+
+
+def fit_on_rank(rank: int, folder: str) -> None:
+    """One of two gloo ranks: fit on its half of the 16 training images (rank r takes images r, r + 2, ...); the
+    collective helpers' answers to rank-dependent flags; everything saved per rank."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        images, labels = _training_batch()
+        shard = distributed.shard(torch.arange(16))
+        result = _one_step_fits(images[shard], labels[shard])
+        result["flags"] = torch.tensor([all_ranks_true(rank == 0), all_ranks_true(True), distributed.broadcast_flag(rank == 0),
+                                        distributed.broadcast_flag(rank == 1)])
+        torch.save(result, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fits_under_two_ranks_average_the_gradients_and_sum_the_calibration(tmp_path: Path) -> None:
+    """Two gloo ranks, each with half of the images:
+
+    * LTMP's thresholds after one step are the same on both ranks and equal the mean of the two single-process steps
+      on each half (DDP averages the gradients; SGD is linear in them, and no threshold reaches the clamp);
+    * Prune-and-Merge's calibration scores are those of one process calibrating on both halves (scores summed over
+      ranks), so both ranks build the same merge matrices;
+    * the plug-ins' parameters are detached from the model once the fit ends;
+    * a step is skipped only if every rank agrees (``all_ranks_true`` is an AND), and rank 0's flag is broadcast."""
+    torch.multiprocessing.spawn(fit_on_rank, args=(str(tmp_path),), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    images, labels = _training_batch()
+    halves = [_one_step_fits(images[rank::2], labels[rank::2]) for rank in range(2)]
+    start = _thresholds(methods.create("ltmp", **FAST_FIT))
+    mean_step = (halves[0]["thresholds"] + halves[1]["thresholds"]) / 2
+    assert not torch.equal(halves[0]["thresholds"], halves[1]["thresholds"])  # the halves pull differently
+    assert bool(((mean_step > 0) & (mean_step < 1)).all()) and not torch.equal(mean_step, start)
+    pm_both = methods.create("pm", keep_rate=0.5, prune_rate=0.1, calib_batches=2)
+    model = peaked_vit()
+    pm_both.apply(model)
+    pm_both.calibrate(model, [(images[0::2], labels[0::2]), (images[1::2], labels[1::2])])
+    for result in ranks:
+        assert torch.allclose(result["thresholds"], mean_step, atol=1e-6, rtol=0)
+        assert torch.allclose(result["scores"], pm_both.scores, atol=1e-6, rtol=1e-5)
+        assert torch.equal(result["M"], torch.cat([m.detach() for m in pm_both.M], 0))
+        assert not bool(result["attached"])
+        assert result["flags"].tolist() == [False, True, True, False]

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import methods
 from bench.errors import BenchError
 from methods.base import FitReport
+from methods.blocks import ModelDims
 from methods.prune_and_merge import merge_matrix, search_structure
-from tests.conftest import image_batch, tiny_vit
+from tests.conftest import hand_dims, image_batch, tiny_vit
 
 
 def test_merge_matrix_on_hand_made_scores() -> None:
@@ -45,6 +47,35 @@ def test_merged_token_without_a_centre_in_its_row_joins_the_nearest_in_raster_or
     centre = torch.tensor([False, True, False, False, False])
     m, _ = merge_matrix(score, centre, torch.zeros(5, dtype=torch.bool), 1, 2)
     assert torch.allclose(m[1], torch.tensor([0, 1, 0.2, 0.2, 0.2]))
+
+
+def test_ties_go_to_the_left_centre_in_a_row_and_to_the_earlier_one_in_raster_order() -> None:
+    """CLS + a 3 x 3 grid, positions 1 2 3 / 4 5 6 / 7 8 9, centres 1, 3 and 7 (score 1; the others 0.5). Position 2
+    is one column from both centres of its row and joins 1, the left one. Row 1 has no centre: position 5 is 2 steps
+    from 3 and from 7 in raster order and joins 3, the earlier; 4 joins 3 (1 step), 6 joins 7 (1 step)."""
+    score = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.5, 0.5, 0.5, 1.0, 0.5, 0.5])
+    centre = torch.zeros(10, dtype=torch.bool)
+    centre[[1, 3, 7]] = True
+    m, _ = merge_matrix(score, centre, torch.zeros(10, dtype=torch.bool), num_prefix=1, grid_width=3)
+    assert m.tolist() == [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0.5, 0, 0, 0, 0, 0, 0, 0],
+                          [0, 0, 0, 1, 0.5, 0.5, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0.5, 1, 0.5, 0.5]]
+
+
+def test_a_block_without_centres_prunes_every_patch() -> None:
+    """No centre in the block: the tokens that would merge are pruned too, and M keeps the CLS row alone."""
+    pruned = torch.tensor([False, False, True, False, False])
+    m, final_pruned = merge_matrix(torch.tensor([0.0, 0.5, 0.1, 0.3, 0.2]), torch.zeros(5, dtype=torch.bool), pruned, 1, 2)
+    assert m.tolist() == [[1, 0, 0, 0, 0]]
+    assert final_pruned.tolist() == [False, True, True, True, True]
+    assert not pruned[1]  # the caller's mask is not changed
+
+
+def test_structure_search_rounds_the_counts_to_the_nearest() -> None:
+    """2 blocks x 4 patches = 8 slots: keep 0.7 -> round(5.6) = 6 centres, prune 0.2 -> round(1.6) = 2 pruned."""
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.1, 0.7], [0.0, 0.6, 0.5, 0.4, 0.05]])
+    centre, pruned = search_structure(scores, 1, keep_rate=0.7, prune_rate=0.2)
+    assert centre.tolist() == [[False, True, True, False, True], [False, True, True, True, False]]
+    assert pruned.tolist() == [[False, False, False, True, False], [False, False, False, False, True]]
 
 
 def test_structure_search_counts_match_the_rates() -> None:
@@ -108,6 +139,44 @@ def test_calibration_computes_no_weight_gradient() -> None:
     assert all(parameter.grad is None for parameter in model.parameters())
 
 
+def test_scores_are_normalised_per_block_then_weighted_by_depth_and_r_is_the_pseudo_inverse() -> None:
+    """Raw scores of 2 blocks over CLS + 4 patches: each block's patch scores sum to 1, then block l is weighted by
+    1 - 0.25 l (the CLS column is left alone); every block's R is pinv(M)."""
+    reducer = methods.create("pm", keep_rate=0.5, prune_rate=0.25, depth_decay=0.25)
+    dims = ModelDims.of(tiny_vit(img_size=8, depth=2))  # 2 x 2 = 4 patches
+    reducer.set_scores(torch.tensor([[9.0, 2.0, 2.0, 4.0, 0.0], [9.0, 1.0, 3.0, 0.0, 4.0]]), dims)
+    assert reducer.scores.tolist() == [[9.0, 0.25, 0.25, 0.5, 0.0], [6.75, 0.09375, 0.28125, 0.0, 0.375]]
+    for m, r in zip(reducer.M, reducer.R):
+        assert torch.allclose(r.detach(), torch.linalg.pinv(m.detach()))
+
+
+def test_token_groups_are_ms_nonzero_pattern() -> None:
+    """The token map of a block is M's nonzero pattern, whatever the weights' size (0.25 and 0.5 here), one per image;
+    the pruned position 4 belongs to no token."""
+    reducer = methods.create("pm")
+    score = torch.tensor([0.0, 0.2, 0.8, 0.4, 0.05, 0.3, 0.6])
+    m, pruned = merge_matrix(score, torch.tensor([False, False, True, False, False, False, True]),
+                             torch.tensor([False, False, False, False, True, False, False]), 1, 3)
+    reducer.load_learned_state({"M.0": m, "R.0": torch.linalg.pinv(m), "pruned.0": pruned})
+    ctx = methods.blocks.ReductionContext(reducer, hand_dims(6))
+    ctx.begin_shape = (2, 7)
+    groups = reducer.token_groups(0, ctx)
+    assert groups.shape == (2, 3, 7)
+    assert groups[1].tolist() == [[1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1]]
+
+
+def test_matrices_for_another_token_count_are_refused() -> None:
+    """A structure calibrated for 65 tokens (32 x 32 images) does not fit 17 (16 x 16): a one-line error, not a
+    shape error from a matmul."""
+    reducer = methods.create("pm", keep_rate=0.5)
+    reducer.prepare_for_test(reducer.apply(tiny_vit()))
+    other = methods.create("pm", keep_rate=0.5)
+    model = other.apply(tiny_vit(img_size=16))
+    other.load_learned_state(reducer.learned_state())
+    with pytest.raises(BenchError, match="calibrated for 65 tokens, got 17"):
+        model(torch.zeros(1, 3, 16, 16))
+
+
 def test_full_keep_is_the_identity_and_reproduces_logits() -> None:
     model = tiny_vit()
     x = image_batch(model)
@@ -120,6 +189,8 @@ def test_full_keep_is_the_identity_and_reproduces_logits() -> None:
     assert all(torch.equal(m.detach(), torch.eye(65)) and torch.allclose(r.detach(), torch.eye(65)) for m, r in zip(reducer.M, reducer.R))
     with torch.no_grad():
         assert torch.allclose(model(x), reference, atol=1e-5)
+    dims = model._reduction_ctx.dims
+    assert all(float(reducer.extra_macs(l, torch.tensor([65]), torch.tensor([65]), dims)[0]) == 0 for l in range(4))
 
 
 def test_reduced_forward_is_the_papers_formula_image_by_image() -> None:
@@ -165,10 +236,10 @@ def test_static_counts_state_round_trip_and_impossible_rates() -> None:
         methods.create("pm", keep_rate=0.95, prune_rate=0.1)
 
 
-def finetuning_setup(keep_rate: float, images: int = 32):
-    """The tiny ViT patched by pm-ft at ``keep_rate`` and seeded random images/labels in batches of 16."""
+def finetuning_setup(keep_rate: float, images: int = 32, **knobs):
+    """The tiny ViT patched by pm-ft at ``keep_rate`` (and ``knobs``) and seeded random images/labels in batches of 16."""
     model = tiny_vit()
-    reducer = methods.create("pm", keep_rate=keep_rate, regime="finetuned", lr=1e-2, calib_batches=1)
+    reducer = methods.create("pm", keep_rate=keep_rate, regime="finetuned", lr=1e-2, calib_batches=1, **knobs)
     reducer.apply(model)
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(images, 3, 32, 32, generator=generator), torch.randint(0, 10, (images,), generator=generator)
@@ -185,6 +256,51 @@ def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
         assert torch.equal(m.detach()[0], torch.eye(1, m.shape[1])[0])  # CLS row stays one-hot
         assert bool((m.detach()[zeros] == 0).all())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_one_finetuning_step_is_one_adam_step_on_the_distillation_loss() -> None:
+    """The first fine-tuning step recomputed by hand: the teacher is the unpatched model, loss = CE(student) + alpha T^2
+    KL(softmax(teacher / T) || softmax(student / T)) at alpha 0.5, T 4; its gradient with respect to M and R is
+    masked to M's nonzero entries and to R's rows of kept tokens, then one Adam step at lr 1e-2, and M's CLS row is
+    reset to one-hot. Non-default alpha and T, so that neither factor can go missing unnoticed."""
+    knobs = dict(keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1, alpha=0.5, temperature=4.0)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    with torch.no_grad():
+        teacher = tiny_vit()(x)
+    hand = methods.create("pm", **knobs)
+    student_model = hand.apply(tiny_vit())
+    hand.calibrate(student_model, [(x, y)])
+    trained = [layer for layer, identity in enumerate(hand.identity) if not identity]
+    assert trained  # the step below is not vacuous
+    params = [hand.M[l] for l in trained] + [hand.R[l] for l in trained]
+    masks = [(hand.M[l].detach() != 0).float() for l in trained] + [(~hand.pruned[l]).float()[:, None] for l in trained]
+    student = student_model(x)
+    loss = F.cross_entropy(student, y) + 0.5 * 16.0 * F.kl_div(
+        F.log_softmax(student / 4.0, -1), F.softmax(teacher / 4.0, -1), reduction="batchmean")
+    expected = [p.detach().clone().requires_grad_() for p in params]
+    for parameter, gradient, mask in zip(expected, torch.autograd.grad(loss, params), masks):
+        parameter.grad = gradient * mask
+    torch.optim.Adam(expected, lr=1e-2).step()
+    with torch.no_grad():
+        for m in expected[:len(trained)]:
+            m[0] = torch.eye(1, m.shape[1])[0]
+    fitted = methods.create("pm", **knobs)
+    model = fitted.apply(tiny_vit())
+    fitted.fit(model, lambda: iter([(x, y)]), {"budget_images": 16}, progress=False)
+    got = [fitted.M[l] for l in trained] + [fitted.R[l] for l in trained]
+    for parameter, reference in zip(got, expected):
+        assert torch.allclose(parameter.detach(), reference.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("train_all", [False, True])
+def test_train_all_finetunes_the_backbone_too(train_all: bool) -> None:
+    model, reducer, _, _, batches = finetuning_setup(0.4, train_all=train_all)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    reducer.fit(model, batches, {"budget_images": 16}, progress=False)
+    changed = [name for name, value in model.state_dict().items() if not torch.equal(value, before[name])]
+    assert (changed != []) is train_all
+    assert not train_all or "blocks.0.attn.qkv.weight" in changed
 
 
 def test_finetuning_stops_at_its_budget_when_the_last_step_is_skipped() -> None:
