@@ -172,7 +172,7 @@ def fit_on_rank(rank: int, folder: str) -> None:
         shard = distributed.shard(torch.arange(16))
         result = _one_step_fits(images[shard], labels[shard])
         result["flags"] = torch.tensor([all_ranks_true(rank == 0), all_ranks_true(True), distributed.broadcast_flag(rank == 0),
-                                        distributed.broadcast_flag(rank == 1)])
+                                        distributed.broadcast_flag(rank == 1), distributed.rank() == rank])
         torch.save(result, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -186,7 +186,8 @@ def test_fits_under_two_ranks_average_the_gradients_and_sum_the_calibration(tmp_
     * Prune-and-Merge's calibration scores are those of one process calibrating on both halves (scores summed over
       ranks), so both ranks build the same merge matrices;
     * the plug-ins' parameters are detached from the model once the fit ends;
-    * a step is skipped only if every rank agrees (``all_ranks_true`` is an AND), and rank 0's flag is broadcast."""
+    * a step is skipped only if every rank agrees (``all_ranks_true`` is an AND), rank 0's flag is broadcast, and each
+      rank knows its rank."""
     torch.multiprocessing.spawn(fit_on_rank, args=(str(tmp_path),), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     images, labels = _training_batch()
@@ -204,4 +205,4 @@ def test_fits_under_two_ranks_average_the_gradients_and_sum_the_calibration(tmp_
         assert torch.allclose(result["scores"], pm_both.scores, atol=1e-6, rtol=1e-5)
         assert torch.equal(result["M"], torch.cat([m.detach() for m in pm_both.M], 0))
         assert not bool(result["attached"])
-        assert result["flags"].tolist() == [False, True, True, False]
+        assert result["flags"].tolist() == [False, True, True, False, True]
