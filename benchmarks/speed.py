@@ -102,11 +102,12 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
     def calibrating(layer, ctx_, packing):
         rest = packing.alive.clone()  # the alive non-prefix tokens (the padding holds no scores)
         rest[:, :ctx_.num_prefix] = False
-        with torch.no_grad():
+        with torch.no_grad():  # a block left without scores (too few tokens) keeps its thresholds
             if "keys" in ctx_.needs:
                 best, _ = reducer._matches(ctx_, rest)
-                reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
-            if "importance" in ctx_.needs:
+                if bool((best > -2).any()):
+                    reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
+            if "importance" in ctx_.needs and bool(rest.any()):
                 reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][rest].float(), prune_q)
         return original(layer, ctx_, packing)
 

@@ -1,18 +1,20 @@
 """The arithmetic of ``benchmarks/speed.py`` (what issue #5's bars are read from), on fixed times and tiny models."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import methods
 from bench.flops import counted_macs
 from bench.latency import Timing
 from methods import ragged
 from tests.conftest import image_batch, load_script, tiny_vit
-from tests.test_ltmp import with_thresholds
+from tests.test_ltmp import peaked_vit, with_thresholds
 
 
 def test_speedup_and_realisation_of_fixed_times(monkeypatch, tmp_path: Path) -> None:
@@ -54,6 +56,41 @@ def test_gmacs_ratio_agrees_with_the_flop_counter() -> None:
     assert counted > 1.3 and load_script("speed").gmacs_ratio(model, x) == pytest.approx(counted, rel=0.01)
 
 
+def test_gmacs_ratio_of_images_with_different_counts_is_over_their_mean() -> None:
+    """LTMP leaves four images different counts: the ratio is the unreduced model's MACs over the images' mean MACs,
+    each image counted alone by ``FlopCounterMode`` (over their largest, it would be 5 % lower here)."""
+    model, _, x = with_thresholds("ltmp", 3)
+    alone = [counted_macs(model, x[i:i + 1]) for i in range(len(x))]
+    assert max(alone) / (sum(alone) / len(alone)) > 1.03
+    expected = counted_macs(tiny_vit(), x[:1]) / (sum(alone) / len(alone))
+    assert load_script("speed").gmacs_ratio(model, x) == pytest.approx(expected, rel=0.01)
+
+
+def test_quantile_thresholds_of_the_first_block_by_hand() -> None:
+    """Block 0 sees every token of every image, so its thresholds can be recomputed from the plain timm block: the merge
+    threshold is the 0.6 quantile of the A tokens' best key cosine to a B token (keys averaged over heads), the prune
+    threshold the 0.9 quantile of the attention each patch receives (mean over heads and queries); CLS is in neither.
+    (So aggressive that later blocks are left without a pair to match or a patch to score: they keep their thresholds
+    rather than fail on an empty quantile.)"""
+    plain = peaked_vit()
+    model = copy.deepcopy(plain)
+    reducer = methods.create("ltmp")
+    reducer.apply(model)
+    x = image_batch(model, batch=4)
+    load_script("speed").set_thresholds_by_quantile(model, reducer, x, merge_q=0.6, prune_q=0.9)
+    block = plain.blocks[0]
+    with torch.no_grad():
+        tokens = block.norm1(plain.norm_pre(plain._pos_embed(plain.patch_embed(x))))  # (B, N, C)
+        batch, n, channels = tokens.shape
+        heads = block.attn.num_heads
+        q, k, _ = block.attn.qkv(tokens).reshape(batch, n, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
+        keys = F.normalize(k.mean(1), dim=-1)  # (B, N, d)
+        best = (keys[:, 2::2] @ keys[:, 1::2].transpose(1, 2)).max(-1).values  # A = positions 2, 4, ..; B = 1, 3, ..
+        received = (q @ k.transpose(-2, -1) * block.attn.scale).softmax(-1).mean(dim=(1, 2))[:, 1:]  # (B, N - 1)
+    assert float(reducer.theta_merge.detach()[0]) == pytest.approx(float(torch.quantile(best.flatten(), 0.6)), abs=1e-5)
+    assert float(reducer.theta_prune.detach()[0]) == pytest.approx(float(torch.quantile(received.flatten(), 0.9)), rel=1e-4)
+
+
 def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
     """LTMP at thresholds that leave the four images different counts. A batch padded to its largest count would run
     more MACs than the images' own. The ragged batch runs less than that (its token-wise layers see only the images'
@@ -65,5 +102,13 @@ def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
     padded, executed = speed.padding_overhead(model, x)
     assert len(set(model._reduction_ctx.counts()[:, -1, 1].tolist())) > 1
     assert 1.0 < executed < padded
+    # the ragged batch's overhead is what FlopCounterMode counts for it over the four images alone
+    alone = [counted_macs(model, x[i:i + 1]) for i in range(len(x))]
+    assert executed == pytest.approx(counted_macs(model, x) / sum(alone), rel=2e-3)
+    # padding every image to each block's largest count costs more than padding each to the largest image, as the
+    # largest counts of blocks 1 and 2 belong to different images here
+    counts = model._reduction_ctx.counts()[:, :, 0]
+    assert counts[:, 1].argmax() != counts[:, 2].argmax()
+    assert padded > len(x) * max(alone) / sum(alone) * (1 + 1e-3)
     monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", 0.0)
     assert speed.padding_overhead(model, x) == (padded, 1.0)
