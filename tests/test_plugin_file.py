@@ -65,6 +65,8 @@ BROKEN_PLUGINS = {
     "syntax error": ("def broken(:\n", r"'{path}' failed while importing, at {path}:1: SyntaxError"),
     "error in a library call": ("import torch\n\ntorch.zeros(2, 3) @ torch.zeros(2, 3)\n",  # torch 2.14: no "mm: "
                                 r"at {path}:3: RuntimeError: (mm: )?mat1 and mat2 shapes cannot be multiplied"),
+    "error in a standard-library call": ("import json\n\njson.loads('{')\n",  # raised in json's own Python code
+                                         r"at {path}:3: JSONDecodeError: Expecting property name"),
     "missing dependency": ("import not_a_package_xyz\n", r"at {path}:1: ModuleNotFoundError: No module named "
                                                          r"'not_a_package_xyz'"),
     "name of a shipped method": (PLUGIN.replace('"first_k"', '"tome"'),
@@ -97,11 +99,26 @@ def test_plug_ins_that_are_not_there_name_the_fix(tmp_path: Path, monkeypatch) -
     monkeypatch.delenv(plugins.ENV_VAR, raising=False)
     with pytest.raises(BenchError, match=r"cannot import plug-in module 'not_there_xyz' .* --plugins path/to/my_method.py"):
         plugins.load_plugins("not_there_xyz")
+    with pytest.raises(BenchError, match=r"cannot import plug-in module 'not_there_xyz.sub' "):  # its package is missing
+        plugins.load_plugins("not_there_xyz.sub")
     with pytest.raises(BenchError, match=r"plug-in file .*nowhere.py not found"):
         plugins.load_plugins(str(tmp_path / "nowhere.py"))
     (tmp_path / "bench.py").write_text("")
     with pytest.raises(BenchError, match=r"has the name of the module 'bench' already imported .* rename the file"):
         plugins.load_plugins(str(tmp_path / "bench.py"))
+
+
+def test_a_plug_in_module_missing_a_dependency_names_the_dependency(tmp_path: Path, monkeypatch) -> None:
+    """A module that is there but imports a package that is not: the error is the plug-in's own failure (its line and
+    the missing package), not "cannot import plug-in module"."""
+    (tmp_path / "needs_dep_xyz.py").write_text("import not_a_package_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(BenchError, match=r"plug-in 'needs_dep_xyz' failed while importing, at .*needs_dep_xyz.py:1: "
+                                             r"ModuleNotFoundError: No module named 'not_a_package_xyz'"):
+            plugins.load_plugins("needs_dep_xyz")
+    finally:
+        sys.modules.pop("needs_dep_xyz", None)
 
 
 def test_a_plug_in_file_loads_once_under_its_stem(tmp_path: Path, monkeypatch) -> None:
