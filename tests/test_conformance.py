@@ -11,6 +11,7 @@ from timm.models.vision_transformer import Attention, ParallelScalingBlock, Visi
 import methods
 from bench.errors import BenchError
 from bench.flops import embed_macs, image_macs
+from methods.none import NoReduction
 from tests.conftest import TIMM_MODELS, image_batch, timm_vit, tiny_vit
 
 PLUGINS = sorted(methods.REGISTRY)
@@ -82,6 +83,23 @@ def test_off_setting_reproduces_unpatched_logits_with_every_attention_option(plu
     assert_off_setting_reproduces(plugin, tiny_vit(**ATTENTION_OPTIONS[options]))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_mode_applies_the_attention_dropout_as_timm_does(fused: bool) -> None:
+    """In training mode at attention dropout 1 every attention weight is dropped, in timm's attention and in the
+    patched one (fused SDPA or explicit probabilities), so the patched model's logits equal the unpatched model's,
+    and both differ from the evaluation-mode logits."""
+    model = tiny_vit(attn_drop_rate=1.0)
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    x = image_batch(model)
+    with torch.no_grad():
+        evaluated = model(x)
+        reference = model.train()(x)
+        patched, _ = prepared("none", model)
+        assert torch.allclose(patched(x), reference, atol=1e-5)
+    assert not torch.allclose(reference, evaluated, atol=1e-2)
+
+
 @pytest.mark.parametrize("model_name", sorted(TIMM_MODELS))
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_prefix_tokens_survive_reduction(plugin: str, model_name: str) -> None:
@@ -118,6 +136,14 @@ def test_unsupported_architecture_is_refused_by_apply(plugin: str, case: str) ->
     model = tiny_vit(**options)
     with pytest.raises(BenchError, match=re.escape(message)):
         methods.create(plugin).apply(model)
+
+
+def test_a_patch_embedding_without_a_convolution_is_refused() -> None:
+    """The image shape is read from the patch embedding's first Conv2d: without one, a one-line error says so."""
+    model = tiny_vit()
+    model.patch_embed.proj = torch.nn.Identity()
+    with pytest.raises(BenchError, match="PatchEmbed has no Conv2d: token reducers need a convolutional patch embedding"):
+        methods.create("none").apply(model)
 
 
 def test_unpatching_gives_back_the_plain_model_which_takes_another_reducer() -> None:
@@ -165,14 +191,47 @@ def test_image_alone_equals_image_in_batch(plugin: str, model_name: str | None, 
     assert torch.allclose(batched, alone, atol=1e-4)
 
 
-def test_average_pooling_weights_tokens_by_size_and_skips_dead_ones() -> None:
-    """CLS + 3 tokens of sizes 2, 1, 3, the last one dead (padding): (2 * 10 + 1 * 40) / 3 = 20; the CLS is not
-    pooled."""
+@pytest.mark.parametrize("size, alive, pooled", [
+    ([1.0, 2.0, 1.0, 3.0], [True, True, True, False], 20.0),  # (2 * 10 + 1 * 40) / 3: the dead token is left out
+    (None, [True, True, True, False], 25.0),  # no merges yet: (10 + 40) / 2
+    ([1.0, 2.0, 1.0, 3.0], None, 13.5),  # every token alive: (2 * 10 + 1 * 40 + 3 * 7) / 6
+])
+def test_average_pooling_weights_tokens_by_size_and_skips_dead_ones(size, alive, pooled: float) -> None:
+    """CLS + 3 tokens of values 10, 40, 7 and sizes 2, 1, 3, the last one dead (padding) where there is a mask; the
+    CLS (100) is not pooled."""
     model, _ = prepared("tome", tiny_vit(global_pool="avg"), r=0)
     ctx = model._reduction_ctx
-    ctx.size = torch.tensor([[1.0, 2.0, 1.0, 3.0]])
-    ctx.alive = torch.tensor([[True, True, True, False]])
-    assert model.pool(torch.tensor([[[100.0], [10.0], [40.0], [7.0]]])).tolist() == [[20.0]]
+    ctx.size = None if size is None else torch.tensor([size])
+    ctx.alive = None if alive is None else torch.tensor([alive])
+    assert model.pool(torch.tensor([[[100.0], [10.0], [40.0], [7.0]]])).tolist() == [[pooled]]
+
+
+def test_external_attention_masks_are_refused_not_ignored() -> None:
+    """A patched block or attention called with a mask or as causal raises, rather than attend where it was told not to."""
+    model, _ = prepared("none")
+    x = torch.randn(1, 65, 48)
+    mask = torch.zeros(1, 1, 65, 65, dtype=torch.bool)
+    for module in (model.blocks[0], model.blocks[0].attn):
+        for call in ({"attn_mask": mask}, {"is_causal": True}):
+            with pytest.raises(NotImplementedError, match="does not support external attention masks"):
+                module(x, **call)
+
+
+def test_a_reducers_finish_runs_after_the_last_block_and_before_the_final_norm() -> None:
+    """A plug-in's ``finish`` (here doubling the tokens) sees the last block's output; the final norm sees its result."""
+
+    class Doubling(NoReduction):
+        def finish(self, x: torch.Tensor, ctx) -> torch.Tensor:
+            return 2 * x
+
+    seen = {}
+    x = image_batch(tiny_vit())
+    for name, reducer in (("plain", methods.create("none")), ("doubled", Doubling())):
+        model = reducer.apply(tiny_vit())
+        model.norm.register_forward_hook(lambda module, args, output, name=name: seen.__setitem__(name, args[0]))
+        with torch.no_grad():
+            model(x)
+    assert torch.equal(seen["doubled"], 2 * seen["plain"])
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)

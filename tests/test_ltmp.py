@@ -34,8 +34,10 @@ def peaked_vit(**kwargs):
     return model
 
 
-def with_thresholds(name: str, seed: int, **knobs):
-    model = peaked_vit()
+def with_thresholds(name: str, seed: int, model_options: dict | None = None, **knobs):
+    """The peaked tiny ViT (built with ``model_options``) patched by ``name`` at random thresholds that reduce tokens,
+    and 4 random images."""
+    model = peaked_vit(**(model_options or {}))
     reducer = methods.create(name, trace_source=True, **knobs)
     reducer.apply(model)
     generator = torch.Generator().manual_seed(seed)
@@ -78,10 +80,12 @@ def test_evaluation_r_flops_is_the_papers_ratio_of_the_mean_token_fractions() ->
     assert evaluation_r_flops(tokens_mean, dims) == pytest.approx((360 / 440 + 170 / 440) / 2)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed, model_options", [(0, {}), (1, {}), (2, {}), (0, {"qk_norm": True})])
 @pytest.mark.parametrize("name", LEARNED)
-def test_masked_training_form_equals_dropping_inference_form(name: str, seed: int) -> None:
-    model, reducer, x = with_thresholds(name, seed)
+def test_masked_training_form_equals_dropping_inference_form(name: str, seed: int, model_options: dict) -> None:
+    """The two forms keep the same tokens and give the same logits; with qk-norm too (the dropping form's grouped
+    attention normalises queries and keys itself)."""
+    model, reducer, x = with_thresholds(name, seed, model_options)
     ctx = model._reduction_ctx
     with torch.no_grad():
         reducer.masked = False

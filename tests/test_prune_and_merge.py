@@ -232,6 +232,7 @@ def test_static_counts_state_round_trip_and_impossible_rates() -> None:
     other.load_learned_state(reducer.learned_state())
     with torch.no_grad():
         assert torch.allclose(other_model(image_batch(model, batch=3)), logits)
+    assert torch.equal(other.scores, reducer.scores)  # stored again by a re-save: the calibration's scores survive
     with pytest.raises(BenchError, match="exceed 1"):
         methods.create("pm", keep_rate=0.95, prune_rate=0.1)
 
@@ -256,6 +257,10 @@ def test_finetuning_keeps_the_structure_and_lowers_the_loss() -> None:
         assert torch.equal(m.detach()[0], torch.eye(1, m.shape[1])[0])  # CLS row stays one-hot
         assert bool((m.detach()[zeros] == 0).all())
     assert all(p.requires_grad for p in model.parameters())
+    stored = methods.create("pm", keep_rate=0.4)  # the trained R, not pinv of the trained M, is what is stored
+    stored.load_learned_state(reducer.learned_state())
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(stored.R, reducer.R))
+    assert not all(torch.allclose(r.detach(), torch.linalg.pinv(m.detach()), atol=1e-4) for m, r in zip(reducer.M, reducer.R))
 
 
 def test_one_finetuning_step_is_one_adam_step_on_the_distillation_loss() -> None:
@@ -291,6 +296,21 @@ def test_one_finetuning_step_is_one_adam_step_on_the_distillation_loss() -> None
     got = [fitted.M[l] for l in trained] + [fitted.R[l] for l in trained]
     for parameter, reference in zip(got, expected):
         assert torch.allclose(parameter.detach(), reference.detach(), atol=1e-6, rtol=0)
+
+
+def test_fit_runs_the_model_in_evaluation_mode() -> None:
+    """A model handed over in training mode (dropout 0.5 everywhere) calibrates and fine-tunes as it does in
+    evaluation mode: the same M and R."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    fitted = []
+    for training in (False, True):
+        model = tiny_vit(drop_rate=0.5, attn_drop_rate=0.5, proj_drop_rate=0.5)
+        reducer = methods.create("pm", keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1)
+        reducer.apply(model).train(training)
+        reducer.fit(model, lambda: iter([(x, y)]), {"budget_images": 16}, progress=False)
+        fitted.append([p.detach() for p in (*reducer.M, *reducer.R)])
+    assert all(torch.equal(a, b) for a, b in zip(*fitted))
 
 
 @pytest.mark.parametrize("train_all", [False, True])

@@ -8,9 +8,10 @@ import torch
 
 import methods
 from methods import ragged
-from methods.blocks import head_mean
+from methods.blocks import ReductionContext, head_mean
 from methods.ltmp import best_matches, merging_pairs
 from methods.ragged import Packing, plan_groups, ragged_attention
+from tests.conftest import hand_dims
 from tests.test_ltmp import peaked_vit, with_thresholds
 
 
@@ -220,8 +221,8 @@ def test_qk_norm_models_run_ragged_batches_like_single_images() -> None:
 
 @pytest.mark.parametrize("name", ["ltmp", "ltp", "ltm"])
 def test_blocks_carry_packed_tokens_exactly_like_the_hooked_block_calls(monkeypatch, name: str) -> None:
-    """Without block hooks the alive tokens go packed from block to block; with one, every block is called and
-    pads its output. Both give the same logits, counts and source maps, and the hook sees each block's output."""
+    """Without block hooks the alive tokens go packed from block to block; with one (or a global one), every block is
+    called and pads its output. Both give the same logits, counts and source maps, and the hook sees each block's output."""
     model, reducer, x = with_thresholds(name, 3)
     ctx = model._reduction_ctx
     calls = []
@@ -234,7 +235,22 @@ def test_blocks_carry_packed_tokens_exactly_like_the_hooked_block_calls(monkeypa
         handle = model.blocks[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
         called, called_counts = model(x), ctx.counts()
         handle.remove()
+        calls.clear()  # a global hook (e.g. a module tracker) would read the blocks' outputs too
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+        assert torch.equal(model(x), called) and len(calls) == len(model.blocks)
+        handle.remove()
     assert len(set(carried_counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
     assert seen == [(4, int(called_counts[:, 1, 1].max()), model.embed_dim)] and len(calls) == len(model.blocks)
     assert torch.equal(carried, called)
     assert torch.equal(carried_counts, called_counts) and torch.equal(carried_source, ctx.source)
+
+
+def test_the_context_packs_anew_when_its_mask_is_replaced() -> None:
+    """The context keeps one Packing while ``alive`` is the same tensor (the MLP and the next attention share it) and
+    builds a new one when a plug-in replaces ``alive`` directly (not through ``repack``)."""
+    ctx = ReductionContext(methods.create("none"), hand_dims(3))
+    ctx.alive = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    first = ctx.packing()
+    assert ctx.packing() is first and first.counts.tolist() == [2, 4]
+    ctx.alive = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert ctx.packing().counts.tolist() == [3, 1]
