@@ -263,3 +263,28 @@ def test_knob_sweep_is_monotone_in_gmacs(plugin: str) -> None:
     steps = [b - a for a, b in zip(means, means[1:])]
     assert all(s <= 0 for s in steps) or all(s >= 0 for s in steps), means
     assert means[0] != means[-1], f"{knob} sweep {values} does not change GMACs: {means}"
+
+
+def test_a_method_that_learns_nothing_refuses_a_learned_state() -> None:
+    """An empty state is fine; tensors given to a method that learns nothing are a one-line error, not ignored."""
+    reducer = methods.create("tome")
+    reducer.load_learned_state({})
+    with pytest.raises(BenchError, match="method 'tome' learns nothing but a learned state was given"):
+        reducer.load_learned_state({"theta_merge": torch.zeros(4)})
+
+
+def test_registering_a_class_again_under_its_own_name_is_a_no_op() -> None:
+    """The same class under the same name again (a module imported twice) keeps the registry as it was."""
+    registered = dict(methods.REGISTRY)
+    methods.register_reducer("tome")(methods.REGISTRY["tome"])
+    assert methods.REGISTRY == registered
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"r": -1}, "knob tome.r=-1 is outside [0, None]: pick a value in range"),
+    ({"r": "many"}, "knob tome.r='many' is not a int: tokens merged per layer (int or per-layer list)"),  # its help
+])
+def test_a_refused_knob_value_names_the_problem_and_the_fix(knobs: dict, message: str) -> None:
+    with pytest.raises(BenchError) as refused:
+        methods.create("tome", **knobs)
+    assert str(refused.value) == message
