@@ -237,8 +237,10 @@ def test_blocks_carry_packed_tokens_exactly_like_the_hooked_block_calls(monkeypa
         handle.remove()
         calls.clear()  # a global hook (e.g. a module tracker) would read the blocks' outputs too
         handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
-        assert torch.equal(model(x), called) and len(calls) == len(model.blocks)
-        handle.remove()
+        try:
+            assert torch.equal(model(x), called) and len(calls) == len(model.blocks)
+        finally:
+            handle.remove()
     assert len(set(carried_counts[:, -1, 1].tolist())) > 1, "images should keep different token counts"
     assert seen == [(4, int(called_counts[:, 1, 1].max()), model.embed_dim)] and len(calls) == len(model.blocks)
     assert torch.equal(carried, called)

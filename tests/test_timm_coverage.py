@@ -5,7 +5,6 @@ import pytest
 import timm
 
 import methods
-
 from tests.conftest import load_script
 
 #: one model of each outcome, all small: a DeiT that runs, a ViT whose DiffAttention is refused in one line, and an
