@@ -59,7 +59,7 @@ def test_gmacs_ratio_agrees_with_the_flop_counter() -> None:
 def test_gmacs_ratio_of_images_with_different_counts_is_over_their_mean() -> None:
     """LTMP leaves four images different counts: the ratio is the unreduced model's MACs over the images' mean MACs,
     each image counted alone by ``FlopCounterMode`` (over their largest, it would be 5 % lower here)."""
-    model, _, x = with_thresholds("ltmp", 3)
+    model, _, x = with_thresholds("ltmp", 4)
     alone = [counted_macs(model, x[i:i + 1]) for i in range(len(x))]
     assert max(alone) / (sum(alone) / len(alone)) > 1.03
     expected = counted_macs(tiny_vit(), x[:1]) / (sum(alone) / len(alone))
@@ -97,7 +97,7 @@ def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
     own tokens) but still more than the images' own: on this tiny model the CPU's plan puts each block's images in one
     attention group padded to the largest count, a group costing more than its padding. With no price on a group,
     every group holds images of one count and the ragged batch runs exactly the images' own MACs."""
-    model, _, x = with_thresholds("ltmp", 3)
+    model, _, x = with_thresholds("ltmp", 4)
     speed = load_script("speed")
     padded, executed = speed.padding_overhead(model, x)
     assert len(set(model._reduction_ctx.counts()[:, -1, 1].tolist())) > 1
@@ -105,10 +105,10 @@ def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
     # the ragged batch's overhead is what FlopCounterMode counts for it over the four images alone
     alone = [counted_macs(model, x[i:i + 1]) for i in range(len(x))]
     assert executed == pytest.approx(counted_macs(model, x) / sum(alone), rel=2e-3)
-    # padding every image to each block's largest count costs more than padding each to the largest image, as the
-    # largest counts of blocks 1 and 2 belong to different images here
-    counts = model._reduction_ctx.counts()[:, :, 0]
-    assert counts[:, 1].argmax() != counts[:, 2].argmax()
+    # padding every image to each block's largest count costs more than padding each to the largest image, as no
+    # image holds the largest count of every block here
+    counts = model._reduction_ctx.counts()
+    assert not any(bool((image == counts.max(0).values).all()) for image in counts)
     assert padded > len(x) * max(alone) / sum(alone) * (1 + 1e-3)
     monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", 0.0)
     assert speed.padding_overhead(model, x) == (padded, 1.0)
