@@ -105,8 +105,9 @@ def set_thresholds_by_quantile(model: torch.nn.Module, reducer, x: torch.Tensor,
         with torch.no_grad():  # a block left without scores (too few tokens) keeps its thresholds
             if "keys" in ctx_.needs:
                 best, _ = reducer._matches(ctx_, rest)
-                if bool((best > -2).any()):
-                    reducer.theta_merge[layer] = torch.quantile(best[best > -2].float(), merge_q)
+                matched = best[best > -2]  # the A tokens' best cosines (-2: no candidate)
+                if matched.numel():
+                    reducer.theta_merge[layer] = torch.quantile(matched.float(), merge_q)
             if "importance" in ctx_.needs and bool(rest.any()):
                 reducer.theta_prune[layer] = torch.quantile(ctx_.stats["importance"][rest].float(), prune_q)
         return original(layer, ctx_, packing)
