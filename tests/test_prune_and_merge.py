@@ -237,13 +237,18 @@ def test_static_counts_state_round_trip_and_impossible_rates() -> None:
         methods.create("pm", keep_rate=0.95, prune_rate=0.1)
 
 
+def seeded_images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` seeded random images for the tiny ViT, (count, 3, 32, 32), and labels (count,)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(count, 3, 32, 32, generator=generator), torch.randint(0, 10, (count,), generator=generator)
+
+
 def finetuning_setup(keep_rate: float, images: int = 32, **knobs):
     """The tiny ViT patched by pm-ft at ``keep_rate`` (and ``knobs``) and seeded random images/labels in batches of 16."""
     model = tiny_vit()
     reducer = methods.create("pm", keep_rate=keep_rate, regime="finetuned", lr=1e-2, calib_batches=1, **knobs)
     reducer.apply(model)
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(images, 3, 32, 32, generator=generator), torch.randint(0, 10, (images,), generator=generator)
+    x, y = seeded_images(images)
     return model, reducer, x, y, lambda: iter([(x[i:i + 16], y[i:i + 16]) for i in range(0, images, 16)])
 
 
@@ -269,8 +274,7 @@ def test_one_finetuning_step_is_one_adam_step_on_the_distillation_loss() -> None
     masked to M's nonzero entries and to R's rows of kept tokens, then one Adam step at lr 1e-2, and M's CLS row is
     reset to one-hot. Non-default alpha and T, so that neither factor can go missing unnoticed."""
     knobs = dict(keep_rate=0.4, regime="finetuned", lr=1e-2, calib_batches=1, alpha=0.5, temperature=4.0)
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    x, y = seeded_images(16)
     with torch.no_grad():
         teacher = tiny_vit()(x)
     hand = methods.create("pm", **knobs)
@@ -301,8 +305,7 @@ def test_one_finetuning_step_is_one_adam_step_on_the_distillation_loss() -> None
 def test_fit_runs_the_model_in_evaluation_mode() -> None:
     """A model handed over in training mode (dropout 0.5 everywhere) calibrates and fine-tunes as it does in
     evaluation mode: the same M and R."""
-    generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    x, y = seeded_images(16)
     fitted = []
     for training in (False, True):
         model = tiny_vit(drop_rate=0.5, attn_drop_rate=0.5, proj_drop_rate=0.5)
