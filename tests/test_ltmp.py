@@ -145,6 +145,21 @@ def test_a_model_without_prefix_tokens_keeps_one_token_per_image(name: str) -> N
     assert model._reduction_ctx.counts()[:, :, 1].tolist() == [[1] * 4] * 3
 
 
+def test_an_image_pruned_to_nothing_keeps_its_first_alive_token_in_a_padded_batch() -> None:
+    """No prefix token; image 0 holds 4 tokens, image 1 only 2 (the rest of its row is padding). At theta_prune 0.9
+    image 0 keeps its token of importance 0.95 and image 1 would keep none: it keeps its first token, not a padded
+    position."""
+    reducer = methods.create("ltp", init_prune=0.9)
+    reducer.check_model(SimpleNamespace(blocks=[None]))
+    reducer._active = reducer._active_layers()
+    ctx = ReductionContext(reducer, hand_dims(4, num_prefix=0))
+    packing = ctx.repack(ragged.Packing.of_counts(torch.tensor([4, 2]), [4, 2]))
+    ctx.stats["importance"] = torch.tensor([[0.1, 0.95, 0.2, 0.3], [0.5, 0.4, 0.0, 0.0]])
+    kept, kept_packing = reducer.reduce_packed(0, torch.arange(1.0, 7.0)[:, None], packing, ctx)
+    assert kept[:, 0].tolist() == [2.0, 5.0]
+    assert kept_packing.count_list == [1, 1]
+
+
 @pytest.mark.parametrize("name", ["ltmp", "ltp"])
 def test_only_prefix_tokens_left_does_not_crash(name: str) -> None:
     model = peaked_vit(reg_tokens=2)
@@ -387,6 +402,14 @@ def test_fit_reports_where_its_r_flops_ended() -> None:
     assert report.extra["tail_r_flops_sd"] == pytest.approx(abs(seen[-1] - seen[-2]) / math.sqrt(2), abs=1e-7)
 
 
+def test_fit_reports_its_wall_time(monkeypatch) -> None:
+    """``wall_time_s`` is the clock's advance over the fit (the fine-tuning cost the results record)."""
+    clock = iter([10.0, 13.5])
+    monkeypatch.setattr("methods.ltmp.time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    _, _, report = _fit_tiny(methods.create("ltmp"), steps=1)
+    assert report.wall_time_s == 3.5
+
+
 def test_cosine_lr_schedule_scales_every_step_by_its_hand_computed_factor() -> None:
     """With the gradient clipped to norm 1e-3 in every step, step k of 8 (16 images each, budget 128) moves the
     thresholds by exactly lr * factor_k * 1e-3, factor_k = (1 + cos(pi k / 8)) / 2: 1, 0.96194, 0.85355, 0.69134,
@@ -419,6 +442,8 @@ def test_non_finite_gradient_skips_the_step() -> None:
 def test_learned_state_round_trip() -> None:
     _, reducer, _ = with_thresholds("ltmp", 0)
     state = reducer.learned_state()
+    assert torch.equal(state["theta_merge"], reducer.theta_merge.detach())  # each under its own name
+    assert torch.equal(state["theta_prune"], reducer.theta_prune.detach())
     other = methods.create("ltmp")
     other.load_learned_state(state)
     assert torch.equal(other.theta_merge, state["theta_merge"]) and torch.equal(other.theta_prune, state["theta_prune"])
@@ -473,6 +498,15 @@ def test_blocks_at_the_threshold_bounds_skip_their_statistics_and_both_forms_agr
     assert torch.allclose(dropped, masked, atol=1e-4)
 
 
+def test_similarity_macs_leave_out_the_prefix_tokens() -> None:
+    """A merging block of CLS + 2 registers + 7 patches splits the 7 patches into |A| = 3 and |B| = 4: 3 x 4 cosines
+    of 8-wide keys, 96 MACs (the prefix tokens are never compared)."""
+    reducer = methods.create("ltm", init_merge=0.5)
+    reducer.check_model(SimpleNamespace(blocks=[None]))
+    dims = hand_dims(7, head_dim=8, num_prefix=3)
+    assert reducer.extra_macs(0, torch.tensor([10]), torch.tensor([10]), dims).tolist() == [96.0]
+
+
 def test_identical_keys_do_not_merge_at_theta_one() -> None:
     """Patches that are all equal (a zero position embedding) give equal keys, whose computed cosine can round to
     1 + 1e-7; it counts as 1, so theta_merge = 1 keeps every token in both forms, and 0.999 merges them. (Zeroed
@@ -493,6 +527,44 @@ def test_identical_keys_do_not_merge_at_theta_one() -> None:
         reducer.theta_merge.fill_(0.999)
         model(x)
     assert int(model._reduction_ctx.counts()[0, 0, 1]) == 1 + 32  # every A token merged in block 0
+
+
+def test_the_last_pair_of_patches_merges_in_both_forms() -> None:
+    """CLS + 2 patches, one A and one B token, with equal keys (equal patches, zero position embedding): the A token
+    merges into the B token in both forms, so the block ends with 2 tokens."""
+    model = tiny_vit(img_size=(4, 8), depth=1)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    reducer = methods.create("ltm", init_merge=0.5)
+    reducer.apply(model)
+    for masked in (False, True):
+        reducer.masked = masked
+        with torch.no_grad():
+            model(torch.ones(2, 3, 4, 8))
+        assert model._reduction_ctx.counts()[:, 0].tolist() == [[3, 2], [3, 2]]
+
+
+def test_both_forms_prune_importance_not_above_the_threshold_and_count_zero_as_positive() -> None:
+    """CLS + 4 patches of importance 0.25, 0, 0.5 and 0.3. At theta_prune 0.25 a token must be strictly above it:
+    the patches of 0.25 and 0 go. At theta_prune 1e-40 (positive, below the smallest normal float) the alive
+    token whose importance is 0 counts as positive and stays. Both forms decide the same."""
+    reducer = methods.create("ltp")
+    reducer.check_model(SimpleNamespace(blocks=[None, None]))
+    reducer.theta_prune = torch.nn.Parameter(torch.tensor([0.25, 1e-40]))
+    reducer._active = reducer._active_layers()
+    importance = torch.tensor([[0.6, 0.25, 0.0, 0.5, 0.3]])
+    expected = {0: [True, False, False, True, True], 1: [True] * 5}
+    x = torch.randn(1, 5, 1)
+    for layer, keep_expected in expected.items():
+        ctx = ReductionContext(reducer, hand_dims(4, depth=2))
+        ctx.stats["importance"] = importance
+        keep, pairs = reducer._decide_packed(layer, ctx, ragged.Packing.full(x))
+        assert keep.tolist() == [keep_expected] and pairs is None
+        reducer.masked = True
+        ctx.stats["importance"] = importance
+        reducer._decide(layer, ctx, x)
+        reducer.masked = False
+        assert (ctx.alive > 0).tolist() == [keep_expected]
 
 
 def test_training_form_prune_step_sees_zero_importance_for_dead_tokens_only() -> None:
