@@ -50,6 +50,24 @@ def test_plan_groups_hand_example_and_cap() -> None:
     # the cap: at most 2 images of 10 tokens (2 * 100 pairs) in a group even if one group would be cheaper
     plan = plan_groups([10] * 5, 1.0, 1e9, max_pairs=200)
     assert [len(g) for g in plan] == [1, 2, 2] and sorted(i for g in plan for i in g) == list(range(5))
+    # an image wider than the cap (10 x 10 pairs > 50) still gets a group, of its own
+    assert plan_groups([10, 4, 10], 1.0, 1e9, max_pairs=50) == [[1], [0], [2]]
+
+
+def test_group_layout_pads_each_group_to_its_own_largest_count() -> None:
+    """Counts 3, 10, 3, 10 at an overhead of 1 MAC: the two 3-token images form one group 3 wide and the two 10-token
+    images one 10 wide (2 x 9 + 1 + 2 x 100 + 1 = 220 MACs, against 222 alone and 401 together), so group 1 starts
+    at slot 2 x 3 = 6 and the layout ends at 6 + 2 x 10 = 26."""
+    layout = Packing.of_counts(torch.tensor([3, 10, 3, 10]), [3, 10, 3, 10]).groups(1.0, 1.0)
+    assert layout.spans == [(0, 2, 3), (2, 4, 10)]
+    assert layout.group_starts == [0, 6, 26]
+
+
+def test_a_batch_without_padding_splits_as_evenly_as_the_cap_allows() -> None:
+    """7 images of 10 tokens, at most 3 per group (300 pairs): 3 groups of 2, 3 and 2 images, not 3, 3 and 1."""
+    layout = Packing.full(torch.zeros(7, 10, 1)).groups(1.0, 0.0, max_pairs=300)
+    assert [end - start for start, end, _ in layout.spans] == [2, 3, 2]
+    assert {width for _, _, width in layout.spans} == {10}
 
 
 def test_packing_round_trip_and_order() -> None:
