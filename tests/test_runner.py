@@ -3,10 +3,12 @@ it records says whether the tree held uncommitted changes; the seed orders the t
 become images; impossible settings and limits are refused or noted before anything is measured."""
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,9 +58,31 @@ def test_a_cells_row_holds_what_its_evaluation_measured() -> None:
     assert row["r_flops"] == runner.evaluation_r_flops(tokens, dims)
 
 
-def test_a_cells_row_records_its_fit() -> None:
-    """A fitting method's row records the fit's settings, device, steps (skipped ones too: 0 of 2) and the
+def test_a_cell_is_evaluated_in_evaluation_mode_whatever_its_fit_left(monkeypatch) -> None:
+    """A fit that leaves the model in training mode (a plug-in's may) changes nothing in the evaluation: with dropout
+    0.5 in every block, the row's token counts are those of the patched model in evaluation mode."""
+    fit = methods.REGISTRY["ltmp"].fit
+
+    def fit_then_train(self, model, *args, **kwargs):
+        report = fit(self, model, *args, **kwargs)
+        model.train()
+        return report
+
+    monkeypatch.setattr(methods.REGISTRY["ltmp"], "fit", fit_then_train)
+    images = image_batch(tiny_vit(), 8, seed=1)
+    work = workload(images, torch.zeros(8, dtype=torch.long))
+    work.model = tiny_vit(proj_drop_rate=0.5)
+    row = runner.measure_cell(work, {"method": "ltmp"}, LTMP_KNOBS, None, False)
+    patched = methods.create("ltmp", **LTMP_KNOBS).apply(tiny_vit(proj_drop_rate=0.5))
+    result = evaluate(patched, work.eval_batches(), embed_macs(patched, patched._reduction_ctx.dims), progress=False)
+    assert row["tokens_attn"] == result.tokens_mean()[:, 0].tolist()
+
+
+def test_a_cells_row_records_its_fit(monkeypatch) -> None:
+    """A fitting method's row records the fit's settings, device, steps (skipped ones too: 0 of 2), wall time and the
     thresholds it learned; a method that does not fit records no fit, no device and no images."""
+    clock = iter([10.0, 13.5])  # the fit's clock, read when it starts and when it ends
+    monkeypatch.setattr("methods.ltmp.time", SimpleNamespace(perf_counter=lambda: next(clock)))
     images = image_batch(tiny_vit(), 8, seed=1)
     work = workload(images, torch.zeros(8, dtype=torch.long))
     work.config["fit"]["budget_images"] = 16  # two passes over the 8 training images, one step each
@@ -66,7 +90,7 @@ def test_a_cells_row_records_its_fit() -> None:
     assert row["fit"] == work.config["fit"] and row["ft_device"] == "cpu"
     assert (row["ft_images"], row["ft_epochs"]) == (16, 2.0)
     assert row["ft_extra"]["steps"] == 2 and row["ft_extra"]["skipped_steps"] == 0
-    assert row["ft_extra"]["r_target"] == 0.7
+    assert row["ft_extra"]["r_target"] == 0.7 and row["ft_wall_s"] == 3.5
     learned = torch.load(io.BytesIO(row["learned_state"]), weights_only=True)
     assert learned.keys() == {"theta_merge", "theta_prune"}
     assert not torch.equal(learned["theta_merge"], torch.full((4,), 0.7))  # moved from its init
@@ -125,6 +149,35 @@ def test_the_seed_orders_the_fashion_mnist_training_split() -> None:
     first = first_batch(0)
     assert not torch.equal(first, in_file_order) and not torch.equal(first_batch(1), first)
     assert torch.equal(first_batch(0), first)
+
+
+def test_prepare_reads_fashion_mnist_as_the_config_says(monkeypatch) -> None:
+    """The evaluation images are the seeded subset of the test split (seed 3, 10 images) in batches of
+    ``eval_batch_size`` (4, 4, 2); the fits read batches of ``fit.batch_size`` (3); ``threads`` sets torch's."""
+    threads = []
+    monkeypatch.setattr(runner.torch, "set_num_threads", threads.append)
+    config = config_mod.load(None)
+    config.update(seed=3, limit=10, threads=1, eval_batch_size=4, methods=[{"method": "ltp"}])
+    config["fit"]["batch_size"] = 3
+    work = runner.prepare(config)
+    assert threads == [1]
+    batches = list(work.eval_batches())
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    test = data.load_fmnist("test")
+    subset = data.seeded_subset_indices(len(test), 10, 3)
+    assert not torch.equal(subset, data.seeded_subset_indices(len(test), 10, 0))
+    assert torch.equal(torch.cat([x for x, _ in batches]), test.normalized(subset))
+    assert torch.equal(torch.cat([y for _, y in batches]), test.labels[subset])
+    assert len(next(iter(work.train_batches()))[1]) == 3
+
+
+def test_a_checkpoint_is_recorded_by_its_file_hash(tmp_path: Path, tiny_imagefolder: Path) -> None:
+    """The cells of a run from ``--checkpoint`` name their weights by the SHA-256 of the file."""
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(runner.models.create("test_tiny_vit").state_dict(), checkpoint)
+    config = config_mod.load(str(tiny_config(tmp_path, tiny_imagefolder, [2])))
+    config.update(checkpoint=str(checkpoint), workers=0)
+    assert runner.prepare(config).checkpoint_sha == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 def test_a_budget_in_epochs_is_rounded_up_to_whole_images() -> None:
