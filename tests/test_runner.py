@@ -191,6 +191,16 @@ def test_a_budget_in_epochs_is_rounded_up_to_whole_images() -> None:
     assert runner.fit_budget(work, {"method": "ltp", "fit": {"budget_epochs": None}})["budget_images"] == 100
 
 
+def test_the_ends_of_each_settings_range_pass() -> None:
+    """A fit budget of 0 images (a learned method at its initial parameters), no warm-up and no timing window (0 s),
+    batches and iteration counts of 1."""
+    config = config_mod.load(None)
+    config["fit"]["budget_images"] = 0
+    config["latency"].update(warmup_s=0, min_time_s=0.0, batch_sizes=[1], min_iters=1)
+    config["eval_batch_size"] = 1
+    runner.check_settings(config, "cpu")
+
+
 @pytest.mark.parametrize(("setting", "value", "message"), [
     ("eval_batch_size", True, "eval_batch_size must be a positive whole number (got True)"),
     ("latency.batch_sizes", [1, True], "latency batch size must be a positive whole number (got True)"),
