@@ -106,10 +106,6 @@ class Store:
     def has(self, key: str) -> bool:
         return self.conn.execute("SELECT 1 FROM cells WHERE cell_key=?", (key,)).fetchone() is not None
 
-    def delete(self, key: str) -> None:
-        with self.conn:
-            self.conn.execute("DELETE FROM cells WHERE cell_key=?", (key,))
-
     def write_cell(self, row: dict[str, Any], timings: list[dict[str, Any]]) -> None:
         """Insert (or replace) one cell and its timings in a single transaction."""
         row = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()}

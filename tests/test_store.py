@@ -16,7 +16,7 @@ import torch
 
 from bench import settings, tables
 from bench.errors import BenchError
-from bench.store import Store, cell_key, pack_state
+from bench.store import Store, cell_key, pack_state, read_results
 from tests.conftest import ROOT, run_cli
 
 
@@ -52,17 +52,52 @@ def test_round_trip_and_learned_state(tmp_path: Path) -> None:
     store.close()
 
 
+def test_cells_read_oldest_first_and_a_cell_without_learned_state_stores_none(tmp_path: Path) -> None:
+    """Cells come back in the order they were created, not written; a method that learns nothing stores NULL and
+    reads back an empty state."""
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell({**fake_row("later"), "created": "2026-01-02T00:00:00"}, [])
+    store.write_cell({**fake_row("earlier"), "created": "2026-01-01T00:00:00", "learned_state": pack_state({})}, [])
+    assert store.cells()["cell_key"].tolist() == ["earlier", "later"]
+    assert pack_state({}) is None and store.learned_state("earlier") == {}
+    store.close()
+
+
+def test_a_new_store_goes_where_asked_even_into_new_folders_or_an_empty_file(tmp_path: Path) -> None:
+    """A store path in folders that do not exist yet creates them; an empty file (``touch``, ``mktemp``) becomes a
+    store rather than being refused as another program's."""
+    Store(tmp_path / "a" / "b" / "s.sqlite").close()
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    Store(empty).close()
+    assert Store(empty).cells().empty
+
+
+def test_reading_results_needs_a_store_that_exists_and_holds_cells(tmp_path: Path) -> None:
+    """A missing store is named and not created; an empty one is named too (each with its fix)."""
+    missing = tmp_path / "missing.sqlite"
+    with pytest.raises(BenchError, match="does not exist: run `python run_bench.py` first or pass --store"):
+        read_results(missing)
+    assert not missing.exists()
+    Store(tmp_path / "empty.sqlite").close()
+    with pytest.raises(BenchError, match="holds no results yet: run `python run_bench.py` first"):
+        read_results(tmp_path / "empty.sqlite")
+
+
 def test_cell_key_is_order_independent() -> None:
     assert cell_key({"a": 1, "b": [1, 2]}) == cell_key({"b": [1, 2], "a": 1})
     assert cell_key({"a": 1}) != cell_key({"a": 2})
 
 
-@pytest.mark.parametrize("content", [b"this is not a database at all" * 10, None])
-def test_foreign_or_corrupt_files_are_refused_and_untouched(tmp_path: Path, content: bytes | None) -> None:
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 10, None, "meta"])
+def test_foreign_or_corrupt_files_are_refused_and_untouched(tmp_path: Path, content: bytes | str | None) -> None:
     path = tmp_path / "x.sqlite"
-    if content is None:  # an SQLite file of another program
+    if not isinstance(content, bytes):  # an SQLite file of another program (with a meta table of its own)
         conn = sqlite3.connect(path)
         conn.execute("CREATE TABLE other (x)")
+        if content == "meta":
+            conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute("INSERT INTO meta VALUES ('app', 'otherprogram'), ('schema', '1')")
         conn.commit()
         conn.close()
     else:
