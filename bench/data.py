@@ -94,9 +94,6 @@ class TensorSplit:
         x = self.images[index].unsqueeze(1).float().div_(255.0)
         return x.sub_(FMNIST_MEAN).div_(FMNIST_STD)
 
-    def subset(self, index: torch.Tensor) -> "TensorSplit":
-        return TensorSplit(self.images[index], self.labels[index], self.classes)
-
 
 def load_fmnist(split: str = "test", data_dir: str | os.PathLike | None = None) -> TensorSplit:
     """Load a Fashion-MNIST split ("train": 60,000 images, "test": 10,000) as tensors."""

@@ -1,6 +1,7 @@
 """Fashion-MNIST, ImageFolder, checkpoints and the shipped embedded model."""
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -52,9 +53,33 @@ def test_data_dir_resolution_order(tmp_path: Path, monkeypatch) -> None:
     assert data.resolve_fmnist_dir() == data.FMNIST_DEBIAN_DIR
 
 
+def test_uncompressed_idx_files_load_like_the_gzipped_ones(tmp_path: Path, monkeypatch, fmnist) -> None:
+    """A --data-dir holding the four IDX files unpacked (no .gz) gives the same test split; they are copied into
+    ``$TOKENBENCH_CACHE``."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in (name for pair in data.FMNIST_FILES.values() for name in pair):
+        with gzip.open(data.FMNIST_DEBIAN_DIR / f"{name}.gz", "rb") as packed, open(raw / name, "wb") as unpacked:
+            shutil.copyfileobj(packed, unpacked)
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    test = data.load_fmnist("test", raw)
+    assert torch.equal(test.images, fmnist["test"].images) and torch.equal(test.labels, fmnist["test"].labels)
+    assert (tmp_path / "cache" / "fmnist" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+
+
+def test_missing_data_folders_and_splits_are_named() -> None:
+    with pytest.raises(BenchError, match=r"^Fashion-MNIST not found in /nonexistent/fmnist: install it"):
+        data.resolve_fmnist_dir("/nonexistent/fmnist")
+    with pytest.raises(BenchError, match="unknown Fashion-MNIST split 'val': use 'train' or 'test'"):
+        data.load_fmnist("val")
+    with pytest.raises(BenchError, match="data folder /nonexistent/images does not exist: pass --data PATH"):
+        data.image_folder("/nonexistent/images", make_tiny())
+
+
 def test_seeded_subsets_are_deterministic() -> None:
     a, b = data.seeded_subset_indices(10000, 100, seed=0), data.seeded_subset_indices(10000, 100, seed=0)
     assert torch.equal(a, b) and len(a.unique()) == 100
+    assert torch.equal(a, a.sort().values)  # in the split's own order
     assert not torch.equal(a, data.seeded_subset_indices(10000, 100, seed=1))
     assert torch.equal(data.seeded_subset_indices(50, None), torch.arange(50))
     with pytest.raises(BenchError, match="--limit"):
@@ -83,6 +108,7 @@ def test_image_folder_labels_are_the_models_classes(tmp_path: Path, tiny_imagefo
     folder = data.image_folder(tmp_path, make_tiny(num_classes=1000))
     assert folder.classes == [synsets[7], synsets[300], synsets[999]]
     assert [folder[i][1] for i in range(3)] == folder.targets == [7, 300, 999]
+    assert folder.imgs == folder.samples and folder.class_to_idx == {synsets[i]: i for i in (7, 300, 999)}
     with pytest.raises(BenchError, match="has 3 class folders but the model predicts 10 classes"):
         data.image_folder(tmp_path, make_tiny(num_classes=10))
     with pytest.raises(BenchError, match="has 3 class folders but the model predicts 1000 classes"):
@@ -415,6 +441,8 @@ def test_class_folders_without_images_are_counted_and_a_few_named(tmp_path: Path
     message = str(caught.value)
     assert "8 class folder(s) hold no image with the extensions .jpg, .jpeg," in message
     assert message.endswith(": c01, c02, c03, c04, c05, ...): expected class/image.jpg")
+    five = RuntimeError("Found no valid file for the classes c1, c2, c3, c4, c5. Supported extensions are: .jpg")
+    assert data.folder_problem(five) == "5 class folder(s) hold no image with the extensions .jpg: c1, c2, c3, c4, c5"
 
 
 def test_pretrained_on_the_embedded_model_means_its_shipped_weights() -> None:
