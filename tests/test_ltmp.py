@@ -561,7 +561,6 @@ def test_both_forms_prune_importance_not_above_the_threshold_and_count_zero_as_p
         keep, pairs = reducer._decide_packed(layer, ctx, ragged.Packing.full(x))
         assert keep.tolist() == [keep_expected] and pairs is None
         reducer.masked = True
-        ctx.stats["importance"] = importance
         reducer._decide(layer, ctx, x)
         reducer.masked = False
         assert (ctx.alive > 0).tolist() == [keep_expected]

@@ -70,7 +70,9 @@ def test_a_new_store_goes_where_asked_even_into_new_folders_or_an_empty_file(tmp
     empty = tmp_path / "empty.sqlite"
     empty.touch()
     Store(empty).close()
-    assert Store(empty).cells().empty
+    store = Store(empty)  # reopened: now a store of ours
+    assert store.cells().empty
+    store.close()
 
 
 def test_reading_results_needs_a_store_that_exists_and_holds_cells(tmp_path: Path) -> None:
@@ -92,7 +94,7 @@ def test_cell_key_is_order_independent() -> None:
 @pytest.mark.parametrize("content", [b"this is not a database at all" * 10, None, "meta"])
 def test_foreign_or_corrupt_files_are_refused_and_untouched(tmp_path: Path, content: bytes | str | None) -> None:
     path = tmp_path / "x.sqlite"
-    if not isinstance(content, bytes):  # an SQLite file of another program (with a meta table of its own)
+    if not isinstance(content, bytes):  # an SQLite file of another program ("meta": one with a meta table of its own)
         conn = sqlite3.connect(path)
         conn.execute("CREATE TABLE other (x)")
         if content == "meta":
