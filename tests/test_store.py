@@ -86,6 +86,12 @@ def test_reading_results_needs_a_store_that_exists_and_holds_cells(tmp_path: Pat
         read_results(tmp_path / "empty.sqlite")
 
 
+def test_knobs_of_a_plug_in_not_loaded_are_listed_whole() -> None:
+    """A cell whose plug-in is not loaded shows every stored knob, and ``-`` where it has none."""
+    assert tables.knob_summary("not_loaded", '{"a": 1, "b": 0.5}') == "a=1, b=0.5"
+    assert tables.knob_summary("not_loaded", "{}") == "-"
+
+
 def test_cell_key_is_order_independent() -> None:
     assert cell_key({"a": 1, "b": [1, 2]}) == cell_key({"b": [1, 2], "a": 1})
     assert cell_key({"a": 1}) != cell_key({"a": 2})
@@ -125,8 +131,8 @@ def test_a_store_of_another_schema_is_refused_and_untouched(tmp_path: Path) -> N
 def test_export_round_trips(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     store.write_cell(fake_row("k1", "none", 0.91, 2.0), [fake_timing()])
-    store.write_cell({**fake_row("k2", "tome", 0.88, 1.0), "ft_extra": {"steps": 24, "max_grad_norm": 3.0e3}},
-                     [fake_timing()])
+    store.write_cell({**fake_row("k2", "tome", 0.88, 1.0), "ft_extra": {"steps": 24, "max_grad_norm": 3.0e3},
+                      "ft_images": 64, "ft_wall_s": 12.5}, [fake_timing()])
     paths = tables.export(store.cells(), store.timings(), tmp_path / "out")
     csv = pd.read_csv(paths[0])
     assert sorted(csv["cell_key"]) == ["k1", "k2"]
@@ -135,6 +141,7 @@ def test_export_round_trips(tmp_path: Path) -> None:
     assert csv.set_index("cell_key").loc["k2", "gmacs_max"] == pytest.approx(1.0)  # per-image range beside the mean
     assert csv.set_index("cell_key").loc["k2", "r_flops"] == pytest.approx(0.5)
     assert json.loads(csv.set_index("cell_key").loc["k2", "ft_extra"]) == {"steps": 24, "max_grad_norm": 3.0e3}
+    assert csv.set_index("cell_key").loc["k2", ["ft_images", "ft_wall_s"]].tolist() == [64, 12.5]  # the fit's cost
     markdown, latex = paths[1].read_text(), paths[2].read_text()
     assert markdown.count("| tome") == 1 and markdown.count("| none") == 1
     assert "\\toprule" in latex and "\\textbf{91.00}" in latex and "\\textbf{1.000}" in latex
