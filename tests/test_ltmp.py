@@ -47,6 +47,23 @@ def with_thresholds(name: str, seed: int, model_options: dict | None = None, **k
     return model, reducer, torch.randn(4, 3, 32, 32, generator=generator)
 
 
+def hand_thresholds(name: str, depth: int, theta_prune: list[float] | None = None, **knobs):
+    """``name``'s reducer with thresholds for ``depth`` blocks (``knobs``' initial values, or ``theta_prune``) and the
+    inference form's per-block decisions set, for calling its decision rules on hand-built token sets."""
+    reducer = methods.create(name, **knobs)
+    reducer.check_model(SimpleNamespace(blocks=[None] * depth))
+    if theta_prune is not None:
+        reducer.theta_prune = torch.nn.Parameter(torch.tensor(theta_prune))
+    reducer._active = reducer._active_layers()
+    return reducer
+
+
+def stub_fit_clock(monkeypatch, start: float, end: float) -> None:
+    """LTMP's fit reads ``time.perf_counter`` when it starts and when it ends: make those ``start`` and ``end``."""
+    clock = iter([start, end])
+    monkeypatch.setattr("methods.ltmp.time", SimpleNamespace(perf_counter=lambda: next(clock)))
+
+
 def test_straight_through_forward_is_exactly_binary_and_gradient_is_the_sigmoids() -> None:
     value = torch.linspace(-1, 1, 101, requires_grad=True)
     threshold = torch.tensor(0.013, requires_grad=True)
@@ -149,9 +166,7 @@ def test_an_image_pruned_to_nothing_keeps_its_first_alive_token_in_a_padded_batc
     """No prefix token; image 0 holds 4 tokens, image 1 only 2 (the rest of its row is padding). At theta_prune 0.9
     image 0 keeps its token of importance 0.95 and image 1 would keep none: it keeps its first token, not a padded
     position."""
-    reducer = methods.create("ltp", init_prune=0.9)
-    reducer.check_model(SimpleNamespace(blocks=[None]))
-    reducer._active = reducer._active_layers()
+    reducer = hand_thresholds("ltp", 1, init_prune=0.9)
     ctx = ReductionContext(reducer, hand_dims(4, num_prefix=0))
     packing = ctx.repack(ragged.Packing.of_counts(torch.tensor([4, 2]), [4, 2]))
     ctx.stats["importance"] = torch.tensor([[0.1, 0.95, 0.2, 0.3], [0.5, 0.4, 0.0, 0.0]])
@@ -404,8 +419,7 @@ def test_fit_reports_where_its_r_flops_ended() -> None:
 
 def test_fit_reports_its_wall_time(monkeypatch) -> None:
     """``wall_time_s`` is the clock's advance over the fit (the fine-tuning cost the results record)."""
-    clock = iter([10.0, 13.5])
-    monkeypatch.setattr("methods.ltmp.time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stub_fit_clock(monkeypatch, 10.0, 13.5)
     _, _, report = _fit_tiny(methods.create("ltmp"), steps=1)
     assert report.wall_time_s == 3.5
 
@@ -501,8 +515,7 @@ def test_blocks_at_the_threshold_bounds_skip_their_statistics_and_both_forms_agr
 def test_similarity_macs_leave_out_the_prefix_tokens() -> None:
     """A merging block of CLS + 2 registers + 7 patches splits the 7 patches into |A| = 3 and |B| = 4: 3 x 4 cosines
     of 8-wide keys, 96 MACs (the prefix tokens are never compared)."""
-    reducer = methods.create("ltm", init_merge=0.5)
-    reducer.check_model(SimpleNamespace(blocks=[None]))
+    reducer = hand_thresholds("ltm", 1, init_merge=0.5)
     dims = hand_dims(7, head_dim=8, num_prefix=3)
     assert reducer.extra_macs(0, torch.tensor([10]), torch.tensor([10]), dims).tolist() == [96.0]
 
@@ -548,10 +561,7 @@ def test_both_forms_prune_importance_not_above_the_threshold_and_count_zero_as_p
     """CLS + 4 patches of importance 0.25, 0, 0.5 and 0.3. At theta_prune 0.25 a token must be strictly above it:
     the patches of 0.25 and 0 go. At theta_prune 1e-40 (positive, below the smallest normal float) the alive
     token whose importance is 0 counts as positive and stays. Both forms decide the same."""
-    reducer = methods.create("ltp")
-    reducer.check_model(SimpleNamespace(blocks=[None, None]))
-    reducer.theta_prune = torch.nn.Parameter(torch.tensor([0.25, 1e-40]))
-    reducer._active = reducer._active_layers()
+    reducer = hand_thresholds("ltp", 2, theta_prune=[0.25, 1e-40])
     importance = torch.tensor([[0.6, 0.25, 0.0, 0.5, 0.3]])
     expected = {0: [True, False, False, True, True], 1: [True] * 5}
     x = torch.randn(1, 5, 1)

@@ -8,7 +8,6 @@ import io
 import re
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from bench.errors import BenchError
 from bench.flops import embed_macs
 import tests.tiny_model  # noqa: F401  (registers test_tiny_vit)
 from tests.conftest import image_batch, tiny_vit
+from tests.test_ltmp import stub_fit_clock
 from tests.test_store import tiny_config
 
 LTMP_KNOBS = {"r_target": 0.7, "init_merge": 0.7, "init_prune": 0.01}  # on tiny_vit: 41-54 tokens after the last block
@@ -81,8 +81,7 @@ def test_a_cell_is_evaluated_in_evaluation_mode_whatever_its_fit_left(monkeypatc
 def test_a_cells_row_records_its_fit(monkeypatch) -> None:
     """A fitting method's row records the fit's settings, device, steps (skipped ones too: 0 of 2), wall time and the
     thresholds it learned; a method that does not fit records no fit, no device and no images."""
-    clock = iter([10.0, 13.5])  # the fit's clock, read when it starts and when it ends
-    monkeypatch.setattr("methods.ltmp.time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stub_fit_clock(monkeypatch, 10.0, 13.5)
     images = image_batch(tiny_vit(), 8, seed=1)
     work = workload(images, torch.zeros(8, dtype=torch.long))
     work.config["fit"]["budget_images"] = 16  # two passes over the 8 training images, one step each
