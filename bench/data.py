@@ -9,6 +9,7 @@ sliced from it, which is far faster on two CPU cores than a per-image ``DataLoad
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import re
@@ -25,6 +26,8 @@ from bench.errors import BenchError
 FMNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_ENV = "TOKENBENCH_FMNIST_DIR"
 CACHE_ENV = "TOKENBENCH_CACHE"
+#: PIL image mode for a model reading that many channels
+IMAGE_MODES = {1: "L", 3: "RGB"}
 FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -128,12 +131,14 @@ class UnreadableImage(BenchError):
         return last.split(f"{type(self).__name__}: ", 1)[-1]
 
 
-def read_rgb(path: str) -> Any:
-    """``path`` as an RGB PIL image (torchvision's loader), or :class:`UnreadableImage` naming the file and the fix."""
-    from torchvision.datasets.folder import pil_loader
+def read_image(path: str, mode: str = "RGB") -> Any:
+    """``path`` as a PIL image in ``mode`` (``"RGB"`` as torchvision's loader gives, ``"L"`` for a model of grey
+    images such as the embedded one), or :class:`UnreadableImage` naming the file and the fix."""
+    from PIL import Image
 
     try:
-        return pil_loader(path)
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert(mode)
     except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         reason = str(exc).split(" <")[0]  # without PIL's "<_io.BufferedReader name=...>", the path again
         raise UnreadableImage(f"image {path} cannot be read ({reason}): replace it (a partial copy?) or move it out of "
@@ -154,16 +159,23 @@ def folder_problem(exc: Exception, named: int = 5) -> str:
 
 def image_folder(path: str | os.PathLike, model: torch.nn.Module) -> Dataset:
     """An ImageNet-style folder (``class/xxx.jpg``) with the model's own timm eval preprocessing, its labels the
-    model's class indices (:func:`align_labels`)."""
+    model's class indices (:func:`align_labels`). Images are read as grey or RGB, as many channels as the model's
+    input (``pretrained_cfg["input_size"]``): the embedded model reads grey ones."""
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
     root = Path(path)
     if not root.is_dir():
         raise BenchError(f"data folder {root} does not exist: pass --data PATH to an ImageFolder (class/image.jpg)")
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    preprocessing = resolve_data_config({}, model=model)
+    channels = preprocessing["input_size"][0]
+    if channels not in IMAGE_MODES:
+        raise BenchError(f"the model reads {channels}-channel images, and an ImageFolder gives grey (1) or RGB (3) "
+                         "ones: pass a model of 1 or 3 input channels")
+    transform = create_transform(**preprocessing, is_training=False)
+    loader = functools.partial(read_image, mode=IMAGE_MODES[channels])
     try:
-        folder = ImageFolder(str(root), transform=transform, loader=read_rgb)
+        folder = ImageFolder(str(root), transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise BenchError(f"{root} is not an ImageFolder ({folder_problem(exc)}): expected class/image.jpg") from exc
     align_labels(folder, int(model.num_classes))

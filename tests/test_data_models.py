@@ -95,6 +95,28 @@ def test_image_folder_uses_the_models_preprocessing(tiny_imagefolder: Path) -> N
     assert float(image.max()) <= 1.0 + 1e-6 and float(image.min()) >= -1.0 - 1e-6  # mean/std 0.5
 
 
+def test_the_embedded_model_reads_an_image_folder_as_its_own_split(tmp_path: Path, fmnist) -> None:
+    """Fashion-MNIST test images saved as PNG files, one class folder each, give the embedded model the input its IDX
+    split gives: grey (read as RGB, 3 channels crashed its 1-channel stem with a traceback), neither resized nor
+    cropped (28x28, crop_pct 1), normalised with the split's mean and std. A model reading 4 channels is refused."""
+    from PIL import Image
+
+    test = fmnist["test"]
+    index = torch.stack([(test.labels == label).nonzero()[0, 0] for label in range(10)])
+    for label, image in enumerate(test.images[index]):
+        (tmp_path / f"class{label}").mkdir()
+        Image.fromarray(image.numpy()).save(tmp_path / f"class{label}" / "0.png")
+    model = models.create(models.EMBEDDED_MODEL)
+    folder = data.image_folder(tmp_path, model)
+    images = torch.stack([folder[k][0] for k in range(10)])
+    assert images.shape == (10, 1, 28, 28) and folder.targets == list(range(10))
+    torch.testing.assert_close(images, test.normalized(index), rtol=0, atol=1e-6)
+    four = make_tiny()
+    four.pretrained_cfg = {**four.pretrained_cfg, "input_size": (4, 32, 32)}
+    with pytest.raises(BenchError, match=r"the model reads 4-channel images, and an ImageFolder gives grey \(1\) or RGB"):
+        data.image_folder(tmp_path, four)
+
+
 def test_image_folder_labels_are_the_models_classes(tmp_path: Path, tiny_imagefolder: Path) -> None:
     """ImageNet-1k synset folders on a 1000-class model get their ImageNet indices; a class count the model does not
     have is a one-line error (its predictions would be scored against labels of other classes)."""
@@ -119,7 +141,8 @@ def test_image_folder_labels_are_the_models_classes(tmp_path: Path, tiny_imagefo
 
 
 def test_a_checkpoint_wins_over_pretrained_and_nothing_is_fetched(tmp_path: Path, monkeypatch) -> None:
-    """``imagenet_deit_small`` asks for pretrained weights; with ``--checkpoint`` it must run offline from the file."""
+    """``imagenet_deit_small`` asks for pretrained weights; with ``--checkpoint`` it must run offline from the file.
+    The name carries its pretrained tag, as the hub lists it (``timm.list_models(pretrained=True)``)."""
     import timm
 
     torch.manual_seed(0)
@@ -129,7 +152,7 @@ def test_a_checkpoint_wins_over_pretrained_and_nothing_is_fetched(tmp_path: Path
     real_create = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: (
         fetched.append(pretrained), real_create(name, pretrained=False, **kw))[1])
-    loaded = models.create("deit_tiny_patch16_224", pretrained=True, checkpoint=tmp_path / "deit_tiny.pth")
+    loaded = models.create("deit_tiny_patch16_224.fb_in1k", pretrained=True, checkpoint=tmp_path / "deit_tiny.pth")
     assert fetched == [False]
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
@@ -178,6 +201,35 @@ def test_an_unreachable_hub_goes_straight_to_its_cache(tmp_path: Path, monkeypat
         models.create("deit_tiny_patch16_224", pretrained=True)
     assert offline_at_fetch == [True]
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
+
+
+def test_a_fetch_that_fails_on_a_reachable_hub_and_a_model_that_cannot_be_built_name_the_fix(monkeypatch) -> None:
+    """A reachable hub that fails the download is not called unreachable; a timm factory that refuses its arguments is
+    one line naming the model; a factory's own one-line error passes through as it is; a model that is not a ViT is
+    refused by name."""
+    import timm
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    real_create = timm.create_model
+
+    def failing_fetch(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("HTTP 503")
+        return real_create(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", failing_fetch)
+    with pytest.raises(BenchError) as failed:
+        models.create("deit_tiny_patch16_224", pretrained=True)
+    assert str(failed.value) == ("could not fetch pretrained weights for 'deit_tiny_patch16_224' (OSError): pass "
+                                 "--checkpoint PATH to a local file instead")
+    with pytest.raises(BenchError, match=r"^could not build 'test_tiny_vit': .*unexpected keyword argument 'bogus'$"):
+        models.create("test_tiny_vit", bogus=1)
+    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: (_ for _ in ()).throw(BenchError("own: fix it")))
+    with pytest.raises(BenchError, match=r"^own: fix it$"):
+        models.create("test_tiny_vit")
+    monkeypatch.setattr(timm, "create_model", real_create)
+    with pytest.raises(BenchError, match=r"^model 'resnet18' is a ResNet, not a timm VisionTransformer: pick a ViT"):
+        models.create("resnet18")
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -248,6 +300,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path: Path, wrapper: s
     state = model.state_dict() if wrapper is None else {wrapper: model.state_dict(), "epoch": 3}
     torch.save(state, tmp_path / "ckpt.pt")
     loaded = models.create("test_tiny_vit", checkpoint=tmp_path / "ckpt.pt")
+    assert not any(module.training for module in loaded.modules())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
@@ -273,12 +326,14 @@ def test_training_checkpoints_give_their_state_dict() -> None:
     state = {"w": torch.ones(2), "b": torch.zeros(1)}
     ddp = {f"module.{key}": value for key, value in state.items()}
     for saved in (state, ddp, {"state_dict": state}, {"model": ddp}, {"state_dict_ema": state, "epoch": 3},
-                  {"state_dict": state, "state_dict_ema": {"w": torch.full((2,), 9.0), "b": torch.zeros(1)}}):
+                  {"state_dict": state, "state_dict_ema": {"w": torch.full((2,), 9.0), "b": torch.zeros(1)}},
+                  {"model": "deit_small_patch16_224", "state_dict_ema": state}):  # "model" naming the architecture
         extracted = models.extract_state_dict(saved)
         assert extracted.keys() == state.keys() and all(torch.equal(extracted[k], state[k]) for k in state)
     for saved in ({"w": torch.ones(2), "epoch": 3}, [torch.ones(2)], {"state_dict": [torch.ones(2)]}):
         with pytest.raises(BenchError, match=r"checkpoint holds no state dict: save `model.state_dict\(\)`"):
             models.extract_state_dict(saved)
+    assert list(models.extract_state_dict({"module.stem.module.w": torch.ones(1)})) == ["stem.module.w"]  # DDP's only
 
 
 class Recipe:
@@ -414,6 +469,49 @@ def test_unreadable_checkpoint_formats_name_the_fix(tmp_path: Path, name: str, c
     (tmp_path / name).write_bytes(content)
     with pytest.raises(BenchError, match=expected):
         models.create("test_tiny_vit", checkpoint=tmp_path / name)
+
+
+def test_checkpoint_suffixes_are_read_in_any_case_and_a_folder_is_no_checkpoint(tmp_path: Path) -> None:
+    """``MODEL.SAFETENSORS`` and ``VIT.NPZ`` load as their lower-case names do; ``--init-from`` (train-base), which
+    takes no JAX file, does not offer one; a folder is not a checkpoint file."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = make_tiny().eval()
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "MODEL.SAFETENSORS")
+    with open(tmp_path / "VIT.NPZ", "wb") as handle:  # np.savez would append ".npz" to the name
+        np.savez(handle, **jax_vit_arrays(model))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for name in ("MODEL.SAFETENSORS", "VIT.NPZ"):
+            assert torch.equal(models.create("test_tiny_vit", checkpoint=tmp_path / name)(x), model(x)), name
+    with pytest.raises(BenchError, match=r"W.NPY is a NumPy file, which --init-from does not read: pass a torch or "
+                                         r"safetensors file$"):
+        models.read_checkpoint(tmp_path / "W.NPY", "--init-from")
+    with pytest.raises(BenchError, match=r"not found: pass --checkpoint PATH to an existing file$"):
+        models.create("test_tiny_vit", checkpoint=tmp_path)
+
+
+def test_a_checkpoint_that_does_not_fit_names_its_first_offending_keys(tmp_path: Path) -> None:
+    """A narrower MLP (ratio 2: 96 hidden units, the model's 4: 192) is a shape mismatch naming its first two weights;
+    a file of the head alone is missing its first three names, not all 30."""
+    torch.save(make_tiny(mlp_ratio=2.0).state_dict(), tmp_path / "narrow.pt")
+    with pytest.raises(BenchError) as narrow:
+        models.create("test_tiny_vit", checkpoint=tmp_path / "narrow.pt")
+    assert "(shape mismatch [('blocks.0.mlp.fc1.weight', (96, 48), (192, 48)), ('blocks.0.mlp.fc1.bias', (96,), " \
+           "(192,))]): pass the matching --model" in str(narrow.value)
+    torch.save({k: v for k, v in make_tiny().state_dict().items() if k.startswith("head.")}, tmp_path / "head.pt")
+    with pytest.raises(BenchError) as headless:
+        models.create("test_tiny_vit", checkpoint=tmp_path / "head.pt")
+    assert "(missing ['cls_token', 'pos_embed', 'patch_embed.proj.weight']): pass" in str(headless.value)
+
+
+def test_the_embedded_model_without_its_manifest_names_the_retrain_command(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(models, "EMBEDDED_MANIFEST", tmp_path / "gone.json")
+    with pytest.raises(BenchError, match=r"gone.json missing: retrain it with `python run_bench.py train-base`"):
+        models.create(models.EMBEDDED_MODEL)
+    with pytest.raises(ValueError, match="ConvStemEmbed downsamples by exactly 2: use patch_size=2"):
+        models.ConvStemEmbed(patch_size=4)
 
 
 def test_shipped_checkpoint_hash_and_accuracy(fmnist) -> None:
