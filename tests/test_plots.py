@@ -379,6 +379,38 @@ def test_group_borders_derived_by_hand() -> None:
     assert group_borders(torch.ones(1, 6), (2, 3), (2, 2)).shape == (0, 2, 2)
 
 
+def test_captured_groups_hold_each_kept_patch_once_and_pruned_ones_nowhere() -> None:
+    """The token maps' groups on the tiny model (64 patches + CLS, 2 blocks), per image, one row per token alive after
+    the block (CLS's row holds no patch): ToMe r=4 keeps 60 then 56 patch tokens whose groups hold each patch once;
+    LTP with theta_prune 1/65 in block 1 prunes a different number per image of a padded batch, each image's rows
+    being the tokens it keeps alone at batch 1, its pruned patches in no group."""
+    import copy
+
+    import methods
+    from bench import tokenviz
+
+    torch.manual_seed(0)
+    model, images = make_tiny().eval(), torch.randn(3, 3, 32, 32)
+    tome = methods.create("tome", r=4)
+    groups = tokenviz.capture_groups(tome.apply(copy.deepcopy(model)), tome, images, [0, 1])
+    for layer, tokens in ((0, 61), (1, 57)):
+        assert all(g.shape == (tokens, 64) and torch.equal(g.sum(0), torch.ones(64)) for g in groups[layer]), layer
+    assert not tome.trace_source
+    ltp = methods.create("ltp")
+    patched = ltp.apply(copy.deepcopy(model))
+    ltp.load_learned_state({"theta_merge": torch.ones(2), "theta_prune": torch.tensor([0.0, 1 / 65])})
+    groups = tokenviz.capture_groups(patched, ltp, images, [1])[1]
+    alone = []
+    for image in images:
+        hook = patched.blocks[1].register_forward_hook(lambda module, inputs, output: alone.append(output.shape[1]))
+        with torch.inference_mode():
+            patched(image[None])
+        hook.remove()
+    assert [len(g) for g in groups] == alone and len(set(alone)) > 1
+    for g in groups:
+        assert g.sum(0).max() == 1 and int(g.sum()) == len(g) - 1 < 64  # one patch per kept patch token
+
+
 def test_token_maps_of_few_methods_keep_their_panels_together(tmp_path: Path, monkeypatch) -> None:
     """One method beside the input: the two columns sit side by side, not spread over a two-column-wide page."""
     import json
