@@ -344,7 +344,8 @@ def test_a_top1_of_zero_with_a_low_end_a_hair_above_it_plots(tmp_path: Path) -> 
 
 
 def test_token_map_paints_each_group_in_its_mean_colour() -> None:
-    """A 2x2 grid of 2x2-pixel patches: patches 0 and 1 merged, 2 alone, 3 pruned; RGB keeps the colours."""
+    """A 2x2 grid of 2x2-pixel patches: patches 0 and 1 merged, 2 alone, 3 pruned; RGB keeps the colours. A grey
+    2x3 grid keeps its rows and columns apart; grey model input is drawn scaled to its batch's range."""
     from bench.tokenviz import display_images, paint
 
     image = np.zeros((4, 4, 3))
@@ -359,7 +360,13 @@ def test_token_map_paints_each_group_in_its_mean_colour() -> None:
     grey = paint(image[..., 0], groups, (2, 2))  # grey: kept tokens tinted blue (b = 0.8 v + 0.2)
     assert np.allclose(grey[0, 0], (0.5, 0.5, 0.6)) and np.allclose(grey[3, 3], (0.85, 0.85, 0.85))
 
+    wide = np.repeat(np.repeat(np.arange(6.0).reshape(2, 3) / 5, 2, 0), 2, 1)  # 2x3 patches of 2x2 pixels
+    painted = paint(wide, torch.tensor([[1.0, 0, 0, 0, 0, 1]]), (2, 3))  # patches 0 and 5 merged, the rest pruned
+    assert painted.shape == (4, 6, 3) and np.allclose(painted[0, 0], (0.5, 0.5, 0.6))  # (0 + 1) / 2, tinted blue
+    assert np.allclose(painted[3, 5], (0.5, 0.5, 0.6)) and np.allclose(painted[0, 2], 0.85)
+
     model = make_tiny()
+    assert np.allclose(display_images(torch.tensor([-1.0, 0.0, 3.0]).view(1, 1, 1, 3), model), [[[0.0, 0.25, 1.0]]])
     pixels = torch.rand(2, 3, 32, 32)
     shown = display_images((pixels - 0.5) / 0.5, model)  # the tiny model's mean and std are 0.5
     assert shown.shape == (2, 32, 32, 3) and np.allclose(shown, pixels.permute(0, 2, 3, 1).numpy(), atol=1e-6)
@@ -381,7 +388,8 @@ def test_group_borders_derived_by_hand() -> None:
 
 def test_captured_groups_hold_each_kept_patch_once_and_pruned_ones_nowhere() -> None:
     """The token maps' groups on the tiny model (64 patches + CLS, 2 blocks), per image, one row per token alive after
-    the block (CLS's row holds no patch): ToMe r=4 keeps 60 then 56 patch tokens whose groups hold each patch once;
+    the block (CLS's row holds no patch): ToMe r=4 keeps 60 then 56 patch tokens whose groups hold each patch once
+    (with 2 register tokens as well, 60 patch tokens and 3 prefix rows);
     LTP with theta_prune 1/65 in block 1 prunes a different number per image of a padded batch, each image's rows
     being the tokens it keeps alone at batch 1, its pruned patches in no group."""
     import copy
@@ -396,6 +404,9 @@ def test_captured_groups_hold_each_kept_patch_once_and_pruned_ones_nowhere() -> 
     for layer, tokens in ((0, 61), (1, 57)):
         assert all(g.shape == (tokens, 64) and torch.equal(g.sum(0), torch.ones(64)) for g in groups[layer]), layer
     assert not tome.trace_source
+    registers = make_tiny(reg_tokens=2).eval()  # 3 prefix tokens: their columns are no patches
+    groups = tokenviz.capture_groups(tome.apply(registers), tome, images, [0])
+    assert all(g.shape == (63, 64) and torch.equal(g.sum(0), torch.ones(64)) for g in groups[0])
     ltp = methods.create("ltp")
     patched = ltp.apply(copy.deepcopy(model))
     ltp.load_learned_state({"theta_merge": torch.ones(2), "theta_prune": torch.tensor([0.0, 1 / 65])})
@@ -431,6 +442,39 @@ def test_token_maps_of_few_methods_keep_their_panels_together(tmp_path: Path, mo
     inputs, maps = (ax.get_position(original=False) for ax in fig.axes[:2])  # row 0: input, tome
     panel, gap = inputs.width * fig.get_figwidth(), (maps.x0 - inputs.x1) * fig.get_figwidth()
     assert 0 < gap < 0.5 * panel, (gap, panel)
+
+
+def test_a_runs_token_maps_draw_its_own_reduced_cells_with_their_stored_thresholds(tmp_path: Path, monkeypatch) -> None:
+    """A run's token maps: nothing for a run of the baseline alone, even beside another model's cells in the store;
+    with ToMe r=2 and LTP (thresholds from the store: theta_prune 0, then 1) on the 2-block tiny model, rows for
+    blocks 1 and 2 of the first 3 images, and after those blocks ToMe keeps 63 then 61 tokens (65 - 2 per block), LTP
+    all 65 (every importance is above 0) then CLS alone (every importance is below 1)."""
+    from types import SimpleNamespace
+
+    from bench import tokenviz
+    from bench.store import pack_state
+
+    figures = []
+    monkeypatch.setattr(tokenviz, "_save", lambda fig, out_dir, name: figures.append((fig, name)) or [name])
+    torch.manual_seed(0)
+    work = SimpleNamespace(config={"model": "m"}, dataset="d", model=make_tiny().eval(), device="cpu",
+                           eval_batches=lambda: iter([(torch.randn(4, 3, 32, 32), torch.zeros(4))]))
+    store = Store(tmp_path / "s.sqlite")
+    store.write_cell({**fake_row("base", "none", 0.9, 2.0), "learned_state": None}, [])
+    store.write_cell({**fake_row("other", "tome", 0.8, 1.0), "model": "another", "learned_state": None}, [])
+    assert tokenviz.token_maps_from_run(work, store.cells(), store, tmp_path) == []
+    thresholds = {"theta_merge": torch.ones(2), "theta_prune": torch.tensor([0.0, 1.0])}
+    store.write_cell({**fake_row("tome", "tome", 0.8, 1.5), "knobs": {"r": 2}, "learned_state": None}, [])
+    store.write_cell({**fake_row("ltp", "ltp", 0.8, 1.4), "knobs": {}, "learned_state": pack_state(thresholds)}, [])
+    assert tokenviz.token_maps_from_run(work, store.cells(), store, tmp_path) == ["token_maps_m__d"]
+    ((fig, _),) = figures
+    axes = np.array(fig.axes).reshape(6, 3)  # 3 images x 2 blocks; input, ltp, tome
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["block 1", "block 2"] * 3
+    assert [ax.get_title().split("\n")[0] for ax in axes[0]] == ["input", "ltp", "tome"]
+    counts = [[ax.texts[0].get_text() for ax in row[1:]] for row in axes]
+    assert counts == [["65 tok", "63 tok"], ["1 tok", "61 tok"]] * 3
+    borders = [[len(ax.collections[0].get_segments()) for ax in row[1:]] for row in axes]  # each map outlined
+    assert [ltp for ltp, _ in borders[:2]] == [2 * 8 * 7, 0] and all(tome > 0 for _, tome in borders)  # 64 groups, none
 
 
 def test_knob_labels_always_name_the_swept_knob_even_at_its_default() -> None:
@@ -524,7 +568,7 @@ def test_token_maps_show_each_variant_of_a_label() -> None:
             for key, gmacs, knobs in [("a", 1.0, {"r_target": 0.7, "clip_grad": 0.0}),
                                       ("b", 1.2, {"r_target": 0.7, "clip_grad": 1.0}),
                                       ("c", 0.7, {"r_target": 0.5, "clip_grad": 1.0})]]
-    chosen = tokenviz.pick_cells(pd.DataFrame(rows))
+    chosen = tokenviz.pick_cells(pd.DataFrame([*rows, fake_row("base", "none", 0.95, 2.0)]))  # the baseline: no column
     assert sorted(chosen["label"]) == ["ltmp (clip_grad=0.0)", "ltmp (clip_grad=1.0)"]
     assert sorted(chosen["cell_key"]) == ["a", "b"]  # each variant's cell nearest the median GMACs, 1.0
 
