@@ -293,6 +293,24 @@ def test_augment_flips_and_shifts() -> None:
     assert any(torch.equal(o[0], x[0, 0]) for o in out)  # some untouched
 
 
+def test_augment_draws_every_shift_and_fills_with_the_background() -> None:
+    """Each augmented 5x5 image is the image, flipped or not, moved by (dy, dx) in [-2, 2] each: pixel (i, j) is
+    pixel (i + dy, j + dx) of the source, or the batch's darkest value (1 here, the background) off its edge. 400
+    draws give both flips and all 25 moves."""
+    size, shift = 5, 2
+    source = torch.arange(1.0, 1.0 + size * size).view(1, 1, size, size).expand(400, 1, size, size).contiguous()
+    out = augment(source, torch.Generator().manual_seed(0), max_shift=shift)
+
+    def moved(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        return torch.tensor([[float(image[i + dy, j + dx]) if 0 <= i + dy < size and 0 <= j + dx < size else 1.0
+                              for j in range(size)] for i in range(size)])
+
+    candidates = {(flip, dy, dx): moved(source[0, 0].flip(-1) if flip else source[0, 0], dy, dx)
+                  for flip in (False, True) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)}
+    drawn = [next(key for key, image in candidates.items() if torch.equal(o[0], image)) for o in out]
+    assert set(drawn) == set(candidates)
+
+
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path: Path, wrapper: str | None) -> None:
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.transforms
@@ -16,6 +17,15 @@ from bench.accuracy import pack_hits
 from bench.store import Store
 from tests.test_store import fake_row, fake_timing
 from tests.tiny_model import test_tiny_vit as make_tiny
+
+
+@pytest.fixture(autouse=True)
+def close_figures() -> Iterator[None]:
+    """Figures the tests build and inspect (not saved, so not closed by the code under test) are closed after each."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 def test_pareto_front_hand_points() -> None:
@@ -171,7 +181,8 @@ def test_one_colour_per_method_everywhere() -> None:
 def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
     """A baseline and three reduced cells, timed at batches 1 and 32 with distinct values: the realisation figure
     plots each cell's speedup (y) against its GMACs ratio (x); the throughput figure plots images/s of the largest
-    batch; the tokens figure takes each method's cell closest to the median GMACs of the reduced cells (1.2: ToMe's
+    batch of each precision (fp32 was timed at batch 1 only), sorted; the frontier's lines run in GMACs order; the
+    tokens figure takes each method's cell closest to the median GMACs of the reduced cells (1.2: ToMe's
     1.0, not its first cell 1.5; LTMP's 1.2)."""
     store = Store(tmp_path / "s.sqlite")
     for key, method, gmacs, speedups, rates in (("b", "none", 2.0, (1.0, 1.0), (90.0, 900.0)),
@@ -180,6 +191,7 @@ def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
                                                 ("l1", "ltmp", 1.2, (0.9, 1.5), (81.0, 1350.0))):
         timings = [{**fake_timing(batch), "speedup": speedup, "images_per_s": rate}
                    for batch, speedup, rate in zip((1, 32), speedups, rates)]
+        timings.append({**fake_timing(1), "precision": "fp32", "images_per_s": rates[0] / 2})  # fp32 at batch 1 only
         store.write_cell(fake_row(key, method, 0.9, gmacs), timings)
     store.close()
     db = Store(tmp_path / "s.sqlite")
@@ -192,15 +204,21 @@ def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
     batch1, batch32 = plots.realisation(cells, timings).axes
     assert series(batch32)["tome (bf16)"] == ([1.0 / 0.75, 2.0], [1.3, 1.8])  # GMACs ratios 2 / 1.5 and 2 / 1.0
     assert series(batch1)["ltmp (bf16)"] == ([2.0 / 1.2], [0.9])
-    (through,) = plots.throughput(cells, timings).axes
+    through, fp32 = plots.throughput(cells, timings).axes
     assert series(through)["tome"] == ([1170.0, 1620.0], [90.0, 90.0])  # batch 32's images/s, sorted
-    legend = [t.get_text() for t in plots.tokens_per_layer(cells).axes[0].get_legend().get_texts()]
-    assert legend == ["ltmp (1.200 G)", "baseline", "tome (1.000 G)"]
+    assert series(fp32)["tome"] == ([49.5, 54.0], [90.0, 90.0])  # each precision's own largest batch: fp32's is 1
+    assert fp32.get_xlabel() == "images/s (cpu, fp32, batch 1)"
+    frontier = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in plots.frontier(cells).axes[0].containers}
+    assert frontier["tome"] == [1.0, 1.5]  # stored 1.5 first: the line runs in GMACs order
+    tokens = plots.tokens_per_layer(cells).axes[0]
+    assert [t.get_text() for t in tokens.get_legend().get_texts()] == ["ltmp (1.200 G)", "baseline", "tome (1.000 G)"]
+    assert all(list(line.get_ydata()) == [197, 189] for line in tokens.get_lines())  # tokens entering attention
 
 
 def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> None:
     """speedup 1.5 with per-round quartiles 1.4 and 1.7 -> a bar from 1.4 to 1.7 at the cell's GMACs ratio (2.0);
-    a store without quartiles draws no bars."""
+    a first quartile above the speedup (the ratio of medians) gives no bar below it; a store without quartiles
+    draws no bars. The y = x line reaches past the largest speedup where it exceeds the GMACs ratios."""
     store = Store(tmp_path / "s.sqlite")
     store.write_cell(fake_row("l1", "ltmp", 0.9, 1.0), [{**fake_timing(32), "speedup_q1": 1.4, "speedup_q3": 1.7}])
     store.close()
@@ -209,6 +227,13 @@ def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> 
     assert len(ax.containers) == 1
     (segment,) = ax.containers[0].lines[2][0].get_segments()
     assert segment.tolist() == [[2.0, 1.4], [2.0, 1.7]]
+    fast = Store(tmp_path / "fast.sqlite")  # 3x faster at a GMACs ratio of 2: the y = x line reaches past both
+    fast.write_cell(fake_row("l2", "ltmp", 0.9, 1.0), [{**fake_timing(32), "speedup": 3.0}])
+    (diagonal,) = [line for line in plots.realisation(fast.cells(), fast.timings()).axes[0].get_lines()
+                   if line.get_label() == "y = x"]
+    assert list(diagonal.get_xdata()) == pytest.approx([0.9, 3.0 * 1.05])
+    above = pd.DataFrame({"speedup": [1.5], "speedup_q1": [1.55], "speedup_q3": [1.7]})  # per-round q1 above it
+    assert plots.speedup_spread(above) == pytest.approx(np.array([[0.0], [0.2]]))
     bare = small_store(tmp_path / "bare.sqlite")
     db = Store(bare)
     assert all(len(ax.containers) == 0 for ax in plots.realisation(db.cells(), db.timings()).axes)
@@ -319,6 +344,11 @@ def test_a_setting_run_under_three_seeds_gets_its_spread_over_them(tmp_path: Pat
     drawn = {container.get_label(): container.lines[0] for container in fig.axes[0].containers}  # the data lines
     assert drawn["ltmp"].get_xydata().tolist() == [[pytest.approx(1.2), pytest.approx(75.0)]]
     assert fig.axes[0].get_title() == "m on d: seeds 0, 1, 2 (mean ± sd)"
+    assert plots.seed_frontier(spread.reset_index().assign(seeds="2, 10"), "m").axes[0].get_title() == \
+        "m: seeds 2, 10 (mean ± sd)"  # in numeric order
+    whole = pd.concat([cells, cells.assign(eval_images=1000, cell_key=cells["cell_key"] + "-full")])
+    named = {path.name for path in plots.plot_cells(cells, timings, tmp_path / "named", naming=whole)}
+    assert "frontier_m__d__4img__seeds.png" in named  # named as in the whole store, beside a 1,000-image evaluation
 
 
 def test_a_runs_files_are_named_as_plot_names_them_in_the_whole_store(tmp_path: Path) -> None:

@@ -74,6 +74,9 @@ def test_export_and_frontier_show_them_beside_the_run(tmp_path: Path) -> None:
     lines = {line.get_gid(): list(line.get_xdata()) for line in fig.axes[0].get_lines()
              if (line.get_gid() or "").startswith("published")}
     assert lines == {"published:none": [4.6], "published:tome": [2.3, 2.7, 3.4]}
+    colours = {line.get_gid(): line.get_color() for line in fig.axes[0].get_lines() if line.get_gid()}
+    assert colours["published:tome"] == plots.METHOD_STYLE["tome"][0] == colours["pareto:tome"]  # the method's own
+    assert colours["published:none"] == plots.METHOD_STYLE["none"][0]
     assert "published" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 
 

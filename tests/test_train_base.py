@@ -118,3 +118,51 @@ def test_each_epoch_reads_every_training_image_once_in_a_new_order(workspace: Pa
     for epoch in (first, second):
         assert torch.allclose(epoch.sort().values, every_image.sort().values, rtol=1e-5)
     assert not torch.allclose(first, second, rtol=1e-5)
+
+
+def test_evaluation_reads_a_model_left_in_training_mode_in_eval_mode() -> None:
+    """The top-1 after each epoch comes from the model in eval mode: its conv stem's batch norms use and keep their
+    running statistics (in training mode each test batch would overwrite them)."""
+    torch.manual_seed(0)
+    model = models.timm.create_model(models.EMBEDDED_MODEL).train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    test = fake_split(48, 1)
+    assert 0 <= train_base.evaluate(model, test, batch_size=16) <= 1
+    assert not model.training
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("flag", "impossible", "edge"), [
+    ("epochs", 0, 1), ("batch_size", 0, 1), ("lr", 0.0, 1e-9), ("weight_decay", -0.01, 0.0), ("warmup", 1.0, 0.99),
+    ("warmup", -0.1, 0.0), ("label_smoothing", 1.0, 0.99), ("max_shift", -1, 0), ("save_every", 0, 1)])
+def test_each_recipe_flag_is_refused_just_past_its_edge(flag: str, impossible: float, edge: float) -> None:
+    """Every recipe flag takes its last possible value and refuses the next one, naming the flag before any data is
+    read."""
+    train_base.check_arguments(argparse.Namespace(**{**train_base.DEFAULTS, flag: edge}))
+    with pytest.raises(BenchError, match=rf"^--{flag.replace('_', '-')} {impossible} is impossible: it must be "):
+        train_base.check_arguments(argparse.Namespace(**{**train_base.DEFAULTS, flag: impossible}))
+
+
+def test_the_recipe_flags_reach_the_optimiser_schedule_loss_and_augmentation(workspace: Path, monkeypatch) -> None:
+    """``--weight-decay 0.02 --warmup 0.25 --label-smoothing 0.2 --max-shift 1`` over 8 steps: AdamW decays the
+    matrices by 0.02 and the biases, norms, position embedding and CLS token by 0, the one-cycle warm-up ends after
+    step 2 (0.25 x 8, its phase ending at step index 1), each loss smooths by 0.2, each batch moves by up to 1 pixel,
+    and each step clips the gradient's norm at 1.0; the manifest quotes the recipe."""
+    seen: dict[str, set] = {"max_shift": set(), "label_smoothing": set(), "max_norm": set()}
+    real_cross_entropy, real_clip = train_base.F.cross_entropy, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(train_base, "augment", lambda x, generator, max_shift: seen["max_shift"].add(max_shift) or x)
+    monkeypatch.setattr(train_base.F, "cross_entropy", lambda *args, label_smoothing: (
+        seen["label_smoothing"].add(label_smoothing), real_cross_entropy(*args, label_smoothing=label_smoothing))[1])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda parameters, max_norm: (
+        seen["max_norm"].add(max_norm), real_clip(parameters, max_norm))[1])
+    manifest = train("--restart", "--weight-decay", "0.02", "--warmup", "0.25", "--label-smoothing", "0.2",
+                     "--max-shift", "1")
+    assert seen == {"max_shift": {1}, "label_smoothing": {0.2}, "max_norm": {1.0}}
+    state = torch.load(workspace / "cache" / "train_base" / "state.pt", weights_only=False)
+    decayed, not_decayed = state["optimizer"]["param_groups"]
+    model = models.timm.create_model(models.EMBEDDED_MODEL)
+    flat = [name for name, p in model.named_parameters() if p.ndim <= 1 or name in ("pos_embed", "cls_token")]
+    assert (decayed["weight_decay"], not_decayed["weight_decay"]) == (0.02, 0.0)
+    assert len(not_decayed["params"]) == len(flat) and len(decayed["params"]) == len(list(model.parameters())) - len(flat)
+    assert state["schedule"]["_schedule_phases"][0]["end_step"] == 0.25 * 8 - 1
+    assert manifest["recipe"].startswith("AdamW (lr 2e-3, weight decay 0.05") and manifest["recipe"].endswith("seeded.")
