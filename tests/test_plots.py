@@ -191,7 +191,7 @@ def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
                                                 ("l1", "ltmp", 1.2, (0.9, 1.5), (81.0, 1350.0))):
         timings = [{**fake_timing(batch), "speedup": speedup, "images_per_s": rate}
                    for batch, speedup, rate in zip((1, 32), speedups, rates)]
-        timings.append({**fake_timing(1), "precision": "fp32", "images_per_s": rates[0] / 2})  # fp32 at batch 1 only
+        timings.append({**fake_timing(1), "precision": "fp32", "images_per_s": 9000.0 / rates[0]})  # batch 1 only
         store.write_cell(fake_row(key, method, 0.9, gmacs), timings)
     store.close()
     db = Store(tmp_path / "s.sqlite")
@@ -206,7 +206,7 @@ def test_figures_plot_the_quantities_their_axes_name(tmp_path: Path) -> None:
     assert series(batch1)["ltmp (bf16)"] == ([2.0 / 1.2], [0.9])
     through, fp32 = plots.throughput(cells, timings).axes
     assert series(through)["tome"] == ([1170.0, 1620.0], [90.0, 90.0])  # batch 32's images/s, sorted
-    assert series(fp32)["tome"] == ([49.5, 54.0], [90.0, 90.0])  # each precision's own largest batch: fp32's is 1
+    assert series(fp32)["tome"] == ([9000 / 108, 9000 / 99], [90.0, 90.0])  # fp32's largest batch, 1; stored 99 first
     assert fp32.get_xlabel() == "images/s (cpu, fp32, batch 1)"
     frontier = {bars.get_label(): list(bars.lines[0].get_xdata()) for bars in plots.frontier(cells).axes[0].containers}
     assert frontier["tome"] == [1.0, 1.5]  # stored 1.5 first: the line runs in GMACs order
