@@ -27,7 +27,8 @@ def sweeps(config: dict[str, Any]) -> dict[str, Any]:
 
 def test_a_model_named_without_a_config_gets_the_papers_sweeps_not_the_embedded_models() -> None:
     """The default config's ToMe r 16/24/32 and scaled learning rates are for the 6-block embedded model; on a
-    12-block DeiT, r 32 leaves a few tokens after four blocks."""
+    12-block DeiT, r 32 leaves a few tokens after four blocks. The embedded model named by ``--model`` keeps the
+    default config; another model without ``--config`` needs ``--data``."""
     embedded = config_of()
     assert embedded["model"] == "vit_fmnist_convstem" and sweeps(embedded)["tome"] == {"r": [16, 24, 32]}
     deit = config_of("--model", "deit_tiny_patch16_224", "--data", "/images")
@@ -37,6 +38,10 @@ def test_a_model_named_without_a_config_gets_the_papers_sweeps_not_the_embedded_
     assert config_of("--model", "deit_tiny_patch16_224", "--data", "/images", "--pretrained")["pretrained"]
     chosen = config_of("--model", "deit_tiny_patch16_224", "--data", "/images", "--config", "fmnist_default")
     assert sweeps(chosen)["tome"] == {"r": [16, 24, 32]}  # an explicit --config is taken as it is
+    named = config_of("--model", "vit_fmnist_convstem")  # the embedded model by name: its own config, its own data
+    assert sweeps(named)["tome"] == {"r": [16, 24, 32]} and named["dataset"] == "fashion-mnist"
+    with pytest.raises(BenchError, match=r"^model 'deit_tiny_patch16_224' needs its data: pass --data PATH"):
+        config_of("--model", "deit_tiny_patch16_224")
 
 
 def test_methods_selects_from_the_config_and_adds_registered_ones_at_their_declared_sweep() -> None:
@@ -144,6 +149,28 @@ def test_list_shows_each_knobs_allowed_values() -> None:
     assert knob_line(Knob("regime", str, default="a", choices=("a", "b"), help="which")) == \
         "regime: str = a  one of a, b  which"
     assert knob_line(Knob("flag", bool, default=False)) == "flag: bool = False"
+
+
+def test_help_without_a_command_is_the_suites_not_runs(capsys) -> None:
+    """``run_bench.py --help`` lists the commands; flags without a command are ``run``'s (``run_bench.py --quick``)."""
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([flag])
+        assert exited.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: run_bench.py [-h] {run,list,export,plot,train-base} ...")
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--help"])
+    assert capsys.readouterr().out.startswith("usage: run_bench.py run [-h]")
+
+
+def test_list_marks_the_methods_that_train(capsys) -> None:
+    """``list`` names each registered method, those that fit before they are measured marked ``(trains)``."""
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    names = {line.split()[0]: line.strip() for line in listed if line.startswith("  ") and not line.startswith("    ")}
+    assert set(names) == set(methods.list_reducers())
+    assert {name for name, line in names.items() if line.endswith("(trains)")} == \
+        {name for name, cls in methods.list_reducers().items() if cls.trains} >= {"ltmp", "ltp", "ltm", "pm"}
 
 
 def test_knob_values_are_converted_and_checked_against_range_and_choices() -> None:

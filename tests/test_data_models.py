@@ -528,6 +528,10 @@ def test_the_embedded_model_without_its_manifest_names_the_retrain_command(monke
     monkeypatch.setattr(models, "EMBEDDED_MANIFEST", tmp_path / "gone.json")
     with pytest.raises(BenchError, match=r"gone.json missing: retrain it with `python run_bench.py train-base`"):
         models.create(models.EMBEDDED_MODEL)
+
+
+def test_the_conv_stem_refuses_a_patch_size_it_does_not_make() -> None:
+    """The stem halves the image once: a patch size of 4 would leave the position embedding for 7x7 tokens."""
     with pytest.raises(ValueError, match="ConvStemEmbed downsamples by exactly 2: use patch_size=2"):
         models.ConvStemEmbed(patch_size=4)
 

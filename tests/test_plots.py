@@ -419,9 +419,9 @@ def test_group_borders_derived_by_hand() -> None:
 def test_captured_groups_hold_each_kept_patch_once_and_pruned_ones_nowhere() -> None:
     """The token maps' groups on the tiny model (64 patches + CLS, 2 blocks), per image, one row per token alive after
     the block (CLS's row holds no patch): ToMe r=4 keeps 60 then 56 patch tokens whose groups hold each patch once
-    (with 2 register tokens as well, 60 patch tokens and 3 prefix rows);
-    LTP with theta_prune 1/65 in block 1 prunes a different number per image of a padded batch, each image's rows
-    being the tokens it keeps alone at batch 1, its pruned patches in no group."""
+    (with 2 register tokens as well, 60 patch tokens and 3 prefix rows); LTP with theta_prune 1/65 in block 1 prunes
+    a different number per image of a padded batch, each image's rows being the tokens it keeps alone at batch 1, its
+    pruned patches in no group."""
     import copy
 
     import methods
@@ -617,6 +617,11 @@ def test_plot_and_export_methods_show_those_labels_and_the_baseline(tmp_path: Pa
     assert sorted(pd.read_csv(tmp_path / "t" / "results.csv")["method"]) == ["ltmp", "ltmp", "ltmp", "none"]
     assert cli.main(["plot", "--store", str(store), "--reports", str(tmp_path / "f"), "--methods", "ltmp"]) == 0
     assert (tmp_path / "f" / "frontier_m__d.svg").is_file()  # named as a run names the whole store's setting
+    db = Store(store)  # a 1,000-image evaluation of ToMe alone: the 100-image one is now the smaller
+    db.write_cell({**fake_row("full", "tome", 0.8, 1.0), "eval_images": 1000}, [fake_timing()])
+    db.close()
+    assert cli.main(["plot", "--store", str(store), "--reports", str(tmp_path / "g"), "--methods", "ltmp"]) == 0
+    assert (tmp_path / "g" / "frontier_m__d__100img.svg").is_file()
     capsys.readouterr()
     assert cli.main(["plot", "--store", str(store), "--reports", str(tmp_path / "f"), "--methods", "ltmp,tomme"]) == 2
     assert capsys.readouterr().err == ("error: --methods names ['tomme'], which the store holds no cells of: choose "

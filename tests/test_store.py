@@ -305,6 +305,7 @@ def test_a_run_of_several_seeds_reports_them_side_by_side(tmp_path: Path, tiny_i
     first = run_cli(*args, "--seed", "0,1", env={"TOKENBENCH_PLUGINS": "tests.tiny_model"})
     assert first.returncode == 0, first.stderr[-2000:]
     assert "4 cells measured, 0 already" in first.stdout and str(reports / "results_seeds.csv") in first.stdout
+    assert first.stdout.index("seed 0:\n") < first.stdout.index("seed 1:\n")  # a table under each seed's name
     cells = Store(store).cells()
     assert sorted(zip(cells["seed"], cells["method"])) == [(0, "none"), (0, "tome"), (1, "none"), (1, "tome")]
     from bench.data import seeded_subset_indices

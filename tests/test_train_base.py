@@ -161,8 +161,8 @@ def test_the_recipe_flags_reach_the_optimiser_schedule_loss_and_augmentation(wor
     state = torch.load(workspace / "cache" / "train_base" / "state.pt", weights_only=False)
     decayed, not_decayed = state["optimizer"]["param_groups"]
     model = models.timm.create_model(models.EMBEDDED_MODEL)
-    flat = [name for name, p in model.named_parameters() if p.ndim <= 1 or name in ("pos_embed", "cls_token")]
+    exempt = [name for name, p in model.named_parameters() if p.ndim <= 1 or name in ("pos_embed", "cls_token")]
     assert (decayed["weight_decay"], not_decayed["weight_decay"]) == (0.02, 0.0)
-    assert len(not_decayed["params"]) == len(flat) and len(decayed["params"]) == len(list(model.parameters())) - len(flat)
+    assert (len(not_decayed["params"]), len(decayed["params"])) == (len(exempt), len(list(model.parameters())) - len(exempt))
     assert state["schedule"]["_schedule_phases"][0]["end_step"] == 0.25 * 8 - 1
     assert manifest["recipe"].startswith("AdamW (lr 2e-3, weight decay 0.05") and manifest["recipe"].endswith("seeded.")
