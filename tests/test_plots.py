@@ -232,6 +232,7 @@ def test_realisation_error_bars_span_the_per_round_quartiles(tmp_path: Path) -> 
     (diagonal,) = [line for line in plots.realisation(fast.cells(), fast.timings()).axes[0].get_lines()
                    if line.get_label() == "y = x"]
     assert list(diagonal.get_xdata()) == pytest.approx([0.9, 3.0 * 1.05])
+    fast.close()
     above = pd.DataFrame({"speedup": [1.5], "speedup_q1": [1.55], "speedup_q3": [1.7]})  # per-round q1 above it
     assert plots.speedup_spread(above) == pytest.approx(np.array([[0.0], [0.2]]))
     bare = small_store(tmp_path / "bare.sqlite")
@@ -523,6 +524,7 @@ def test_knob_labels_always_name_the_swept_knob_even_at_its_default() -> None:
     assert knob_summary("tome", json.dumps({"r": 8, "prop_attn": False})) == "r=8, prop_attn=False"
     assert knob_summary("none", "{}") == "-"
     assert knob_summary("not_loaded", json.dumps({"ratio": 0.3, "depth": 2})) == "ratio=0.3, depth=2"
+    assert knob_summary("not_loaded", "{}") == "-"
     assert knob_text("ltmp", ltmp) == "0.7" and knob_text("topk", json.dumps({"keep_rate": 0.5, "fuse": True})) == "0.5"
     assert knob_text("none", "{}") == "" and knob_text("not_loaded", json.dumps({"ratio": 0.3})) == "0.3"
 

@@ -86,12 +86,6 @@ def test_reading_results_needs_a_store_that_exists_and_holds_cells(tmp_path: Pat
         read_results(tmp_path / "empty.sqlite")
 
 
-def test_knobs_of_a_plug_in_not_loaded_are_listed_whole() -> None:
-    """A cell whose plug-in is not loaded shows every stored knob, and ``-`` where it has none."""
-    assert tables.knob_summary("not_loaded", '{"a": 1, "b": 0.5}') == "a=1, b=0.5"
-    assert tables.knob_summary("not_loaded", "{}") == "-"
-
-
 def test_cell_key_is_order_independent() -> None:
     assert cell_key({"a": 1, "b": [1, 2]}) == cell_key({"b": [1, 2], "a": 1})
     assert cell_key({"a": 1}) != cell_key({"a": 2})
