@@ -154,6 +154,7 @@ class PruneAndMerge(TokenReducer):
         if total is None:
             raise BenchError("Prune-and-Merge calibration got no batches: check the training data")
         self.set_scores(all_reduce_sum(total), ctx.dims)
+        self.M.to(device), self.R.to(device)  # built on the CPU: onto the model's device (in place)
         return images
 
     def set_scores(self, raw: torch.Tensor, dims: ModelDims) -> None:
@@ -190,7 +191,9 @@ class PruneAndMerge(TokenReducer):
         # batched matmuls against the matrices broadcast over the batch (stride 0, no copy): torch.matmul(M, x) folds
         # x's batch into a transposed (B * C, N) copy and returns a transposed result, 10 % slower for DeiT-S at batch 32
         batch = x.shape[0]
-        merge, rebuild = self.M[layer].to(x.dtype), self.R[layer].to(x.dtype)
+        # a stored cell's M and R are loaded on the CPU (load_learned_state): they follow x to its device
+        merge = self.M[layer].to(device=x.device, dtype=x.dtype)
+        rebuild = self.R[layer].to(device=x.device, dtype=x.dtype)
         inner = run_block(block, torch.bmm(merge.expand(batch, -1, -1), x), ctx, layer)  # (B, c_l, C)
         shortcut = self.pruned[layer].to(device=x.device, dtype=x.dtype)[None, :, None] * x
         return torch.baddbmm(shortcut, rebuild.expand(batch, -1, -1), inner)  # (B, N, C)
@@ -217,7 +220,6 @@ class PruneAndMerge(TokenReducer):
         report = FitReport(device=str(device))
         report.images_seen = self.calibrate(model, train_batches(), budget.get("precision", "fp32"))
         report.extra["calibration_images"] = report.images_seen
-        self.M.to(device), self.R.to(device)
         if self.regime == "finetuned":
             self._finetune(model, train_batches, budget, report, progress)
         report.wall_time_s = time.perf_counter() - tic
