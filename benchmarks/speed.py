@@ -11,8 +11,8 @@
 Every ratio is measured with the baseline and the method interleaved (A B A B ...) in one process. The speedup
 is the ratio of the medians; the spread printed beside the realisation is the inter-quartile range of the
 per-round ratios (round i of the baseline over round i of the method), i.e. how much one pair of runs can
-differ on this machine. Results are printed as a table and appended as JSON lines to reports/speed.jsonl (with
-the CPU name and threads).
+differ on this machine. Results are printed as a table and appended as JSON lines to reports/speed.jsonl or
+``--report FILE`` (with the CPU or GPU name and threads). Every model and input is built on ``--device``.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ REPORT = Path(__file__).resolve().parent.parent / "reports" / "speed.jsonl"
 
 
 def gmacs_ratio(model: torch.nn.Module, x: torch.Tensor) -> float:
+    check_placed(model, x)
     ctx = model._reduction_ctx
     with torch.inference_mode():
         model(x)
@@ -51,7 +52,8 @@ def gmacs_ratio(model: torch.nn.Module, x: torch.Tensor) -> float:
 def padding_overhead(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """MACs executed / MACs of the images themselves, for (a) a plain padded batch (every image at the batch's
     largest count in every block) and (b) this suite's ragged execution (token-wise layers on the alive tokens,
-    attention in image groups each padded to its own largest count)."""
+    attention in image groups each padded to its own largest count: the groups of DEVICE's plan)."""
+    check_placed(model, x)
     ctx = model._reduction_ctx
     attention_excess = []  # per attention call: group-padded minus own (query, key) pair MACs
     original = Packing.groups
@@ -75,11 +77,21 @@ def padding_overhead(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, fl
     return float(padded / own), float((own + sum(attention_excess)) / own)
 
 
-DEVICE = "cpu"  # set from --device
+DEVICE = "cpu"  # set from --device: every model and input is built there, and nothing moves while it is measured
+
+
+def check_placed(*items: torch.nn.Module | torch.Tensor) -> None:
+    """Raise unless every module's parameters and every tensor are on DEVICE: a model counted or timed off it would
+    fail half-way through a GPU run, or time its copies."""
+    for item in items:
+        tensor = next(item.parameters(), None) if isinstance(item, torch.nn.Module) else item
+        if tensor is not None and tensor.device.type != torch.device(DEVICE).type:
+            raise RuntimeError(f"a {type(item).__name__} on {tensor.device} was to be measured on {DEVICE}: build every "
+                               "model and input on DEVICE")
 
 
 def compare(base: torch.nn.Module, reduced: torch.nn.Module, x: torch.Tensor, precision: str, min_time: float) -> dict:
-    base, reduced, x = base.to(DEVICE), reduced.to(DEVICE), x.to(DEVICE)
+    check_placed(base, reduced, x)
     with autocast(DEVICE, precision):
         # DeiT-S at batch 32 takes ~2 s a forward on 2 cores: 5 warm-up rounds (>= 2 s) and >= 5 timed rounds
         timing = time_interleaved({"base": lambda: base(x), "method": lambda: reduced(x)}, device=DEVICE,
@@ -130,16 +142,22 @@ def row(name: str, result: dict, ratio: float, extra: dict | None = None) -> dic
           f"speedup {result['speedup']:.3f}  GMACs x{ratio:.3f}  realisation {out['realisation']:.3f} "
           f"(per-round IQR {out['realisation_paired_q1']:.3f}-{out['realisation_paired_q3']:.3f}, "
           f"{result['rounds']} rounds)")
-    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
     with REPORT.open("a") as handle:
         handle.write(json.dumps(out) + "\n")
     return out
 
 
-def bench_tome(args: argparse.Namespace) -> None:
+def random_deit_small(batch: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """DeiT-S with seeded random weights and a seeded random batch ``(batch, 3, 224, 224)``, both on DEVICE (drawn
+    on the CPU, so every device times the same weights and images)."""
     torch.manual_seed(0)
-    base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    x = torch.randn(args.batch, 3, 224, 224)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    return model.to(DEVICE), torch.randn(batch, 3, 224, 224).to(DEVICE)
+
+
+def bench_tome(args: argparse.Namespace) -> None:
+    base, x = random_deit_small(args.batch)
     patched = methods.create("tome", r=0).apply(copy.deepcopy(base))
     row(f"tome r=0 (patch overhead) b{args.batch}", compare(base, patched, x, args.precision, args.min_time), 1.0)
     for r in (8, 13, 16):
@@ -173,14 +191,12 @@ def bench_ltmp(args: argparse.Namespace) -> None:
     DeiT-S with random weights has no meaningful training, so quantiles only.
     """
     from bench.data import load_fmnist
-    torch.manual_seed(0)
-    embedded = models.create(models.EMBEDDED_MODEL)
-    images = load_fmnist("test").normalized(slice(0, args.batch))
+    embedded = models.create(models.EMBEDDED_MODEL).to(DEVICE)
+    images = load_fmnist("test").normalized(slice(0, args.batch)).to(DEVICE)
     cases = [("embedded learned r_target=0.8", embedded, images, 0.8),
              ("embedded learned r_target=0.5", embedded, images, 0.5),
              ("embedded quantiles", embedded, images, None),
-             ("deit_small quantiles", timm.create_model("deit_small_patch16_224", pretrained=False).eval(),
-              torch.randn(args.batch, 3, 224, 224), None)]
+             ("deit_small quantiles", *random_deit_small(args.batch), None)]
     for name, base, x, r_target in cases:
         model = copy.deepcopy(base)
         reducer = methods.create("ltmp")
@@ -221,7 +237,8 @@ def bench_ltmp_machinery(base: torch.nn.Module, x: torch.Tensor, args: argparse.
     reducer = methods.create("ltmp")
     reducer.apply(model)
     depth = len(model.blocks)
-    reducer.load_learned_state({"theta_merge": torch.full((depth,), 1.0 - 1e-6), "theta_prune": torch.full((depth,), 1e-30)})
+    reducer.load_learned_state({"theta_merge": torch.full((depth,), 1.0 - 1e-6, device=DEVICE),
+                                "theta_prune": torch.full((depth,), 1e-30, device=DEVICE)})
     ratio = gmacs_ratio(model, x)
     counts = model._reduction_ctx.counts()
     if not bool((counts == model._reduction_ctx.dims.tokens).all()):
@@ -230,9 +247,7 @@ def bench_ltmp_machinery(base: torch.nn.Module, x: torch.Tensor, args: argparse.
 
 
 def bench_pm(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    x = torch.randn(args.batch, 3, 224, 224)
+    base, x = random_deit_small(args.batch)
     model = copy.deepcopy(base)
     reducer = methods.create("pm", keep_rate=0.6)
     reducer.apply(model)
@@ -252,6 +267,7 @@ def check_args(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE, REPORT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["tome", "ltmp", "pm", "all"], help="which method's bars to measure")
     parser.add_argument("--batch", type=int, default=32, help="images per timed forward pass (LTMP adds batch 1)")
@@ -260,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU latency table: --batch 1 and --batch 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--min-time", type=float, default=10.0, help="seconds of timed rounds per comparison")
+    parser.add_argument("--report", type=Path, default=REPORT, help=f"JSON-lines file the rows are appended to "
+                        f"(default {REPORT.relative_to(REPORT.parent.parent)})")
     args = parser.parse_args(argv)
-    global DEVICE
+    REPORT = args.report
     try:
         DEVICE = check_args(args)
         if args.threads:

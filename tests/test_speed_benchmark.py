@@ -112,3 +112,32 @@ def test_padding_overhead_of_plain_and_ragged_batches(monkeypatch) -> None:
     assert padded > len(x) * max(alone) / sum(alone) * (1 + 1e-3)
     monkeypatch.setitem(ragged.GROUP_OVERHEAD_MACS, "cpu", 0.0)
     assert speed.padding_overhead(model, x) == (padded, 1.0)
+
+
+def test_a_model_or_input_off_the_measuring_device_is_refused_before_it_runs(monkeypatch) -> None:
+    """Every model and input is built on ``--device``: measuring on ``cuda``, a CPU model or input is refused, named,
+    before it is timed or counted (moving it there would time the copies, or fail half-way through a GPU run)."""
+    speed = load_script("speed")
+    monkeypatch.setattr(speed, "DEVICE", "cuda")
+    monkeypatch.setattr(speed, "time_interleaved", lambda *args, **kwargs: pytest.fail("timed"))
+    with pytest.raises(RuntimeError, match="a Linear on cpu was to be measured on cuda"):
+        speed.compare(torch.nn.Identity(), torch.nn.Linear(2, 2), torch.zeros(1, 2), "fp32", 0.0)
+    with pytest.raises(RuntimeError, match="a Tensor on cpu was to be measured on cuda"):
+        speed.compare(torch.nn.Identity(), torch.nn.Identity(), torch.zeros(1, 2), "fp32", 0.0)
+    model, _, x = with_thresholds("ltmp", 4)
+    for measure in (speed.gmacs_ratio, speed.padding_overhead):
+        with pytest.raises(RuntimeError, match="a ReducedVisionTransformer on cpu"):
+            measure(model, x)
+
+
+def test_rows_go_to_the_report_file_named(monkeypatch, tmp_path: Path) -> None:
+    """``pm --report FILE`` appends its row to FILE (its folders made), not to reports/speed.jsonl (fixed times)."""
+    speed = load_script("speed")
+    monkeypatch.setattr(speed, "REPORT", tmp_path / "default.jsonl")
+    monkeypatch.setattr(speed, "time_interleaved", lambda fns, **kwargs: {
+        "base": Timing([30.0] * 5), "method": Timing([20.0] * 5)})
+    named = tmp_path / "gpu" / "rows.jsonl"
+    assert speed.main(["pm", "--batch", "1", "--report", str(named)]) == 0
+    (stored,) = [json.loads(line) for line in named.read_text().splitlines()]
+    assert stored["benchmark"] == "pm keep_rate=0.6 b1" and stored["speedup"] == 1.5
+    assert not (tmp_path / "default.jsonl").exists()
