@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints.txt
 # the oldest torch and timm pyproject.toml allows; `make test-oldest` runs the suite on them (in .venv-oldest)
 OLDEST_PINS := torch==2.14.1 timm==1.0.21
 
-.PHONY: bench test test-oldest setup data latex clean-venv
+.PHONY: bench test test-oldest setup data latex clean-venv gpu-kit
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,6 +46,13 @@ test: setup latex
 
 test-oldest: .venv-oldest.constraints
 	$(MAKE) test VENV=.venv-oldest CONSTRAINTS=.venv-oldest.constraints
+
+# what benchmarks/gpu_check.sh needs on a lent GPU machine that can fetch nothing (carry .gpu): Fashion-MNIST and the
+# wheel of constraints.txt's timm (that machine's python3 brings torch)
+gpu-kit: data
+	mkdir -p .gpu/fashion-mnist .gpu/wheels
+	cp $(FMNIST_DIR)/*-idx?-ubyte.gz .gpu/fashion-mnist/
+	python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels $$(grep -i '^timm==' $(CONSTRAINTS))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -79,13 +79,15 @@ def load_script(name: str) -> types.ModuleType:
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``run_bench.py`` in a subprocess from a scratch folder (default paths such as reports/ land there,
-    never in the repository); returns the completed process (text output)."""
+    never in the repository); returns the completed process (text output). The repository goes first on
+    PYTHONPATH, before any folder already there (packages installed beside the interpreter's, as on a GPU machine)."""
     import tempfile
 
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as scratch:
         return subprocess.run([sys.executable, str(ROOT / "run_bench.py"), *args], capture_output=True, text=True,
                               cwd=cwd or scratch, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                              env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
 
 
 @pytest.fixture(scope="session")
