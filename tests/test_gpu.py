@@ -138,7 +138,7 @@ def test_a_whole_run_on_the_gpu_measures_and_draws_every_method(tmp_path: Path, 
                   "--store", str(store), "--reports", str(reports), "--quiet", env=env)
     assert ran.returncode == 0, ran.stderr[-3000:]
     cells = Store(store).cells()
-    assert len(cells) == 8 and set(cells["device"]) == {"cuda"}
+    assert len(cells) == 8 and cells["device"].str.startswith("cuda").all()
     assert len(pd.read_csv(reports / "results.csv")) == 8
     assert list(reports.glob("token_maps_*.png"))
     plotted = run_cli("plot", "--store", str(store), "--reports", str(tmp_path / "p"), env=env)
