@@ -49,10 +49,10 @@ test-oldest: .venv-oldest.constraints
 
 # what benchmarks/gpu_check.sh needs on a lent GPU machine that can fetch nothing (carry .gpu): Fashion-MNIST and the
 # wheel of constraints.txt's timm (that machine's python3 brings torch)
-gpu-kit: data
+gpu-kit: setup
 	mkdir -p .gpu/fashion-mnist .gpu/wheels
 	cp $(FMNIST_DIR)/*-idx?-ubyte.gz .gpu/fashion-mnist/
-	python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels $$(grep -i '^timm==' $(CONSTRAINTS))
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels $$(grep -i '^timm==' $(CONSTRAINTS))
 
 clean-venv:
 	rm -rf $(VENV)
