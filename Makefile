@@ -4,8 +4,8 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
-# the oldest torch and timm pyproject.toml allows; `make test-oldest` runs the suite on them (in .venv-oldest)
-OLDEST_PINS := torch==2.14.1 timm==1.0.21
+# the oldest torch (with its torchvision) and timm pyproject.toml allows; `make test-oldest` runs the suite on them (in .venv-oldest)
+OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 timm==1.0.21
 
 .PHONY: bench test test-oldest setup data latex clean-venv gpu-kit
 
@@ -39,9 +39,9 @@ bench: setup
 test: setup latex
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
-# constraints.txt with the oldest pins instead of its torch and timm (and without the CUDA wheels torch 2.15 pulls in)
+# constraints.txt with the oldest pins instead of its torch, torchvision and timm (and without the CUDA wheels torch 2.15 pulls in)
 .venv-oldest.constraints: constraints.txt Makefile
-	grep -vE '^(torch|timm|triton)==|^(cuda|nvidia)-' constraints.txt > $@
+	grep -vE '^(torch|torchvision|timm|triton)==|^(cuda|nvidia)-' constraints.txt > $@
 	printf '%s\n' $(OLDEST_PINS) >> $@
 
 test-oldest: .venv-oldest.constraints
