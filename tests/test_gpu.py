@@ -19,11 +19,11 @@ import torch
 
 import methods
 from bench import config as bench_config
-from bench.latency import Timing
 from bench.store import Store
 from tests.conftest import image_batch, load_script, run_cli, tiny_vit
-from tests.test_conformance import PLUGINS, reducing_knobs
+from tests.test_conformance import PLUGINS, prepared, reducing_knobs
 from tests.test_ltmp import with_thresholds
+from tests.test_speed_benchmark import fixed_timings
 from tests.tiny_model import test_tiny_vit as make_tiny
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,10 +44,7 @@ def reducing_model(name: str) -> tuple[torch.nn.Module, methods.TokenReducer, to
     methods), prepared on the CPU, and its input batch."""
     if name in ("ltmp", "ltp", "ltm"):
         return with_thresholds(name, seed=0)
-    model = tiny_vit()
-    reducer = methods.create(name, **reducing_knobs(name))
-    reducer.apply(model)
-    reducer.prepare_for_test(model)
+    model, reducer = prepared(name, **reducing_knobs(name))
     return model, reducer, image_batch(model, batch=4)
 
 
@@ -165,8 +162,7 @@ def test_the_speed_script_measures_every_row(device: str, tmp_path: Path, monkey
     speed = load_script("speed")
     monkeypatch.setattr(speed, "REPORT", tmp_path / "speed.jsonl")
     if device == "cpu":  # fixed timings, and the threshold fits on 128 images instead of the default config's 1,536
-        monkeypatch.setattr(speed, "time_interleaved", lambda fns, **kwargs: {
-            "base": Timing([3.0] * 5), "method": Timing([2.0] * 5)})
+        fixed_timings(monkeypatch, speed, [3.0] * 5, [2.0] * 5)
         default = bench_config.load("fmnist_default")
         default["fit"]["budget_images"] = 128
         monkeypatch.setattr(speed, "bench_config", SimpleNamespace(load=lambda name: default))

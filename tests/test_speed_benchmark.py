@@ -17,14 +17,19 @@ from tests.conftest import image_batch, load_script, tiny_vit
 from tests.test_ltmp import peaked_vit, with_thresholds
 
 
+def fixed_timings(monkeypatch, speed, base_ms: list[float], method_ms: list[float]) -> None:
+    """Make ``speed``'s interleaved timing return these rounds (ms) for the baseline and the method."""
+    monkeypatch.setattr(speed, "time_interleaved", lambda fns, **kwargs: {
+        "base": Timing(base_ms), "method": Timing(method_ms)})
+
+
 def test_speedup_and_realisation_of_fixed_times(monkeypatch, tmp_path: Path) -> None:
     """Baseline 30 ms, method 10, 12, 10, 15 ms a round: speedup 30 / 11 (medians), per-round quartiles 2.125 and
     3.0; at a GMACs ratio of 2.5 the realisation is 1.0909 and its per-round interval 0.85-1.2. The row is appended
     to the report as printed."""
     speed = load_script("speed")
     monkeypatch.setattr(speed, "REPORT", tmp_path / "speed.jsonl")
-    monkeypatch.setattr(speed, "time_interleaved", lambda fns, **kwargs: {
-        "base": Timing([30.0] * 4), "method": Timing([10.0, 12.0, 10.0, 15.0])})
+    fixed_timings(monkeypatch, speed, [30.0] * 4, [10.0, 12.0, 10.0, 15.0])
     result = speed.compare(torch.nn.Identity(), torch.nn.Identity(), torch.zeros(4, 1), "fp32", 0.0)
     assert (result["base_ms"], result["method_ms"], result["batch"], result["rounds"]) == (30.0, 11.0, 4, 4)
     assert result["speedup"] == pytest.approx(30 / 11)
@@ -134,8 +139,7 @@ def test_rows_go_to_the_report_file_named(monkeypatch, tmp_path: Path) -> None:
     """``pm --report FILE`` appends its row to FILE (its folders made), not to reports/speed.jsonl (fixed times)."""
     speed = load_script("speed")
     monkeypatch.setattr(speed, "REPORT", tmp_path / "default.jsonl")
-    monkeypatch.setattr(speed, "time_interleaved", lambda fns, **kwargs: {
-        "base": Timing([30.0] * 5), "method": Timing([20.0] * 5)})
+    fixed_timings(monkeypatch, speed, [30.0] * 5, [20.0] * 5)
     named = tmp_path / "gpu" / "rows.jsonl"
     assert speed.main(["pm", "--batch", "1", "--report", str(named)]) == 0
     (stored,) = [json.loads(line) for line in named.read_text().splitlines()]
